@@ -1,0 +1,3 @@
+"""Fast data attribution for text-to-image diffusion models."""
+
+__version__ = "0.1.0"

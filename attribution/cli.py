@@ -1,0 +1,111 @@
+"""Command line: ``attribution <command> CONFIG [key=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from attribution.config import ConfigError, load_config
+from attribution.data.dataset import CaptionedImageSet, DataFileError
+from attribution.data.queries import QuerySet
+from attribution.generator.text_encoder import TextEncoderError
+
+STAGE_COMMANDS = {
+    "world": "generate the toy world (images, captions, attributes, manifest)",
+    "text": "encode every caption with the frozen text encoder (cache)",
+    "train-generator": "train (or resume) the text-to-image generator",
+    "queries": "sample the train/test query sets in the released layout",
+    "fidelity": "measure prompt fidelity of generated samples against chance",
+}
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="experiment YAML, e.g. configs/experiment/toy.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="attribution",
+        description="Fast data attribution for text-to-image models (AbU teacher -> student).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("run", help="run the main job: every stage, cached under runs/<name>/")
+    _add_config_args(p)
+    for name, text in STAGE_COMMANDS.items():
+        _add_config_args(sub.add_parser(name, help=text))
+    p = sub.add_parser("teacher", help="the AbU teacher on its own: fisher | score | merge")
+    p.add_argument("action", choices=["fisher", "score", "merge"])
+    _add_config_args(p)
+    p = sub.add_parser("attribute", help="top training items for one generated image + prompt")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--image", required=True, help="the generated image (PNG/JPEG)")
+    p.add_argument("--prompt", required=True, help="its prompt")
+    p.add_argument("-k", type=int, default=10, help="how many training items to show")
+    p.add_argument("--grid", default=None, help="write query + top-k images to this PNG")
+    p = sub.add_parser("config", help="print the resolved config")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric",
+                 "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "config":
+            from omegaconf import OmegaConf
+
+            print(OmegaConf.to_yaml(cfg))
+            return 0
+        from attribution.pipeline import Pipeline
+
+        if args.command == "attribute":
+            from attribution.attribute import attribute, format_attribution
+
+            res = attribute(Pipeline(cfg), args.image, args.prompt, args.k, args.grid)
+            print(format_attribution(res))
+            return 0
+        pipe = Pipeline(cfg, progress=not args.no_progress)
+        if args.command == "teacher" and args.action == "merge":
+            from attribution.teacher.run import merge_outputs
+
+            out = pipe.dir("teacher")
+            n = {s: len(QuerySet(pipe.dir("queries") / f"query_{s}")) for s in ("train", "test")}
+            world = CaptionedImageSet(pipe.dir("world"), verify=False)
+            print(json.dumps(merge_outputs(out, n, len(world)), indent=2))
+            return 0
+        stage = {"train-generator": "generator"}.get(args.command, args.command)
+        if args.command == "teacher":
+            stage = {"fisher": "fisher", "score": "teacher"}[args.action]
+        results = pipe.run(None if stage == "run" else [stage])
+        if "fidelity" in results:
+            from attribution.fidelity import format_fidelity
+
+            res = json.loads((results["fidelity"].dir / "fidelity.json").read_text())
+            print("prompt fidelity (generated samples, uniform prompts):")
+            print(format_fidelity(res))
+        if "teacher" in results:
+            from attribution.teacher.evaluate import format_known_answers
+
+            print("teacher known answers (planted concepts, test queries):")
+            print(format_known_answers(results["teacher"].summary.get("known_answers", {})))
+        return 0
+    except (ConfigError, DataFileError, TextEncoderError, FileNotFoundError,
+            FloatingPointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

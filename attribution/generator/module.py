@@ -1,0 +1,102 @@
+"""LightningModule and data plumbing that train the text-to-image generator.
+
+Determinism: every random draw of a training step — which items, caption choice, timestep, noise,
+CFG drop — comes from a generator seeded by (seed, global_step) alone.  Lightning's epoch and
+batch bookkeeping on resume therefore cannot change the data a step sees, and a run resumed from
+``last.ckpt`` equals an uninterrupted one (tested).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import torch
+from torch.utils.data import Dataset
+
+from attribution.generator.model import denoising_loss
+from attribution.generator.text_cache import TextTable
+
+
+def seeded_generator(*keys: int) -> torch.Generator:
+    """A CPU generator whose seed is a fixed function of integer keys (no Python hash())."""
+    seed = 0
+    for k in keys:
+        seed = (seed * 1_000_003 + int(k) + 1) % (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+class StepDataset(Dataset):
+    """``n`` placeholder items: the loader only paces the steps; data is drawn per global step."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+class GeneratorModule(L.LightningModule):
+    """Trains a conditional UNet with the ε-prediction loss and CFG caption dropout.
+
+    Args:
+        unet: a diffusers ``UNet2DConditionModel`` (built outside; this module knows no config).
+        text_table: token states of every caption (kept out of checkpoints: it is a cache).
+        latents: float (N, C, h, w) model-space training items (kept out of checkpoints).
+        alphas_cumprod: (T,) the DDPM schedule's ᾱ_t.
+    """
+
+    def __init__(self, unet, text_table: TextTable, latents: torch.Tensor,
+                 alphas_cumprod: torch.Tensor, batch_size: int = 64, lr: float = 1e-3,
+                 weight_decay: float = 0.0, warmup_steps: int = 50, cfg_dropout: float = 0.1,
+                 ema_decay: float = 0.999, seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters(ignore=["unet", "text_table", "latents", "alphas_cumprod"])
+        if latents.shape[0] != text_table.rows.shape[0]:
+            raise ValueError(f"{latents.shape[0]} items but {text_table.rows.shape[0]} caption rows")
+        self.unet = unet
+        self.ema = copy.deepcopy(unet).requires_grad_(False) if ema_decay > 0 else None
+        self.text_table, self.latents = text_table, latents
+        self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
+
+    def sampling_unet(self):
+        """The weights to sample with and to release: EMA when enabled."""
+        return self.ema if self.ema is not None else self.unet
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        g = seeded_generator(self.hparams.seed, 7, self.global_step)
+        b = self.hparams.batch_size
+        idx = torch.randint(len(self.latents), (b,), generator=g)
+        z, rows = self.latents[idx].to(self.device), self.text_table.rows[idx]
+        n_caps = rows.shape[1]
+        pick = torch.randint(n_caps, (b,), generator=g)
+        t = torch.randint(len(self.alphas_cumprod), (b,), generator=g)
+        noise = torch.randn(z.shape, generator=g)
+        drop = torch.rand(b, generator=g) < self.hparams.cfg_dropout
+        row = rows[torch.arange(b), pick].masked_fill(drop, 0)
+        cond = self.text_table.lookup(row).to(z.device)
+        loss = denoising_loss(self.unet, self.alphas_cumprod, z, cond, t.to(z.device),
+                              noise.to(z.device))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite generator loss at step {self.global_step}")
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    @torch.no_grad()
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.ema is None:
+            return
+        step = self.global_step
+        decay = min(self.hparams.ema_decay, (1 + step) / (10 + step))
+        for e, p in zip(self.ema.parameters(), self.unet.parameters()):
+            e.lerp_(p.detach(), 1 - decay)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.lr,
+                                weight_decay=self.hparams.weight_decay)
+        warm = max(1, self.hparams.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,75 @@
+"""Cache of frozen text-encoder token states for every distinct caption of a world.
+
+Row 0 is always the empty prompt (the unconditional input for classifier-free guidance).
+Files: ``embeddings.npy`` float16 (U, L, D), ``caption_rows.npy`` int32 (N, C) — row of each
+item's c-th caption — ``texts.json`` (the U distinct texts) and ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attribution.data.dataset import DataFileError, atomic_save_npy, atomic_write_bytes
+
+
+class TextTable:
+    """Token states of distinct captions, looked up by row.
+
+    Attributes:
+        embeddings: float16 (U, L, D).
+        rows: int64 (N, C) row of caption c of item n.
+        texts: the U distinct texts; texts[0] == "".
+    """
+
+    def __init__(self, embeddings: torch.Tensor, rows: torch.Tensor, texts: list[str],
+                 source: str = ""):
+        self.embeddings, self.rows, self.texts, self.source = embeddings, rows, texts, source
+        self._index = {t: i for i, t in enumerate(texts)}
+
+    def lookup(self, row_ids: torch.Tensor) -> torch.Tensor:
+        """float32 (..., L, D) for integer row ids of any shape."""
+        return self.embeddings[row_ids].float()
+
+    def row_of(self, text: str) -> int | None:
+        return self._index.get(text)
+
+    @property
+    def uncond(self) -> torch.Tensor:
+        return self.embeddings[0].float()
+
+    @classmethod
+    def build(cls, encoder, captions: list[list[str]], batch_size: int = 256) -> TextTable:
+        texts = [""] + sorted({c for caps in captions for c in caps} - {""})
+        index = {t: i for i, t in enumerate(texts)}
+        emb = encoder.encode(texts, batch_size=batch_size).to(torch.float16)
+        if not torch.isfinite(emb).all():
+            raise ValueError("text encoder produced non-finite token states")
+        rows = torch.tensor([[index[c] for c in caps] for caps in captions], dtype=torch.long)
+        return cls(emb, rows, texts, encoder.source)
+
+    def save(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_save_npy(root / "embeddings.npy", self.embeddings.numpy())
+        atomic_save_npy(root / "caption_rows.npy", self.rows.numpy().astype(np.int32))
+        atomic_write_bytes(root / "texts.json", json.dumps(self.texts).encode())
+        meta = {"source": self.source, "shape": list(self.embeddings.shape),
+                "n_items": int(self.rows.shape[0])}
+        atomic_write_bytes(root / "manifest.json", json.dumps(meta, indent=2).encode())
+
+    @classmethod
+    def load(cls, root: Path) -> TextTable:
+        root = Path(root)
+        for name in ("manifest.json", "embeddings.npy", "caption_rows.npy", "texts.json"):
+            if not (root / name).is_file():
+                raise DataFileError(f"Text-embedding cache file missing: {root / name}")
+        meta = json.loads((root / "manifest.json").read_text())
+        emb = torch.from_numpy(np.load(root / "embeddings.npy"))
+        if list(emb.shape) != meta["shape"]:
+            raise DataFileError(f"Text-embedding cache is corrupt: {root / 'embeddings.npy'}")
+        rows = torch.from_numpy(np.load(root / "caption_rows.npy").astype(np.int64))
+        texts = json.loads((root / "texts.json").read_text())
+        return cls(emb, rows, texts, meta["source"])

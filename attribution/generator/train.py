@@ -1,0 +1,101 @@
+"""Train the generator on a world: an importable entry point (``train_generator``)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader
+
+from attribution.config import to_dict
+from attribution.data.dataset import CaptionedImageSet, DataFileError
+from attribution.generator.model import build_codec, build_scheduler, build_unet, save_generator
+from attribution.generator.module import GeneratorModule, StepDataset
+from attribution.generator.text_cache import TextTable
+
+log = logging.getLogger(__name__)
+
+
+def encode_world(codec, world: CaptionedImageSet, batch_size: int = 256) -> torch.Tensor:
+    """Model-space tensors (N, C, h, w) of every item (pixels for the pixel codec)."""
+    chunks = []
+    for s in range(0, len(world), batch_size):
+        idx = torch.arange(s, min(s + batch_size, len(world))).numpy()
+        chunks.append(codec.encode(world.image_tensor(idx)))
+    return torch.cat(chunks)
+
+
+def _check_checkpoint(path: Path) -> None:
+    """Fail clearly (naming the file) on a checkpoint that cannot be resumed from."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise DataFileError(f"Training checkpoint is corrupt: {path} ({err.__class__.__name__}). "
+                            "Delete it to restart this stage from scratch.") from err
+    if "state_dict" not in state or "loops" not in state:
+        raise DataFileError(f"Training checkpoint is not a Lightning checkpoint: {path}")
+
+
+def accelerator_for(device: str) -> str:
+    if device == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return "gpu" if device == "cuda" else "cpu"
+
+
+def train_generator(cfg, world_dir: Path, text_dir: Path, out_dir: Path,
+                    progress: bool = True) -> dict:
+    """Train (or resume) the generator; write ``out_dir/unet`` + ``generator.json``.
+
+    Returns:
+        {"final_loss": float, "seconds": float, "steps": int, "params": int}
+    """
+    out_dir = Path(out_dir)
+    gcfg, tcfg = cfg.generator, cfg.generator.train
+    world = CaptionedImageSet(world_dir)
+    table = TextTable.load(text_dir)
+    if table.rows.shape[0] != len(world):
+        raise DataFileError(f"text cache {text_dir} has {table.rows.shape[0]} items, "
+                            f"world has {len(world)}")
+    if table.embeddings.shape[-1] != gcfg.unet.cross_attention_dim:
+        raise ValueError(f"generator.unet.cross_attention_dim={gcfg.unet.cross_attention_dim} but "
+                         f"the text encoder gives {table.embeddings.shape[-1]}-d token states")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    codec = build_codec(gcfg, world.manifest["image_size"])
+    unet = build_unet(gcfg, codec)
+    scheduler = build_scheduler(gcfg)
+    module = GeneratorModule(unet, table, encode_world(codec, world), scheduler.alphas_cumprod,
+                             batch_size=tcfg.batch_size, lr=tcfg.lr,
+                             weight_decay=tcfg.weight_decay, warmup_steps=tcfg.warmup_steps,
+                             cfg_dropout=tcfg.cfg_dropout, ema_decay=tcfg.ema_decay, seed=cfg.seed)
+    # The loader only paces steps (an "epoch" = steps_per_epoch steps); each step draws its own
+    # items from (seed, global_step), so resuming cannot change what a step sees.
+    loader = DataLoader(StepDataset(tcfg.steps_per_epoch), batch_size=1)
+    ckpt_dir = out_dir / "checkpoints"
+    # Lightning writes last.ckpt only next to a regular checkpoint: keep one (the newest).
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="latest", save_last=True,
+                                 save_top_k=1, every_n_epochs=1, auto_insert_metric_name=False,
+                                 enable_version_counter=False)
+    trainer = L.Trainer(
+        max_steps=tcfg.steps, accelerator=accelerator_for(cfg.device), devices=1,
+        logger=CSVLogger(save_dir=out_dir, name="logs"), callbacks=[checkpoint],
+        enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10,
+        num_sanity_val_steps=0, deterministic=False,
+    )
+    last = ckpt_dir / "last.ckpt"
+    if last.is_file():
+        _check_checkpoint(last)
+    start = time.time()
+    trainer.fit(module, loader, ckpt_path=str(last) if last.is_file() else None)
+    seconds = time.time() - start
+    final_loss = float(trainer.callback_metrics.get("train/loss", torch.tensor(float("nan"))))
+    meta = {"config": to_dict(gcfg), "world": world.manifest["sha256"], "text_source": table.source,
+            "steps": int(trainer.global_step), "ema": tcfg.ema_decay > 0,
+            "image_size": world.manifest["image_size"]}
+    save_generator(out_dir, module.sampling_unet(), meta)
+    return {"final_loss": final_loss, "seconds": seconds, "steps": int(trainer.global_step),
+            "params": sum(p.numel() for p in unet.parameters())}

@@ -1,0 +1,230 @@
+"""Stages of the main job and their cache.
+
+Each stage writes into ``runs/<name>/<stage>-<key>/`` where ``key`` hashes the config sections the
+stage reads plus the keys of the stages it depends on.  A finished stage leaves ``stage.json``;
+rerunning with the same settings reuses it, a changed setting gets a new folder (old results stay),
+and an interrupted stage resumes inside its folder (the generator from ``last.ckpt``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from attribution.config import config_hash, save_config, to_dict
+from attribution.data.dataset import atomic_write_bytes
+
+DEPENDS = {
+    "world": [],
+    "text": ["world"],
+    "generator": ["text"],
+    "queries": ["generator"],
+    "fidelity": ["generator"],
+    "fisher": ["generator"],
+    "teacher": ["fisher", "queries"],
+    "toyclip": ["world"],
+    "features": ["toyclip", "queries"],
+    "student": ["features", "teacher"],
+}
+# Teacher settings that change only speed or placement, never results: not part of cache keys.
+EXECUTION_ONLY = {"devices", "batch_size", "query_batch_size", "fisher_batch_size"}
+ORDER = list(DEPENDS)
+
+
+@dataclass
+class StageResult:
+    name: str
+    dir: Path
+    summary: dict
+    cached: bool
+    seconds: float
+
+    def line(self) -> str:
+        how = "cached" if self.cached else f"{self.seconds:7.1f} s"
+        figures = ", ".join(f"{k}={_fmt(v)}" for k, v in self.summary.items()
+                            if not isinstance(v, dict))
+        return f"[{self.name:>9}] {how:>10}  {figures}  -> {self.dir}"
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+class Pipeline:
+    """Runs stages in dependency order with caching; see the module docstring."""
+
+    def __init__(self, cfg, progress: bool = True, echo: Callable[[str], None] = print):
+        self.cfg, self.progress, self.echo = cfg, progress, echo
+        self.root = Path(cfg.output_root) / cfg.name
+
+    def _sections(self, stage: str) -> list:
+        c = self.cfg
+        return {
+            "world": [c.world, c.seed],
+            "text": [c.text_encoder],
+            "generator": [c.generator, c.seed],
+            "queries": [c.queries, c.seed],
+            "fidelity": [c.fidelity, c.queries.sampling, c.seed],
+            "fisher": [{k: to_dict(c.teacher)[k] for k in ("fisher", "params", "fisher_epochs")},
+                       c.seed],
+            "teacher": [{k: v for k, v in to_dict(c.teacher).items()
+                         if k not in EXECUTION_ONLY}, c.seed],
+            "toyclip": [{k: v for k, v in to_dict(c.features).items() if k.startswith("toyclip")},
+                        c.seed],
+            "features": [{k: v for k, v in to_dict(c.features).items()
+                          if not k.startswith("toyclip") and k != "batch_size"}],
+            "student": [{k: v for k, v in to_dict(c.student).items()
+                         if k not in ("num_workers", "logger")}, c.seed],
+        }[stage]
+
+    def key(self, stage: str) -> str:
+        upstream = [self.key(d) for d in DEPENDS[stage]]
+        return config_hash(stage, *self._sections(stage), *upstream)
+
+    def dir(self, stage: str) -> Path:
+        return self.root / f"{stage}-{self.key(stage)}"
+
+    def run(self, stages: list[str] | None = None) -> dict[str, StageResult]:
+        """Run ``stages`` (default: all) and what they depend on; return every stage's result."""
+        wanted = stages or ORDER
+        unknown = [s for s in wanted if s not in DEPENDS]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; stages are {ORDER}")
+        needed: list[str] = []
+
+        def add(s):
+            for d in DEPENDS[s]:
+                add(d)
+            if s not in needed:
+                needed.append(s)
+
+        for s in wanted:
+            add(s)
+        self.root.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.root / "config.yaml")
+        results = {}
+        for s in needed:
+            results[s] = self.run_stage(s)
+            self.echo(results[s].line())
+        return results
+
+    def run_stage(self, stage: str) -> StageResult:
+        out = self.dir(stage)
+        marker = out / "stage.json"
+        if marker.is_file():
+            info = json.loads(marker.read_text())
+            return StageResult(stage, out, info["summary"], True, info["seconds"])
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, out / "config.yaml")
+        start = time.time()
+        summary = getattr(self, f"_stage_{stage}")(out)
+        seconds = time.time() - start
+        info = {"stage": stage, "key": self.key(stage), "seconds": seconds, "summary": summary}
+        atomic_write_bytes(marker, json.dumps(info, indent=2).encode())
+        return StageResult(stage, out, summary, False, seconds)
+
+    # ------------------------------------------------------------------------------ stages
+    def _stage_world(self, out: Path) -> dict:
+        from attribution.data import toy_world
+        from attribution.data.dataset import write_world
+
+        w = self.cfg.world
+        images, caps, attrs = toy_world.generate_world(
+            w.n_items, w.image_size, w.captions_per_item, w.zipf,
+            [to_dict(p) for p in w.planted], self.cfg.seed)
+        write_world(out, images, caps, attrs, {"config": to_dict(w), "seed": self.cfg.seed})
+        return {"items": len(caps), "captions": sum(len(c) for c in caps)}
+
+    def _stage_text(self, out: Path) -> dict:
+        from attribution.data.dataset import CaptionedImageSet
+        from attribution.generator.text_cache import TextTable
+        from attribution.generator.text_encoder import load_text_encoder
+
+        t = self.cfg.text_encoder
+        world = CaptionedImageSet(self.dir("world"))
+        enc = load_text_encoder(t.name, t.weights, t.max_length)
+        table = TextTable.build(enc, world.captions, t.batch_size)
+        table.save(out)
+        return {"distinct_texts": len(table.texts), "dim": int(table.embeddings.shape[-1])}
+
+    def _stage_generator(self, out: Path) -> dict:
+        from attribution.generator.train import train_generator
+
+        return train_generator(self.cfg, self.dir("world"), self.dir("text"), out, self.progress)
+
+    def _stage_queries(self, out: Path) -> dict:
+        from attribution.generator.queries import generate_queries
+
+        return generate_queries(self.cfg, self.dir("generator"), out, self.progress)
+
+    def _stage_fidelity(self, out: Path) -> dict:
+        from attribution.fidelity import prompt_fidelity
+
+        res = prompt_fidelity(self.cfg, self.dir("world"), self.dir("generator"), out,
+                              self.progress)
+        return {f"{a}_acc": r["accuracy"] for a, r in res["attributes"].items()}
+
+    def _stage_fisher(self, out: Path) -> dict:
+        from attribution.teacher.run import fit_fisher
+
+        return fit_fisher(self.cfg, self.dir("world"), self.dir("text"), self.dir("generator"),
+                          out, self.progress)
+
+    def _stage_teacher(self, out: Path) -> dict:
+        from attribution.data.dataset import CaptionedImageSet
+        from attribution.data.queries import QuerySet
+        from attribution.teacher.evaluate import planted_known_answers
+        from attribution.teacher.run import run_teacher
+        from attribution.teacher.shards import ShardStore
+
+        summary = run_teacher(self.cfg, self.dir("world"), self.dir("text"),
+                              self.dir("generator"), self.dir("queries"), self.dir("fisher"),
+                              out, self.progress)
+        test = QuerySet(self.dir("queries") / "query_test")
+        merged = ShardStore(out).merge("test", len(test))
+        known = planted_known_answers(CaptionedImageSet(self.dir("world")).attributes,
+                                      test.attributes, merged["rank"],
+                                      [to_dict(p) for p in self.cfg.world.planted])
+        atomic_write_bytes(out / "known_answers.json", json.dumps(known, indent=2).encode())
+        summary["known_answers"] = known
+        for name, r in known.items():
+            summary[f"{name} recall@10"] = r["recall@10"]
+            summary[f"{name} mrr"] = r["mrr"]
+        return summary
+
+    def _stage_toyclip(self, out: Path) -> dict:
+        from attribution.data.dataset import CaptionedImageSet
+        from attribution.features.toyclip import train_toyclip
+
+        f = self.cfg.features
+        return train_toyclip(CaptionedImageSet(self.dir("world")), out, f.toyclip_steps,
+                             f.toyclip_batch_size, f.toyclip_lr, f.toyclip_width,
+                             f.toyclip_embed_dim, self.cfg.seed, self.progress)
+
+    def _stage_features(self, out: Path) -> dict:
+        from attribution.data.dataset import CaptionedImageSet
+        from attribution.data.queries import QuerySet
+        from attribution.features.cache import extract_all
+        from attribution.features.extractors import build_extractor
+        from attribution.student.train import space_dir
+
+        f = self.cfg.features
+        world = CaptionedImageSet(self.dir("world"))
+        queries = {s: QuerySet(self.dir("queries") / f"query_{s}") for s in ("train", "test")}
+        ctx = {"image_size": world.manifest["image_size"], "toyclip_dir": self.dir("toyclip"),
+               "weights": to_dict(f.weights), "arch": to_dict(f.arch)}
+        dims = {}
+        for space in f.spaces:
+            extractor = build_extractor(space, ctx, f.l2_per_block)
+            dims[space] = extract_all(extractor, world, queries, space_dir(out, space),
+                                      f.batch_size)["dim"]
+        return {"spaces": len(dims), "dims": dims}
+
+    def _stage_student(self, out: Path) -> dict:
+        from attribution.student.train import train_student
+
+        return train_student(self.cfg, self.dir("features"), self.dir("teacher"), out,
+                             self.progress)

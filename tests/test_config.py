@@ -1,0 +1,73 @@
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from attribution.config import ConfigError, config_hash, load_config, save_config
+from tests.conftest import ROOT, SMOKE
+
+
+def test_defaults_and_experiment_layering():
+    cfg = load_config(SMOKE)
+    assert cfg.name == "toy_smoke"  # experiment file beats its _base_
+    assert cfg.world.n_items == 200
+    assert cfg.generator.train.lr == 1e-3  # untouched default survives
+    assert cfg.world.planted[0].value == "cross"
+
+
+def test_cli_overrides_win():
+    cfg = load_config(SMOKE, ["generator.train.steps=7", "seed=3"])
+    assert cfg.generator.train.steps == 7 and cfg.seed == 3
+
+
+def test_unknown_key_names_it_and_suggests():
+    with pytest.raises(ConfigError) as err:
+        load_config(SMOKE, ["generator.train.stpes=7"])
+    msg = str(err.value)
+    assert "generator.train.stpes" in msg and "generator.train.steps" in msg
+
+
+def test_unknown_key_in_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("world:\n  n_itemz: 5\n")
+    with pytest.raises(ConfigError, match=r"world\.n_itemz.*world\.n_items"):
+        load_config(bad)
+
+
+def test_unknown_key_inside_list_of_structs(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("world:\n  planted:\n    - {attribute: shape, valeu: cross, count: 2}\n")
+    with pytest.raises(ConfigError, match=r"world\.planted\[0\]\.valeu"):
+        load_config(bad)
+
+
+def test_wrong_type_is_clear():
+    with pytest.raises(ConfigError, match="generator.train.steps"):
+        load_config(SMOKE, ["generator.train.steps=many"])
+
+
+def test_missing_file_and_bad_choice(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="ddpm"):
+        load_config(SMOKE, ["queries.sampling.sampler=euler"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(SMOKE, ["seed"])
+
+
+def test_resolved_config_roundtrip_and_readonly(tmp_path):
+    cfg = load_config(SMOKE, ["seed=5"])
+    save_config(cfg, tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
+    assert config_hash(again.world) == config_hash(cfg.world)
+    from omegaconf.errors import ReadonlyConfigError
+
+    with pytest.raises(ReadonlyConfigError):
+        cfg.seed = 6
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "experiment").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_experiment_config_loads(path: Path):
+    assert load_config(path).name

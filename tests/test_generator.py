@@ -1,0 +1,101 @@
+import pytest
+import torch
+
+from attribution.data.dataset import DataFileError
+from attribution.generator.model import (
+    build_codec,
+    build_scheduler,
+    build_unet,
+    denoising_loss,
+    load_unet,
+)
+from attribution.generator.sampling import sample
+from attribution.generator.train import train_generator
+from tests.conftest import smoke_config
+
+
+def _weights(path):
+    unet, _ = load_unet(path)
+    return {k: v.clone() for k, v in unet.state_dict().items()}
+
+
+def test_resume_equals_uninterrupted(smoke_run, tmp_path):
+    world, text = smoke_run.dir("world"), smoke_run.dir("text")
+    full = smoke_config(tmp_path, "generator.train.steps=20", "generator.train.steps_per_epoch=10")
+    train_generator(full, world, text, tmp_path / "full", progress=False)
+    # "killed" after the first epoch: a 10-step run leaves last.ckpt; the 20-step run resumes it
+    half = smoke_config(tmp_path, "generator.train.steps=10", "generator.train.steps_per_epoch=10")
+    train_generator(half, world, text, tmp_path / "resumed", progress=False)
+    assert (tmp_path / "resumed" / "checkpoints" / "last.ckpt").is_file()
+    out = train_generator(full, world, text, tmp_path / "resumed", progress=False)
+    assert out["steps"] == 20
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    # and training actually moved the weights away from a fresh init
+    fresh = build_unet(full.generator, build_codec(full.generator, 16)).state_dict()
+    assert any(not torch.allclose(fresh[k], a[k]) for k in a)
+
+
+def test_corrupt_training_checkpoint_is_named(smoke_run, tmp_path):
+    cfg = smoke_config(tmp_path, "generator.train.steps=20")
+    (tmp_path / "g" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "g" / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(DataFileError, match="last.ckpt"):
+        train_generator(cfg, smoke_run.dir("world"), smoke_run.dir("text"), tmp_path / "g",
+                        progress=False)
+
+
+def test_sampling_is_deterministic_and_batch_invariant(smoke_run):
+    unet, _ = load_unet(smoke_run.dir("generator"))
+    cfg = smoke_run.cfg
+    sched = build_scheduler(cfg.generator)
+    torch.manual_seed(0)
+    cond, uncond = torch.randn(4, 20, 384), torch.randn(20, 384)
+    kw = dict(shape=(3, 16, 16), seed=3, sampler="ddpm", steps=4, guidance=2.0, progress=False)
+    a = sample(unet, sched, cond, uncond, [0, 1, 2, 3], batch_size=4, **kw)
+    b = sample(unet, sched, cond, uncond, [0, 1, 2, 3], batch_size=4, **kw)
+    c = sample(unet, sched, cond, uncond, [0, 1, 2, 3], batch_size=2, **kw)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a, c, rtol=0, atol=1e-4)
+    d = sample(unet, sched, cond, uncond, [0, 1, 2, 3], batch_size=4,
+               **{**kw, "sampler": "ddim", "seed": 4})
+    assert not torch.allclose(a, d)
+
+
+def test_corrupt_generator_weights_are_named(smoke_run, tmp_path):
+    import shutil
+
+    dst = tmp_path / "gen"
+    shutil.copytree(smoke_run.dir("generator") / "unet", dst / "unet")
+    shutil.copy(smoke_run.dir("generator") / "generator.json", dst)
+    weights = dst / "unet" / "diffusion_pytorch_model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(DataFileError, match="diffusion_pytorch_model.safetensors"):
+        load_unet(dst)
+    with pytest.raises(DataFileError, match="generator.json"):
+        load_unet(tmp_path / "nothing")
+
+
+def test_vae_codec_loads_by_path_and_trains_in_latent_space(tmp_path):
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                  down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
+                  norm_num_groups=4, sample_size=16).save_pretrained(tmp_path / "vae")
+    cfg = smoke_config(tmp_path, "generator.codec=vae", f"generator.vae_path={tmp_path / 'vae'}")
+    codec = build_codec(cfg.generator, 16)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    z = codec.encode(x, torch.Generator().manual_seed(0))
+    assert z.shape == (2, 4, 8, 8) and codec.decode(z).shape == (2, 3, 16, 16)
+    unet = build_unet(cfg.generator, codec)
+    loss = denoising_loss(unet, build_scheduler(cfg.generator).alphas_cumprod, z,
+                          torch.randn(2, 20, 384), torch.tensor([10, 500]), torch.randn_like(z))
+    assert torch.isfinite(loss)
+    with pytest.raises(FileNotFoundError, match="missing-vae"):
+        build_codec(smoke_config(tmp_path, "generator.codec=vae",
+                                 f"generator.vae_path={tmp_path / 'missing-vae'}").generator, 16)
