@@ -1,0 +1,169 @@
+"""Teacher entry points: ``fit_fisher`` and ``run_teacher`` (importable, used by the pipeline/CLI)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from attribution.config import to_dict
+from attribution.data.dataset import CaptionedImageSet, DataFileError, atomic_save_npy
+from attribution.data.queries import QuerySet
+from attribution.generator.model import build_codec, build_scheduler, load_unet
+from attribution.generator.text_cache import TextTable
+from attribution.generator.train import accelerator_for, encode_world
+from attribution.teacher import curation
+from attribution.teacher.fisher import (
+    FisherDraws,
+    diagonal_fisher,
+    ekfac_factors,
+    load_fisher,
+    save_fisher,
+)
+from attribution.teacher.module import QueryDataset, ShardWriter, TeacherModule, collate_one
+from attribution.teacher.params import select_modules, select_parameters
+from attribution.teacher.scorer import AbUScorer, Query, ScoringSettings
+from attribution.teacher.scoring import CandidateSet, candidate_losses
+from attribution.teacher.shards import ShardStore, write_merged
+from attribution.teacher.unlearn import DiagonalPreconditioner, EKFACPreconditioner
+
+
+def load_world_model(cfg, world_dir: Path, text_dir: Path, gen_dir: Path):
+    """(unet, generator manifest, alphas_cumprod, CandidateSet) for a trained generator."""
+    unet, manifest = load_unet(gen_dir)
+    world = CaptionedImageSet(world_dir)
+    table = TextTable.load(text_dir)
+    codec = build_codec(cfg.generator, world.manifest["image_size"])
+    cands = CandidateSet(encode_world(codec, world), table.rows, table)
+    alphas = build_scheduler(cfg.generator).alphas_cumprod
+    return unet, manifest, alphas, cands
+
+
+def fit_fisher(cfg, world_dir: Path, text_dir: Path, gen_dir: Path, out: Path,
+               progress: bool = True) -> dict:
+    """Fit the configured Fisher (diagonal or EK-FAC) and save it tied to the generator."""
+    tc = cfg.teacher
+    unet, manifest, alphas, cands = load_world_model(cfg, world_dir, text_dir, gen_dir)
+    draws = FisherDraws(cands, len(alphas), tc.fisher_epochs, cfg.seed)
+    start = time.time()
+    if tc.fisher == "diagonal":
+        names = list(select_parameters(unet, tc.params))
+        tensors = diagonal_fisher(unet, names, alphas, draws, tc.fisher_batch_size, progress)
+    else:
+        tensors = ekfac_factors(unet, list(select_modules(unet, tc.params)), alphas, draws,
+                                tc.fisher_batch_size, progress, workdir=out)
+    save_fisher(out, tensors, {"generator_sha256": manifest["weights_sha256"],
+                               "kind": tc.fisher, "params": tc.params, "n_items": len(cands),
+                               "draws": len(draws)})
+    return {"kind": tc.fisher, "tensors": len(tensors), "draws": len(draws),
+            "seconds": time.time() - start}
+
+
+def _settings(cfg) -> ScoringSettings:
+    tc = cfg.teacher
+    return ScoringSettings(eta=tc.eta, query_draws=tc.query_draws,
+                           query_batch_size=tc.query_batch_size, timesteps=tuple(tc.timesteps),
+                           captions=tc.captions, flips=tc.flips, batch_size=tc.batch_size,
+                           seed=cfg.seed)
+
+
+def base_losses(cfg, unet, alphas, cands: CandidateSet, out: Path) -> torch.Tensor:
+    """L_j(θ0) for every item, cached in ``out/base_losses.npy`` (keyed by the scoring settings)."""
+    s = _settings(cfg)
+    key = json.dumps({"timesteps": list(s.timesteps), "captions": s.captions, "flips": s.flips,
+                      "seed": s.seed})
+    path, key_path = out / "base_losses.npy", out / "base_losses.json"
+    if path.is_file() and key_path.is_file() and key_path.read_text() == key:
+        return torch.from_numpy(np.load(path))
+    losses = candidate_losses(unet, alphas, cands, torch.arange(len(cands)), list(s.timesteps),
+                              s.captions, s.flips, s.seed, s.batch_size)
+    atomic_save_npy(path, losses.numpy())
+    key_path.write_text(key)
+    return losses
+
+
+def build_scorer(cfg, world_dir, text_dir, gen_dir, fisher_dir, out: Path):
+    tc = cfg.teacher
+    out.mkdir(parents=True, exist_ok=True)
+    unet, manifest, alphas, cands = load_world_model(cfg, world_dir, text_dir, gen_dir)
+    tensors = load_fisher(fisher_dir, manifest["weights_sha256"], tc.fisher, tc.params)
+    gain = tc.gain if tc.gain is not None else float(len(cands))
+    if tc.fisher == "diagonal":
+        precond = DiagonalPreconditioner(tensors, gain, tc.damping)
+    else:
+        precond = EKFACPreconditioner(tensors, gain, tc.damping)
+    params = select_parameters(unet, tc.params)
+    base = base_losses(cfg, unet, alphas, cands, out)
+    return AbUScorer(unet, alphas, cands, params, precond, base, _settings(cfg)), cands
+
+
+def make_queries(cfg, queries_dir: Path, cands: CandidateSet, out: Path) -> list[Query]:
+    """Train queries with their stage-1 K-sets (cached), test queries against every item."""
+    qs = {split: QuerySet(Path(queries_dir) / f"query_{split}", need_embeddings=True)
+          for split in ("train", "test")}
+    cand_path = out / "candidates_train.npy"
+    if cand_path.is_file():
+        knn = np.load(cand_path)
+    else:
+        t = qs["train"]
+        items = curation.stage1_features(cfg.teacher.curation, cands.latents,
+                                         cands.table.lookup(cands.rows[:, 0]))
+        qf = curation.stage1_features(cfg.teacher.curation, torch.from_numpy(t.latents),
+                                      torch.from_numpy(t.text_embeddings))
+        knn = curation.nearest_items(items, qf, cfg.teacher.k)
+        atomic_save_npy(cand_path, knn)
+    if knn.max(initial=-1) >= len(cands):
+        raise DataFileError(f"{cand_path} names items beyond the {len(cands)} training items")
+    queries = []
+    for split, q in qs.items():
+        for i in range(len(q)):
+            c = torch.from_numpy(knn[i]) if split == "train" else torch.arange(len(cands))
+            queries.append(Query(split, i, torch.from_numpy(q.latents[i]),
+                                 torch.from_numpy(q.text_embeddings[i]), c))
+    return queries
+
+
+def run_teacher(cfg, world_dir: Path, text_dir: Path, gen_dir: Path, queries_dir: Path,
+                fisher_dir: Path, out: Path, progress: bool = True) -> dict:
+    """Score every query not yet scored (one shard each), then merge both splits."""
+    out.mkdir(parents=True, exist_ok=True)
+    scorer, cands = build_scorer(cfg, world_dir, text_dir, gen_dir, fisher_dir, out)
+    queries = make_queries(cfg, queries_dir, cands, out)
+    store = ShardStore(out)
+    done = {s: store.done(s) for s in ("train", "test")}
+    todo = [q for q in queries if q.query_id not in done[q.split]]
+    start = time.time()
+    if todo:
+        trainer = L.Trainer(accelerator=accelerator_for(cfg.device), devices=cfg.teacher.devices,
+                            logger=False, enable_progress_bar=False, inference_mode=False,
+                            enable_model_summary=False,
+                            callbacks=[ShardWriter(store, len(queries), len(queries) - len(todo),
+                                                   progress)])
+        loader = DataLoader(QueryDataset(todo), batch_size=1, collate_fn=collate_one)
+        trainer.predict(TeacherModule(scorer), loader, return_predictions=False)
+    n = {s: sum(q.split == s for q in queries) for s in ("train", "test")}
+    summary = {"queries_scored": len(todo), "seconds": time.time() - start}
+    summary.update(merge_outputs(out, n, len(cands)))
+    (out / "teacher.json").write_text(json.dumps({"config": to_dict(cfg.teacher), **summary},
+                                                 indent=2))
+    return summary
+
+
+def merge_outputs(out: Path, n_queries: dict[str, int], n_items: int) -> dict:
+    """Merge every split's shards into the released layout + ours; per-query cost summary."""
+    store = ShardStore(out)
+    infos = []
+    for split, n in n_queries.items():
+        merged = store.merge(split, n)
+        write_merged(out, split, merged, n_items)
+        infos += merged["info"]
+    return {
+        "seconds_per_query": float(np.mean([i["seconds"] for i in infos])),
+        "query_loss_increase": float(np.mean(
+            [i["query_loss_after"] - i["query_loss_before"] for i in infos])),
+    }

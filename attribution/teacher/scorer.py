@@ -1,0 +1,103 @@
+"""AbU for one query: gradient, one natural-gradient step, candidate losses, restore θ0."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from attribution.generator.model import denoising_loss
+from attribution.teacher.noise import query_draws
+from attribution.teacher.params import ParamSnapshot
+from attribution.teacher.scoring import CandidateSet, candidate_losses, influence_from_losses
+from attribution.teacher.unlearn import apply_step, query_gradient
+
+
+@dataclass
+class Query:
+    """One query to attribute.
+
+    Attributes:
+        query_id: its row in the query set (also seeds its (t, ε) draws).
+        z: float (C, h, w) generated sample in model space; cond: float (L, D) prompt states.
+        candidates: int (K,) training items to score.
+    """
+
+    split: str
+    query_id: int
+    z: torch.Tensor
+    cond: torch.Tensor
+    candidates: torch.Tensor
+
+
+@dataclass
+class ScoringSettings:
+    eta: float = 0.01
+    query_draws: int = 512
+    query_batch_size: int = 128
+    timesteps: tuple[int, ...] = (100, 300, 500, 700, 900)
+    captions: int = 1
+    flips: bool = False
+    batch_size: int = 512
+    seed: int = 0
+
+
+class AbUScorer:
+    """Scores queries against a fixed generator; keeps θ0 in memory and restores it every query.
+
+    Args:
+        params: the unlearned parameters (a subset of ``unet``'s), updated in place then restored.
+        precondition: grads -> natural-gradient direction (diagonal or EK-FAC).
+        base_losses: float (N, V) L_j(θ0) for every candidate item (computed once, cached).
+    """
+
+    def __init__(self, unet: nn.Module, alphas_cumprod: torch.Tensor, cands: CandidateSet,
+                 params: dict[str, nn.Parameter], precondition, base_losses: torch.Tensor,
+                 settings: ScoringSettings, device: str | torch.device = "cpu"):
+        self.unet, self.alphas, self.cands = unet.eval(), alphas_cumprod.to(device), cands
+        self.params, self.precondition, self.s = params, precondition, settings
+        self.base = base_losses
+        self.device = device
+        self.snapshot = ParamSnapshot(params)
+
+    @torch.no_grad()
+    def _query_loss(self, q: Query) -> float:
+        t, eps = query_draws(q.query_id, self.s.query_draws, len(self.alphas), tuple(q.z.shape),
+                             self.s.seed)
+        total = 0.0
+        z, cond = q.z.to(self.device), q.cond.to(self.device)
+        for s in range(0, len(t), self.s.query_batch_size):
+            tt, ee = t[s : s + self.s.query_batch_size], eps[s : s + self.s.query_batch_size]
+            b = len(tt)
+            total += float(denoising_loss(self.unet, self.alphas, z.expand(b, *z.shape),
+                                          cond.expand(b, *cond.shape), tt.to(self.device),
+                                          ee.to(self.device))) * b
+        return total / len(t)
+
+    def score(self, q: Query) -> dict:
+        """Returns {"influence": float (K,), "query_loss_before", "query_loss_after", "seconds"}."""
+        if len(q.candidates) == 0:
+            raise ValueError(f"query {q.split}/{q.query_id} has an empty candidate set")
+        start = time.time()
+        with torch.enable_grad():
+            grads, before = query_gradient(self.unet, self.params, self.alphas,
+                                           q.z.to(self.device), q.cond.to(self.device),
+                                           self.s.query_draws, self.s.query_batch_size,
+                                           self.s.seed, q.query_id)
+        if not all(torch.isfinite(g).all() for g in grads.values()):
+            raise FloatingPointError(f"non-finite query gradient for {q.split}/{q.query_id}")
+        apply_step(self.params, self.precondition(grads), self.s.eta)
+        try:
+            after_q = self._query_loss(q)
+            after = candidate_losses(self.unet, self.alphas, self.cands, q.candidates,
+                                     list(self.s.timesteps), self.s.captions, self.s.flips,
+                                     self.s.seed, self.s.batch_size, self.device)
+        finally:
+            self.snapshot.restore()
+        influence = influence_from_losses(after, self.base[q.candidates])
+        if not torch.isfinite(influence).all():
+            raise FloatingPointError(f"non-finite influence for query {q.split}/{q.query_id}")
+        return {"influence": influence, "query_loss_before": before,
+                "query_loss_after": after_q, "seconds": time.time() - start}

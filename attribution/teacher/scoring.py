@@ -1,0 +1,84 @@
+"""Candidate losses L_j(θ): mean over captions and fixed timesteps of the denoising loss, with
+noise from (item, flip, caption, t) only (SPEC §2.3), so they never depend on batching.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from attribution.generator.model import denoising_loss
+from attribution.generator.text_cache import TextTable
+from attribution.teacher.noise import item_noise
+
+
+@dataclass
+class CandidateSet:
+    """The training items a teacher can score.
+
+    Attributes:
+        latents: float (N, C, h, w) model-space items.
+        rows: int (N, n_caps) rows of each item's captions in ``table``.
+        table: caption token states.
+    """
+
+    latents: torch.Tensor
+    rows: torch.Tensor
+    table: TextTable
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+
+def loss_plan(item_ids: torch.Tensor, captions: int, timesteps: list[int],
+              flips: bool) -> torch.Tensor:
+    """Every (item, flip, caption, t) the loss of ``item_ids`` averages over: int (K*V*C*T, 4)."""
+    views = [0, 1] if flips else [0]
+    grid = torch.cartesian_prod(item_ids.long(), torch.tensor(views), torch.arange(captions),
+                                torch.tensor(timesteps, dtype=torch.long))
+    return grid.view(-1, 4)
+
+
+@torch.no_grad()
+def candidate_losses(unet: nn.Module, alphas_cumprod: torch.Tensor, cands: CandidateSet,
+                     item_ids: torch.Tensor, timesteps: list[int], captions: int, flips: bool,
+                     seed: int, batch_size: int = 512,
+                     device: str | torch.device = "cpu") -> torch.Tensor:
+    """L_j per item and view.
+
+    Args:
+        item_ids: int (K,) indices into ``cands``.
+        captions: use each item's first ``captions`` captions.
+
+    Returns:
+        float32 (K, V) with V = 2 if flips (original, mirrored) else 1.
+    """
+    if len(item_ids) == 0:
+        raise ValueError("empty candidate set: nothing to score")
+    if captions > cands.rows.shape[1]:
+        raise ValueError(f"teacher uses {captions} captions but items have {cands.rows.shape[1]}")
+    keys = loss_plan(item_ids, captions, timesteps, flips)
+    shape = tuple(cands.latents.shape[1:])
+    out = torch.empty(len(keys))
+    for s in range(0, len(keys), batch_size):
+        k = keys[s : s + batch_size]
+        z = cands.latents[k[:, 0]]
+        z = torch.where(k[:, 1].view(-1, 1, 1, 1).bool(), z.flip(-1), z)
+        cond = cands.table.lookup(cands.rows[k[:, 0], k[:, 2]])
+        eps = item_noise(k, shape, seed)
+        out[s : s + len(k)] = denoising_loss(unet, alphas_cumprod, z.to(device), cond.to(device),
+                                             k[:, 3].to(device), eps.to(device),
+                                             reduce=False).cpu()
+    views = 2 if flips else 1
+    losses = out.view(len(item_ids), views, captions * len(timesteps)).mean(-1)
+    if not torch.isfinite(losses).all():
+        bad = item_ids[~torch.isfinite(losses).all(1)].tolist()[:10]
+        raise FloatingPointError(f"non-finite candidate losses for items {bad}")
+    return losses
+
+
+def influence_from_losses(after: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """influence_j = max over views of (L_j(θ_unlearned) − L_j(θ0)); (K, V) -> (K,)."""
+    return (after - before).max(dim=1).values
