@@ -1,0 +1,1 @@
+"""Frozen feature extractors behind one registry, and their on-disk cache."""

@@ -1,0 +1,70 @@
+"""Features extracted once to disk (memory-mapped), with a manifest that guards staleness.
+
+Folder: ``items.npy`` float32 (N, D) — training items (image, first caption);
+``query_train.npy`` / ``query_test.npy`` float32 (Q, D) — queries (generated image, prompt);
+``manifest.json`` — extractor description, counts, and the hashes of the inputs it came from.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attribution.data.dataset import CaptionedImageSet, DataFileError, atomic_save_npy, atomic_write_bytes
+from attribution.data.queries import QuerySet
+
+
+class StaleFeatureCache(DataFileError):
+    """A feature cache does not match the extractor or the data it is used with."""
+
+
+def _images(arr: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(arr)).float().movedim(-1, 1) / 127.5 - 1
+
+
+def extract_all(extractor, world: CaptionedImageSet, queries: dict[str, QuerySet], out: Path,
+                batch_size: int = 256) -> dict:
+    """Extract and write item and query features; returns the manifest."""
+    out.mkdir(parents=True, exist_ok=True)
+    items = extractor.extract(world.all_images(), [c[0] for c in world.captions], batch_size)
+    atomic_save_npy(out / "items.npy", items.numpy().astype(np.float32))
+    counts = {"items": len(world)}
+    for split, qs in queries.items():
+        imgs = _images(np.stack([qs.image(i) for i in range(len(qs))]))
+        feats = extractor.extract(imgs, qs.captions, batch_size)
+        atomic_save_npy(out / f"query_{split}.npy", feats.numpy().astype(np.float32))
+        counts[f"query_{split}"] = len(qs)
+    manifest = {"extractor": extractor.describe(), "dim": extractor.dim, "counts": counts,
+                "world_sha256": world.manifest["sha256"]["images.npy"]}
+    atomic_write_bytes(out / "manifest.json", json.dumps(manifest, indent=2).encode())
+    return manifest
+
+
+def load_features(folder: Path, expect_items: int | None = None,
+                  expect_name: str | None = None) -> dict[str, np.ndarray]:
+    """Memory-map a feature folder; refuse a stale or mismatched one with a clear error."""
+    folder = Path(folder)
+    mpath = folder / "manifest.json"
+    if not mpath.is_file():
+        raise DataFileError(f"Feature manifest missing: {mpath}")
+    manifest = json.loads(mpath.read_text())
+    if expect_name is not None and manifest["extractor"]["name"] != expect_name:
+        raise StaleFeatureCache(f"{folder} holds '{manifest['extractor']['name']}' features, "
+                                f"expected '{expect_name}'")
+    out = {}
+    for key, n in manifest["counts"].items():
+        path = folder / f"{key}.npy"
+        if not path.is_file():
+            raise DataFileError(f"Feature file missing: {path}")
+        arr = np.load(path, mmap_mode="r")
+        if arr.shape != (n, manifest["dim"]):
+            raise StaleFeatureCache(f"{path} has shape {arr.shape}, manifest says "
+                                    f"{(n, manifest['dim'])}: the cache is stale, delete it")
+        out[key] = arr
+    if expect_items is not None and manifest["counts"]["items"] != expect_items:
+        raise StaleFeatureCache(f"{folder} has features for {manifest['counts']['items']} items, "
+                                f"the training set has {expect_items}")
+    return out

@@ -1,0 +1,1 @@
+"""The student: a learned embedding distilled from the teacher's rankings."""

@@ -1,0 +1,62 @@
+"""StudentModule: trains the embedding head on teacher-ranked pairs."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from attribution.student.head import EmbeddingHead
+from attribution.student.losses import RankingLoss
+
+
+class StudentModule(L.LightningModule):
+    """Head + loss; features are looked up by id (kept out of checkpoints: they are a cache).
+
+    Args:
+        item_feats: float (N, D) training-item features; query_feats: float (Q, D) training
+            query features (rows match the teacher rankings' rows).
+    """
+
+    def __init__(self, head: EmbeddingHead, loss: RankingLoss, item_feats: torch.Tensor,
+                 query_feats: torch.Tensor, lr: float = 1e-3, weight_decay: float = 0.0):
+        super().__init__()
+        self.save_hyperparameters(ignore=["head", "loss", "item_feats", "query_feats"])
+        self.head, self.loss_fn = head, loss
+        self.item_feats, self.query_feats = item_feats, query_feats
+
+    def scores(self, batch: dict) -> torch.Tensor:
+        """Pair scores (B, P); each distinct query and item is embedded once."""
+        items = batch["items"]
+        uniq, inv = torch.unique(items, return_inverse=True)
+        ex = self.head.embed(self.item_feats[uniq.cpu()].to(self.device))[inv]
+        eq = self.head.embed(self.query_feats[batch["query"].cpu()].to(self.device))
+        return self.head.score(eq, ex)
+
+    def shared_step(self, batch: dict, stage: str) -> torch.Tensor:
+        parts = self.loss_fn(self.scores(batch), batch["target"])
+        if not torch.isfinite(parts["loss"]):
+            raise FloatingPointError(f"non-finite {stage} loss at step {self.global_step}")
+        bs = batch["items"].numel()
+        for name, value in parts.items():
+            self.log(f"{stage}/{name}", value, prog_bar=name == "loss", batch_size=bs)
+        self.log(f"{stage}/alpha", self.head.alpha.detach(), batch_size=bs)
+        return parts["loss"]
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self.shared_step(batch, "train")
+
+    @torch.no_grad()
+    def embed(self, feats: torch.Tensor | object, batch_size: int = 4096) -> torch.Tensor:
+        """L2-normalized embeddings of raw features (any row count), on the CPU."""
+        was = self.training
+        self.eval()
+        out = []
+        for s in range(0, len(feats), batch_size):
+            x = torch.as_tensor(feats[s : s + batch_size], dtype=torch.float32)
+            out.append(self.head.embed(x.to(self.device)).cpu())
+        self.train(was)
+        return torch.cat(out)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(list(self.head.parameters()) + list(self.loss_fn.parameters()),
+                                 lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -1,0 +1,110 @@
+"""Student entry point: ``train_student(cfg, features_dir, teacher_dir, out) -> metrics``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from attribution import retrieval
+from attribution.callbacks import RankingMAPCallback, ThroughputCallback
+from attribution.config import to_dict
+from attribution.data.dataset import DataFileError, atomic_write_bytes
+from attribution.features.cache import load_features
+from attribution.generator.train import accelerator_for
+from attribution.student.data import PairDataModule, load_rankings, select_queries
+from attribution.student.head import EmbeddingHead
+from attribution.student.losses import build_loss
+from attribution.student.module import StudentModule
+
+
+def space_dir(features_dir: Path, space: str) -> Path:
+    return Path(features_dir) / space.replace("+", "__")
+
+
+def _checked_features(folder: Path, space: str) -> dict[str, torch.Tensor]:
+    raw = load_features(folder, expect_name=None)
+    out = {}
+    for key, arr in raw.items():
+        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        bad = (~torch.isfinite(t)).any(1).nonzero().flatten()
+        if len(bad):
+            raise FloatingPointError(f"{space} features '{key}' have non-finite rows "
+                                     f"{bad[:5].tolist()} ({folder})")
+        out[key] = t
+    return out
+
+
+def _logger(cfg, out: Path):
+    kind = cfg.student.logger
+    if kind == "none":
+        return False
+    if kind == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(save_dir=out, name="logs")
+    from lightning.pytorch.loggers import WandbLogger
+
+    return WandbLogger(save_dir=str(out), offline=kind == "wandb_offline", log_model=False,
+                       project="fast-attribution", group=f"student-{cfg.student.loss}",
+                       name=f"{cfg.name}-{cfg.student.feature}", config=to_dict(cfg))
+
+
+def train_student(cfg, features_dir: Path, teacher_dir: Path, out: Path,
+                  progress: bool = True) -> dict:
+    """Train the head on the teacher's rankings; evaluate mAP@k on the held-out test queries
+    (whole training set ranked) against the untuned features; save head, index and metrics."""
+    sc = cfg.student
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    feats = _checked_features(space_dir(features_dir, sc.feature), sc.feature)
+    n_items = feats["items"].shape[0]
+    ranks = load_rankings(teacher_dir, n_items)
+    for split, r in (("train", ranks.train), ("test", ranks.test)):
+        if feats[f"query_{split}"].shape[0] != r.shape[0]:
+            raise DataFileError(f"{sc.feature} features have {feats[f'query_{split}'].shape[0]} "
+                                f"{split} queries but the teacher ranked {r.shape[0]}")
+    q, m = select_queries(ranks.train.shape[0], sc.n_queries, sc.m, sc.budget,
+                          ranks.train.shape[1])
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    dm = PairDataModule(ranks.train[:q], n_items, sc.queries_per_batch, sc.pairs_per_query,
+                        sc.p_outside, m, cfg.seed, sc.num_workers)
+    head = EmbeddingHead([feats["items"].shape[1], *sc.hidden], sc.dropout, sc.layernorm)
+    loss = build_loss(sc.loss, n_bins=sc.ordinal_bins,
+                      target_temperature=sc.listwise_temperature)
+    module = StudentModule(head, loss, feats["items"], feats["query_train"][:q], sc.lr,
+                           sc.weight_decay)
+    ks = [k for k in sc.k_eval if k <= n_items]
+    mapcb = RankingMAPCallback(feats["items"], feats["query_test"], ranks.test, ks)
+    thr = ThroughputCallback(feats["items"], feats["query_test"])
+    ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="best",
+                           monitor=f"val/mAP@{ks[0]}", mode="max", save_last=True,
+                           auto_insert_metric_name=False, enable_version_counter=False)
+    trainer = L.Trainer(max_epochs=sc.epochs, accelerator=accelerator_for(cfg.device), devices=1,
+                        logger=_logger(cfg, out), callbacks=[mapcb, thr, ckpt],
+                        enable_progress_bar=progress, enable_model_summary=False,
+                        log_every_n_steps=5, num_sanity_val_steps=0)
+    start = time.time()
+    trainer.fit(module, datamodule=dm)
+    seconds = time.time() - start
+    # Reported figures are the LAST epoch's (no selection on the test queries); best.ckpt is
+    # kept for users who validate elsewhere.
+    torch.save(head.state_dict(), out / "head.pt")
+    (out / "head.json").write_text(json.dumps({"dims": [head.in_dim, *sc.hidden],
+                                               "dropout": sc.dropout, "layernorm": sc.layernorm,
+                                               "feature": sc.feature}))
+    item_emb = module.embed(feats["items"]).numpy()
+    retrieval.save_index(retrieval.build_index(item_emb, sc.index), out / "index.faiss")
+    metrics = {"feature": sc.feature, "loss": sc.loss, "train_queries": q,
+               "kept_per_query": m or ranks.train.shape[1], "seconds": seconds,
+               "alpha": float(head.alpha), "beta": float(head.beta)}
+    metrics.update({f"student.{k}": v for k, v in mapcb.last.items()})
+    metrics.update({f"baseline.{sc.feature}.{k}": v for k, v in mapcb.baseline.items()})
+    metrics.update({f"student.{k}": v for k, v in thr.results.items()})
+    atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())
+    return metrics
