@@ -78,3 +78,38 @@ def format_attribution(res: dict) -> str:
         lines.append(f"{r:>4}  {i:>6}  {s:>7.4f}  {c}")
     lines.append(f"({res['seconds'] * 1000:.1f} ms: features + head + search)")
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def end_to_end_throughput(pipe, n_queries: int = 30, k: int = 10, warmup: int = 3) -> dict:
+    """Queries/s for single queries, end to end (image + prompt -> features -> head -> search),
+    timed after warm-up over the test query images; and the search alone on the same index."""
+    from attribution.data.queries import QuerySet
+
+    cfg = pipe.cfg
+    world = CaptionedImageSet(pipe.dir("world"), verify=False)
+    head = load_head(pipe.dir("student"))
+    index = retrieval.load_index(pipe.dir("student") / "index.faiss")
+    ctx = {"image_size": world.manifest["image_size"], "toyclip_dir": pipe.dir("toyclip"),
+           "weights": dict(cfg.features.weights), "arch": dict(cfg.features.arch)}
+    extractor = build_extractor(cfg.student.feature, ctx, cfg.features.l2_per_block).eval()
+    qs = QuerySet(pipe.dir("queries") / "query_test")
+    n = min(n_queries, len(qs))
+    images = [torch.from_numpy(qs.image(i)).float().movedim(-1, 0)[None] / 127.5 - 1
+              for i in range(n)]
+
+    def one(i):
+        emb = head.embed(extractor.extract(images[i], [qs.captions[i]]))
+        return retrieval.search(index, emb.numpy(), k), emb
+
+    for i in range(min(warmup, n)):
+        one(i)
+    start = time.perf_counter()
+    embs = [one(i)[1].numpy() for i in range(n)]
+    e2e = time.perf_counter() - start
+    start = time.perf_counter()
+    for e in embs:
+        retrieval.search(index, e, k)
+    search = time.perf_counter() - start
+    return {"queries_per_second": n / e2e, "search_queries_per_second": n / search,
+            "n_items": int(index.ntotal), "index": type(index).__name__, "batch_size": 1}

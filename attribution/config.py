@@ -110,8 +110,8 @@ class SamplingConfig:
 
 @dataclass
 class QueriesConfig:
-    n_train: int = 200
-    n_test: int = 50
+    n_train: int = 150
+    n_test: int = 30  # test queries are scored by the teacher over the WHOLE training set
     planted_test: int = 4  # test queries per planted concept (known answers)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
@@ -132,13 +132,13 @@ class TeacherConfig:
     eta: float = 0.01  # step size of the one natural-gradient ascent step
     gain: float | None = None  # Fisher gain s; None = N, the number of training items
     damping: float = 0.1  # λ = damping × mean of the layer's scaled Fisher
-    query_draws: int = 512  # (t, ε) draws averaged into the query gradient
+    query_draws: int = 256  # (t, ε) draws averaged into the query gradient
     query_batch_size: int = 128
-    timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
+    timesteps: list[int] = field(default_factory=lambda: [150, 450, 750])
     captions: int = 1  # candidate loss averages each item's first `captions` captions
     flips: bool = False  # horizontal flips as extra views (off: the toy world has left/right)
     batch_size: int = 500  # generator forwards per scoring batch (results do not depend on it)
-    k: int = 400  # stage-1 candidates per training query
+    k: int = 200  # stage-1 candidates per training query
     curation: str = "pixels+text"  # stage-1 feature space: pixels | text | pixels+text
     devices: int = 1  # Lightning devices that split the queries
 
@@ -174,7 +174,7 @@ class StudentConfig:
     budget: int | None = None  # fixed Q x M pairs budget: M = budget // Q
     queries_per_batch: int = 16
     pairs_per_query: int = 128
-    epochs: int = 10
+    epochs: int = 30
     lr: float = 1e-3
     weight_decay: float = 0.0
     k_eval: list[int] = field(default_factory=lambda: [10, 50, 100])

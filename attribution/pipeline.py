@@ -226,5 +226,10 @@ class Pipeline:
     def _stage_student(self, out: Path) -> dict:
         from attribution.student.train import train_student
 
-        return train_student(self.cfg, self.dir("features"), self.dir("teacher"), out,
-                             self.progress)
+        from attribution.attribute import end_to_end_throughput
+
+        metrics = train_student(self.cfg, self.dir("features"), self.dir("teacher"), out,
+                                self.progress)
+        metrics["end_to_end"] = end_to_end_throughput(self)
+        atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())
+        return metrics

@@ -7,7 +7,13 @@ import torch
 from attribution import retrieval
 from attribution.data.dataset import DataFileError
 from attribution.student.data import (
-    EpochKeySampler, PairDataModule, PairPlan, collate_pairs, load_rankings, select_queries)
+    EpochKeySampler,
+    PairDataModule,
+    PairPlan,
+    collate_pairs,
+    load_rankings,
+    select_queries,
+)
 from attribution.student.head import EmbeddingHead
 from attribution.student.losses import LOSSES, build_loss
 from attribution.student.module import StudentModule

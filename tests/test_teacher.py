@@ -208,3 +208,13 @@ def test_empty_candidates_and_nan_losses(teacher_pipe, tmp_path):
     with pytest.raises(FloatingPointError, match="non-finite"):
         candidate_losses(sc.unet, build_scheduler(p.cfg.generator).alphas_cumprod, cands,
                          torch.arange(4), [100], 1, False, 0)
+
+
+def test_known_answer_diagonal_teacher(teacher_pipe):
+    """AbU with the diagonal Fisher also finds the planted items far above chance."""
+    pipe = Pipeline(smoke_config(teacher_pipe.cfg.output_root, *TEACHER, "teacher.fisher=diagonal"),
+                    progress=False, echo=lambda s: None)
+    assert pipe.dir("generator") == teacher_pipe.dir("generator")  # reuses the trained model
+    res = pipe.run(["teacher"])["teacher"]
+    known = json.loads((res.dir / "known_answers.json").read_text())["shape=cross"]
+    assert known["mrr"] > 5 * known["chance_mrr"]

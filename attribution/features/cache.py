@@ -13,7 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attribution.data.dataset import CaptionedImageSet, DataFileError, atomic_save_npy, atomic_write_bytes
+from attribution.data.dataset import (
+    CaptionedImageSet,
+    DataFileError,
+    atomic_save_npy,
+    atomic_write_bytes,
+)
 from attribution.data.queries import QuerySet
 
 

@@ -56,11 +56,20 @@ class AbUScorer:
     def __init__(self, unet: nn.Module, alphas_cumprod: torch.Tensor, cands: CandidateSet,
                  params: dict[str, nn.Parameter], precondition, base_losses: torch.Tensor,
                  settings: ScoringSettings, device: str | torch.device = "cpu"):
-        self.unet, self.alphas, self.cands = unet.eval(), alphas_cumprod.to(device), cands
+        self.unet, self.cands = unet.to(device).eval(), cands
+        self._alphas = alphas_cumprod
         self.params, self.precondition, self.s = params, precondition, settings
         self.base = base_losses
-        self.device = device
         self.snapshot = ParamSnapshot(params)
+
+    @property
+    def device(self) -> torch.device:
+        """Wherever the generator is now (Lightning may have moved it after construction)."""
+        return next(self.unet.parameters()).device
+
+    @property
+    def alphas(self) -> torch.Tensor:
+        return self._alphas.to(self.device)
 
     @torch.no_grad()
     def _query_loss(self, q: Query) -> float:
