@@ -165,6 +165,9 @@ class StudentConfig:
     hidden: list[int] = field(default_factory=lambda: [512, 512, 512])  # head dims after input
     dropout: float = 0.1
     layernorm: bool = False
+    # Initial α of s = α·cos + β (α > 0 always).  5 gives σ(s) the range of the soft targets from
+    # the start; with 1, cross-entropy trained far slower on the toy world (mAP@10 0.28 vs 0.37).
+    alpha_init: float = 5.0
     loss: str = "ce"  # ce | mse | ordinal | listwise
     ordinal_bins: int = 10
     listwise_temperature: float = 0.1

@@ -224,9 +224,8 @@ class Pipeline:
         return {"spaces": len(dims), "dims": dims}
 
     def _stage_student(self, out: Path) -> dict:
-        from attribution.student.train import train_student
-
         from attribution.attribute import end_to_end_throughput
+        from attribution.student.train import train_student
 
         metrics = train_student(self.cfg, self.dir("features"), self.dir("teacher"), out,
                                 self.progress)

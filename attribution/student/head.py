@@ -22,7 +22,8 @@ class EmbeddingHead(nn.Module):
         layernorm: LayerNorm on the input features (helps when blocks differ in scale).
     """
 
-    def __init__(self, dims: list[int], dropout: float = 0.1, layernorm: bool = False):
+    def __init__(self, dims: list[int], dropout: float = 0.1, layernorm: bool = False,
+                 alpha_init: float = 1.0):
         super().__init__()
         if len(dims) < 2:
             raise ValueError("head dims need at least [D_in, D_out]")
@@ -32,7 +33,9 @@ class EmbeddingHead(nn.Module):
             if i < len(dims) - 2:
                 layers += [nn.ReLU(), nn.Dropout(dropout)]
         self.net = nn.Sequential(*layers)
-        self.log_alpha = nn.Parameter(torch.zeros(()))  # α = 1 at init
+        if alpha_init <= 0:
+            raise ValueError("alpha_init must be positive (higher score = more influential)")
+        self.log_alpha = nn.Parameter(torch.tensor(float(alpha_init)).log())
         self.beta = nn.Parameter(torch.zeros(()))
         self.in_dim, self.out_dim = dims[0], dims[-1]
 

@@ -74,7 +74,8 @@ def train_student(cfg, features_dir: Path, teacher_dir: Path, out: Path,
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = PairDataModule(ranks.train[:q], n_items, sc.queries_per_batch, sc.pairs_per_query,
                         sc.p_outside, m, cfg.seed, sc.num_workers)
-    head = EmbeddingHead([feats["items"].shape[1], *sc.hidden], sc.dropout, sc.layernorm)
+    head = EmbeddingHead([feats["items"].shape[1], *sc.hidden], sc.dropout, sc.layernorm,
+                         sc.alpha_init)
     loss = build_loss(sc.loss, n_bins=sc.ordinal_bins,
                       target_temperature=sc.listwise_temperature)
     module = StudentModule(head, loss, feats["items"], feats["query_train"][:q], sc.lr,
