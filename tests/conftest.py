@@ -19,6 +19,25 @@ def smoke_config(output_root: Path, *overrides: str):
     return load_config(SMOKE, [f"output_root={output_root}", *overrides])
 
 
+def tiny_open_clip(folder: Path, name: str):
+    """Register a tiny open_clip config ``name``, save random weights; -> (model, weights path)."""
+    import json
+
+    import open_clip
+    import torch
+
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16,
+                          "head_width": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
+                        "layers": 1}}
+    (folder / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(folder / f"{name}.json")
+    model = open_clip.create_model(name).eval()
+    torch.save(model.state_dict(), folder / "w.pt")
+    return model, folder / "w.pt"
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
     """Run the smoke pipeline's world/text/generator stages once for the whole session."""

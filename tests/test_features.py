@@ -1,4 +1,3 @@
-import json
 
 import numpy as np
 import pytest
@@ -9,6 +8,7 @@ from attribution.data.dataset import CaptionedImageSet, DataFileError, write_wor
 from attribution.data.queries import QuerySet, write_query_set
 from attribution.features.cache import StaleFeatureCache, extract_all, load_features
 from attribution.features.extractors import OpenClip, TimmImage, build_extractor
+from tests.conftest import tiny_open_clip
 
 
 @pytest.fixture()
@@ -78,15 +78,7 @@ def test_timm_backbone_saved_and_loaded_by_path(tmp_path):
 def test_open_clip_image_and_text_towers_by_path(tmp_path):
     import open_clip
 
-    cfg = {"embed_dim": 16,
-           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16,
-                          "head_width": 16},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
-                        "layers": 1}}
-    (tmp_path / "tiny-clip-feat.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(tmp_path / "tiny-clip-feat.json")
-    model = open_clip.create_model("tiny-clip-feat").eval()
-    torch.save(model.state_dict(), tmp_path / "w.pt")
+    model, _ = tiny_open_clip(tmp_path, "tiny-clip-feat")
     img = OpenClip("tiny-clip-feat", str(tmp_path / "w.pt"), "image")
     txt = OpenClip("tiny-clip-feat", str(tmp_path / "w.pt"), "text")
     assert img.extract(torch.zeros(2, 3, 16, 16), ["a", "b"]).shape == (2, 16)

@@ -30,6 +30,26 @@ def test_metrics_have_student_baseline_and_throughput(student_run):
     assert m["alpha"] > 0
 
 
+def test_run_metrics_json_keys_and_student_only_rerun(student_run):
+    from attribution.pipeline import ORDER, Pipeline
+    from tests.conftest import smoke_config
+
+    m = student_run.write_metrics()
+    assert json.loads((student_run.root / "metrics.json").read_text()) == m
+    f = student_run.cfg.student.feature
+    for k in student_run.cfg.student.k_eval:
+        for key in (f"student.mAP@{k}", f"student.mAP@{k}_stderr", f"baseline.{f}.mAP@{k}"):
+            assert key in m
+    for key in ("teacher.seconds_per_query", "student.queries_per_second",
+                "search.queries_per_second"):
+        assert m[key] > 0
+    assert m["speedup_vs_teacher"] == pytest.approx(
+        m["teacher.seconds_per_query"] * m["student.queries_per_second"])
+    other = Pipeline(smoke_config(student_run.cfg.output_root, "student.loss=listwise"))
+    changed = [s for s in ORDER if other.dir(s) != student_run.dir(s)]
+    assert changed == ["student"]
+
+
 def test_checkpoint_roundtrip_gives_identical_embeddings(student_run):
     d = student_run.dir("student")
     head = load_head(d)

@@ -1,9 +1,8 @@
-import json
-
 import pytest
 import torch
 
 from attribution.generator.text_encoder import TextEncoderError, load_text_encoder
+from tests.conftest import tiny_open_clip
 
 
 @pytest.fixture(scope="module")
@@ -62,17 +61,7 @@ def test_pipeline_folder_with_clip_text_encoder(tmp_path):
 
 
 def test_open_clip_encoder_from_local_weights(tmp_path):
-    import open_clip
-
-    cfg = {"embed_dim": 16,
-           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16,
-                          "head_width": 16},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
-                        "layers": 1}}
-    (tmp_path / "tiny-clip-test.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(tmp_path / "tiny-clip-test.json")
-    model = open_clip.create_model("tiny-clip-test")
-    torch.save(model.state_dict(), tmp_path / "w.pt")
+    tiny_open_clip(tmp_path, "tiny-clip-test")
     enc = load_text_encoder("open_clip:tiny-clip-test", weights=str(tmp_path / "w.pt"),
                             max_length=8)
     out = enc.encode(["a red circle", "a red circle at the top"])
