@@ -39,7 +39,7 @@ def read_image(path: str | Path, size: int) -> torch.Tensor:
     s = min(img.size)
     left, top = (img.width - s) // 2, (img.height - s) // 2
     img = img.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
-    return torch.from_numpy(np.asarray(img)).float().movedim(-1, 0)[None] / 127.5 - 1
+    return torch.from_numpy(np.array(img)).float().movedim(-1, 0)[None] / 127.5 - 1
 
 
 @torch.no_grad()

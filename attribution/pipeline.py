@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from attribution.config import config_hash, save_config, to_dict
 from attribution.data.dataset import atomic_write_bytes
 
@@ -203,15 +205,15 @@ class Pipeline:
         from attribution.data.queries import QuerySet
         from attribution.teacher.evaluate import planted_known_answers
         from attribution.teacher.run import run_teacher
-        from attribution.teacher.shards import ShardStore
 
         summary = run_teacher(self.cfg, self.dir("world"), self.dir("text"),
                               self.dir("generator"), self.dir("queries"), self.dir("fisher"),
                               out, self.progress)
         test = QuerySet(self.dir("queries") / "query_test")
-        merged = ShardStore(out).merge("test", len(test))
+        with np.load(out / "teacher_test.npz") as merged:  # written by run_teacher's merge
+            rank = merged["rank"]
         known = planted_known_answers(CaptionedImageSet(self.dir("world")).attributes,
-                                      test.attributes, merged["rank"],
+                                      test.attributes, rank,
                                       [to_dict(p) for p in self.cfg.world.planted])
         atomic_write_bytes(out / "known_answers.json", json.dumps(known, indent=2).encode())
         summary["known_answers"] = known
