@@ -75,6 +75,18 @@ def test_timm_backbone_saved_and_loaded_by_path(tmp_path):
         TimmImage("test_vit", str(tmp_path / "missing.pth"))
 
 
+def test_no_silent_random_weights(tmp_path, monkeypatch):
+    """Without a weights file, the hub cache must supply them; here it cannot -> clear error."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hub"))
+    with pytest.raises(FileNotFoundError, match="neither a local file"):
+        TimmImage("test_vit", None)
+    with pytest.raises(FileNotFoundError, match="weights"):
+        OpenClip("ViT-B-32", None, "image")
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        OpenClip("ViT-B-32", str(tmp_path / "nope.pt"), "image")
+
+
 def test_open_clip_image_and_text_towers_by_path(tmp_path):
     import open_clip
 

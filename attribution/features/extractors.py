@@ -125,10 +125,17 @@ class TimmImage(FeatureExtractor):
 
         if weights is not None and not Path(weights).is_file():
             raise FileNotFoundError(f"timm weights file not found: {weights}")
-        kwargs = {"pretrained": weights is not None, "num_classes": 0}
+        # Never random weights: no file means the hub name, which must be in the local cache.
+        kwargs = {"pretrained": True, "num_classes": 0}
         if weights is not None:
             kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
-        self.model = timm.create_model(arch, **kwargs).eval()
+        try:
+            self.model = timm.create_model(arch, **kwargs).eval()
+        except Exception as err:
+            raise FileNotFoundError(
+                f"pretrained weights for timm model {arch!r} are neither a local file "
+                f"(features.weights.dino) nor in the hub cache, and nothing can be downloaded "
+                f"here: {err.__class__.__name__}: {err}") from err
         cfg = self.model.pretrained_cfg
         self.arch, self.weights = arch, weights
         self.size = image_size or cfg.get("input_size", (3, 224, 224))[-1]
@@ -153,10 +160,14 @@ class OpenClip(FeatureExtractor):
         super().__init__()
         import open_clip
 
-        if weights is None or not Path(weights).is_file():
-            raise FileNotFoundError(f"open_clip weights file not found: {weights!r} "
-                                    "(set features.weights.clip to a local file)")
-        self.model = open_clip.create_model(arch, pretrained=weights).eval()
+        if weights is None:
+            raise FileNotFoundError("open_clip features need pretrained weights: set "
+                                    "features.weights.clip to a local file or a cached tag")
+        try:  # a local file, or an open_clip pretrained tag already in the hub cache
+            self.model = open_clip.create_model(arch, pretrained=weights).eval()
+        except Exception as err:
+            raise FileNotFoundError(f"open_clip {arch!r} weights {weights!r}: not a readable "
+                                    f"local file nor a cached tag ({err})") from err
         self.tok = open_clip.get_tokenizer(arch)
         self.arch, self.weights, self.tower = arch, weights, tower
         self.name, self.modality = f"clip_{tower}", tower
