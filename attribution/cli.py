@@ -19,6 +19,9 @@ STAGE_COMMANDS = {
     "train-generator": "train (or resume) the text-to-image generator",
     "queries": "sample the train/test query sets in the released layout",
     "fidelity": "measure prompt fidelity of generated samples against chance",
+    "toyclip": "train the small CLIP of the toy world's feature spaces",
+    "features": "extract and cache item/query features for every features.spaces entry",
+    "student": "train the student on the teacher's rankings, evaluate mAP@k, build the index",
 }
 
 

@@ -73,5 +73,6 @@ def test_cli_errors_are_clean(tmp_path, capsys):
 def test_help_lists_commands():
     out = subprocess.run([sys.executable, "-m", "attribution", "--help"], capture_output=True,
                          text=True, check=True).stdout
-    for cmd in ("run", "world", "train-generator", "queries", "fidelity", "config"):
+    for cmd in ("run", "world", "train-generator", "queries", "fidelity", "teacher", "toyclip",
+                "features", "student", "attribute", "config"):
         assert cmd in out
