@@ -76,3 +76,13 @@ def test_help_lists_commands():
     for cmd in ("run", "world", "train-generator", "queries", "fidelity", "teacher", "toyclip",
                 "features", "student", "attribute", "config"):
         assert cmd in out
+
+
+def test_teacher_merge_command(smoke_run, capsys):
+    smoke_run.run(["teacher"])
+    root = smoke_run.cfg.output_root
+    out_pkl = smoke_run.dir("teacher") / "influence_test.pkl"
+    out_pkl.unlink()
+    assert main(["teacher", "merge", str(SMOKE), f"output_root={root}"]) == 0
+    assert "seconds_per_query" in json.loads(capsys.readouterr().out)
+    assert out_pkl.is_file()
