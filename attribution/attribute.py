@@ -31,6 +31,18 @@ def load_head(student_dir: Path) -> EmbeddingHead:
     return head.eval()
 
 
+def deployed(pipe):
+    """What answering a query needs: (world, head, faiss index, feature extractor)."""
+    world = CaptionedImageSet(pipe.dir("world"), verify=False)
+    head = load_head(pipe.dir("student"))
+    index = retrieval.load_index(pipe.dir("student") / "index.faiss")
+    cfg = pipe.cfg
+    extractor = build_extractor(cfg.student.feature,
+                                pipe.feature_context(world.manifest["image_size"]),
+                                cfg.features.l2_per_block).eval()
+    return world, head, index, extractor
+
+
 def read_image(path: str | Path, size: int) -> torch.Tensor:
     """A PNG/JPEG as float (1, 3, size, size) in [-1, 1] (center-cropped square, resized)."""
     if not Path(path).is_file():
@@ -50,14 +62,7 @@ def attribute(pipe, image: str | Path, prompt: str, k: int = 10,
     Returns:
         {"ids": [...], "scores": [...], "captions": [...], "seconds": float}
     """
-    cfg = pipe.cfg
-    world = CaptionedImageSet(pipe.dir("world"), verify=False)
-    student_dir = pipe.dir("student")
-    head = load_head(student_dir)
-    index = retrieval.load_index(student_dir / "index.faiss")
-    ctx = {"image_size": world.manifest["image_size"], "toyclip_dir": pipe.dir("toyclip"),
-           "weights": dict(cfg.features.weights), "arch": dict(cfg.features.arch)}
-    extractor = build_extractor(cfg.student.feature, ctx, cfg.features.l2_per_block).eval()
+    world, head, index, extractor = deployed(pipe)
     x = read_image(image, world.manifest["image_size"])
     start = time.perf_counter()
     emb = head.embed(extractor.extract(x, [prompt]))
@@ -86,13 +91,7 @@ def end_to_end_throughput(pipe, n_queries: int = 30, k: int = 10, warmup: int = 
     timed after warm-up over the test query images; and the search alone on the same index."""
     from attribution.data.queries import QuerySet
 
-    cfg = pipe.cfg
-    world = CaptionedImageSet(pipe.dir("world"), verify=False)
-    head = load_head(pipe.dir("student"))
-    index = retrieval.load_index(pipe.dir("student") / "index.faiss")
-    ctx = {"image_size": world.manifest["image_size"], "toyclip_dir": pipe.dir("toyclip"),
-           "weights": dict(cfg.features.weights), "arch": dict(cfg.features.arch)}
-    extractor = build_extractor(cfg.student.feature, ctx, cfg.features.l2_per_block).eval()
+    _, head, index, extractor = deployed(pipe)
     qs = QuerySet(pipe.dir("queries") / "query_test")
     n = min(n_queries, len(qs))
     images = [torch.from_numpy(qs.image(i)).float().movedim(-1, 0)[None] / 127.5 - 1

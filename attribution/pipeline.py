@@ -222,6 +222,12 @@ class Pipeline:
             summary[f"{name} mrr"] = r["mrr"]
         return summary
 
+    def feature_context(self, image_size: int) -> dict:
+        """What feature extractors are built from (see features.extractors.build_extractor)."""
+        f = self.cfg.features
+        return {"image_size": image_size, "toyclip_dir": self.dir("toyclip"),
+                "weights": to_dict(f.weights), "arch": to_dict(f.arch)}
+
     def _stage_toyclip(self, out: Path) -> dict:
         from attribution.data.dataset import CaptionedImageSet
         from attribution.features.toyclip import train_toyclip
@@ -241,8 +247,7 @@ class Pipeline:
         f = self.cfg.features
         world = CaptionedImageSet(self.dir("world"))
         queries = {s: QuerySet(self.dir("queries") / f"query_{s}") for s in ("train", "test")}
-        ctx = {"image_size": world.manifest["image_size"], "toyclip_dir": self.dir("toyclip"),
-               "weights": to_dict(f.weights), "arch": to_dict(f.arch)}
+        ctx = self.feature_context(world.manifest["image_size"])
         dims = {}
         for space in f.spaces:
             extractor = build_extractor(space, ctx, f.l2_per_block)
