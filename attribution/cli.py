@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="its prompt")
     p.add_argument("-k", type=int, default=10, help="how many training items to show")
     p.add_argument("--grid", default=None, help="write query + top-k images to this PNG")
+    p = sub.add_parser("sweep", help="run a W&B sweep file locally (grid/random), skip done runs")
+    p.add_argument("config", help="sweeps/<name>.yaml (its command names the experiment)")
+    p.add_argument("overrides", nargs="*", help="key=value applied to every run")
+    p.add_argument("--no-progress", action="store_true")
     p = sub.add_parser("config", help="print the resolved config")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
@@ -65,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
                  "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
+        if args.command == "sweep":
+            from attribution.sweeps import run_sweep
+
+            print(f"results: {run_sweep(args.config, args.overrides, progress=not args.no_progress)}")
+            return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "config":
             from omegaconf import OmegaConf

@@ -48,9 +48,13 @@ def _logger(cfg, out: Path):
         from lightning.pytorch.loggers import CSVLogger
 
         return CSVLogger(save_dir=out, name="logs")
+    import os
+
     from lightning.pytorch.loggers import WandbLogger
 
-    return WandbLogger(save_dir=str(out), offline=kind == "wandb_offline", log_model=False,
+    # Under `wandb agent` (WANDB_SWEEP_ID set) the run must report online to its sweep.
+    offline = kind == "wandb_offline" and "WANDB_SWEEP_ID" not in os.environ
+    return WandbLogger(save_dir=str(out), offline=offline, log_model=False,
                        project="fast-attribution", group=f"student-{cfg.student.loss}",
                        name=f"{cfg.name}-{cfg.student.feature}", config=to_dict(cfg))
 
@@ -108,4 +112,7 @@ def train_student(cfg, features_dir: Path, teacher_dir: Path, out: Path,
     metrics.update({f"baseline.{sc.feature}.{k}": v for k, v in mapcb.baseline.items()})
     metrics.update({f"student.{k}": v for k, v in thr.results.items()})
     atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())
+    if trainer.logger:  # the flat names the sweep files optimize (student.mAP@k, ...)
+        trainer.logger.log_metrics({k: v for k, v in metrics.items()
+                                    if isinstance(v, float | int) and not isinstance(v, bool)})
     return metrics
