@@ -33,9 +33,13 @@ def load_sweep(path: str | Path) -> dict:
         raise ConfigError(f"sweep {path}: command must contain 'run CONFIG'")
     sweep["config"] = cmd[cmd.index("run") + 1]
     for name, spec in sweep["parameters"].items():  # every key must exist in the schema
-        values = spec.get("values", [spec.get("value")])
-        load_config(sweep["config"], [f"{name}={_fmt(values[0])}"])
+        load_config(sweep["config"], [f"{name}={_fmt(_values(spec)[0])}"])
     return sweep
+
+
+def _values(spec: dict) -> list:
+    """A W&B parameter's candidate values (``values: [...]`` or a fixed ``value:``)."""
+    return spec.get("values", [spec.get("value")])
 
 
 def _fmt(v) -> str:
@@ -45,8 +49,7 @@ def _fmt(v) -> str:
 def expand(sweep: dict, n_random: int = 8, seed: int = 0) -> list[dict]:
     """Parameter dicts of every run (grid: the product; random: ``n_random`` draws)."""
     names = list(sweep["parameters"])
-    choices = [sweep["parameters"][n].get("values", [sweep["parameters"][n].get("value")])
-               for n in names]
+    choices = [_values(sweep["parameters"][n]) for n in names]
     if sweep["method"] == "grid":
         return [dict(zip(names, combo)) for combo in itertools.product(*choices)]
     rng = random.Random(seed)
@@ -68,7 +71,6 @@ def run_sweep(path: str | Path, extra: list[str] | None = None, output_root: str
     if table.is_file():
         with open(table) as f:
             done = {row["run"] for row in csv.DictReader(f)}
-    rows = []
     for params in expand(sweep):
         run_id = ",".join(f"{k}={_fmt(v)}" for k, v in params.items())
         if run_id in done:
@@ -76,10 +78,9 @@ def run_sweep(path: str | Path, extra: list[str] | None = None, output_root: str
             continue
         cfg = load_config(sweep["config"], overrides + [f"{k}={_fmt(v)}" for k, v in params.items()])
         pipe = Pipeline(cfg, progress=progress, echo=lambda s: None)
-        pipe.run()
-        metrics = pipe.write_metrics()
+        pipe.run()  # runs every stage, so it also writes runs/<name>/metrics.json
+        metrics = json.loads((pipe.root / "metrics.json").read_text())
         row = {"run": run_id, **{k: _fmt(v) for k, v in params.items()}, **metrics}
-        rows.append(row)
         echo(f"[sweep] {run_id}: {sweep['metric']['name']}="
              f"{metrics.get(sweep['metric']['name'], float('nan')):.4f}")
         _append(table, row)

@@ -28,7 +28,7 @@ def space_dir(features_dir: Path, space: str) -> Path:
 
 
 def _checked_features(folder: Path, space: str) -> dict[str, torch.Tensor]:
-    raw = load_features(folder, expect_name=None)
+    raw = load_features(folder, expect_name=space)
     out = {}
     for key, arr in raw.items():
         t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))

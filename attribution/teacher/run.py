@@ -157,13 +157,16 @@ def run_teacher(cfg, world_dir: Path, text_dir: Path, gen_dir: Path, queries_dir
 def merge_outputs(out: Path, n_queries: dict[str, int], n_items: int) -> dict:
     """Merge every split's shards into the released layout + ours; per-query cost summary."""
     store = ShardStore(out)
-    infos = []
+    infos, per_split = [], {}
     for split, n in n_queries.items():
         merged = store.merge(split, n)
         write_merged(out, split, merged, n_items)
         infos += merged["info"]
+        per_split[f"seconds_per_{split}_query"] = float(
+            np.mean([i["seconds"] for i in merged["info"]]))
     return {
         "seconds_per_query": float(np.mean([i["seconds"] for i in infos])),
+        **per_split,
         "query_loss_increase": float(np.mean(
             [i["query_loss_after"] - i["query_loss_before"] for i in infos])),
     }
