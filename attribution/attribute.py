@@ -85,30 +85,70 @@ def format_attribution(res: dict) -> str:
     return "\n".join(lines)
 
 
-@torch.no_grad()
-def end_to_end_throughput(pipe, n_queries: int = 30, k: int = 10, warmup: int = 3) -> dict:
-    """Queries/s for single queries, end to end (image + prompt -> features -> head -> search),
-    timed after warm-up over the test query images; and the search alone on the same index."""
+def _test_images(pipe, n_queries: int):
     from attribution.data.queries import QuerySet
 
-    _, head, index, extractor = deployed(pipe)
     qs = QuerySet(pipe.dir("queries") / "query_test")
     n = min(n_queries, len(qs))
     images = [torch.from_numpy(qs.image(i)).float().movedim(-1, 0)[None] / 127.5 - 1
               for i in range(n)]
+    return images, qs.captions[:n]
+
+
+def _rate(fn, n: int, warmup: int) -> float:
+    """Calls/s of ``fn(i)`` for i < n, after ``warmup`` untimed calls."""
+    for i in range(min(warmup, n)):
+        fn(i)
+    start = time.perf_counter()
+    for i in range(n):
+        fn(i)
+    return n / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def feature_search_throughput(pipe, space: str, n_queries: int = 30, k: int = 10,
+                              warmup: int = 3) -> dict:
+    """The untuned baseline deployed: features -> flat cosine search over the raw item
+    features (no head); queries/s at batch 1 and the index's storage."""
+    from attribution.features.cache import load_features
+    from attribution.student.train import space_dir
+
+    world = CaptionedImageSet(pipe.dir("world"), verify=False)
+    extractor = build_extractor(space, pipe.feature_context(world.manifest["image_size"]),
+                                pipe.cfg.features.l2_per_block).eval()
+    items = np.asarray(load_features(space_dir(pipe.dir("features"), space))["items"],
+                       dtype=np.float32)
+    items = items / np.maximum(np.linalg.norm(items, axis=1, keepdims=True), 1e-12)
+    index = retrieval.build_index(items, "flat")
+    images, captions = _test_images(pipe, n_queries)
 
     def one(i):
-        emb = head.embed(extractor.extract(images[i], [qs.captions[i]]))
-        return retrieval.search(index, emb.numpy(), k), emb
+        f = extractor.extract(images[i], [captions[i]]).numpy()
+        return retrieval.search(index, f / max(float(np.linalg.norm(f)), 1e-12), k)
 
-    for i in range(min(warmup, n)):
-        one(i)
-    start = time.perf_counter()
-    embs = [one(i)[1].numpy() for i in range(n)]
-    e2e = time.perf_counter() - start
-    start = time.perf_counter()
-    for e in embs:
-        retrieval.search(index, e, k)
-    search = time.perf_counter() - start
-    return {"queries_per_second": n / e2e, "search_queries_per_second": n / search,
+    return {"queries_per_second": _rate(one, len(images), warmup),
+            "storage_bytes": int(items.size) * 4}
+
+
+@torch.no_grad()
+def end_to_end_throughput(pipe, n_queries: int = 30, k: int = 10, warmup: int = 3) -> dict:
+    """Queries/s for single queries, end to end (image + prompt -> features -> head -> search),
+    timed after warm-up over the test query images; the search alone on the same index; and the
+    untuned baseline (features -> flat cosine search, no head) on the same queries.  Storage is
+    what a deployment keeps per method: the index of embeddings (student) or of raw features."""
+    _, head, index, extractor = deployed(pipe)
+    images, captions = _test_images(pipe, n_queries)
+    n = len(images)
+
+    def student(i):
+        return head.embed(extractor.extract(images[i], [captions[i]])).numpy()
+
+    qps = _rate(lambda i: retrieval.search(index, student(i), k), n, warmup)
+    embs = [student(i) for i in range(n)]
+    search = _rate(lambda i: retrieval.search(index, embs[i], k), n, warmup)
+    base = feature_search_throughput(pipe, pipe.cfg.student.feature, n_queries, k, warmup)
+    return {"queries_per_second": qps, "search_queries_per_second": search,
+            "baseline_queries_per_second": base["queries_per_second"],
+            "storage_bytes": int(index.ntotal) * int(index.d) * 4,
+            "baseline_storage_bytes": base["storage_bytes"],
             "n_items": int(index.ntotal), "index": type(index).__name__, "batch_size": 1}

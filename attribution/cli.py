@@ -55,6 +55,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="sweeps/<name>.yaml (its command names the experiment)")
     p.add_argument("overrides", nargs="*", help="key=value applied to every run")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="run every setting once per student seed (student.seed); figures "
+                        "average them with standard-error bars")
+    p = sub.add_parser("counterfactual",
+                       help="leave-K-out: retrain without each method's top-K, measure ΔLoss")
+    _add_config_args(p)
+    p.add_argument("--methods", nargs="+", default=["teacher", "student", "dtrak", "random"],
+                   help="teacher | student | random | dtrak | abu_diagonal | a feature space")
+    p.add_argument("--queries", type=int, nargs="+", default=[0, 1, 2],
+                   help="test query ids")
+    p.add_argument("-k", type=int, default=10, help="training items removed per query")
+    p.add_argument("--steps", type=int, default=None,
+                   help="retrain on this shorter schedule (reference retrained the same way)")
+    p = sub.add_parser("figures", help="draw the paper's figures from sweep results")
+    p.add_argument("--sweeps", default="sweeps", help="folder of sweep files")
+    p.add_argument("--results", default="runs/sweeps", help="folder of local sweep tables")
+    p.add_argument("--out", default="runs/figures", help="where the PNGs go")
+    p.add_argument("--wandb", nargs="*", default=[], metavar="SWEEP=ENTITY/PROJECT/ID",
+                   help="read these sweeps from the W&B API instead of local tables")
     p = sub.add_parser("config", help="print the resolved config")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
@@ -72,7 +91,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             from attribution.sweeps import run_sweep
 
-            print(f"results: {run_sweep(args.config, args.overrides, progress=not args.no_progress)}")
+            table = run_sweep(args.config, args.overrides, progress=not args.no_progress,
+                              seeds=args.seeds)
+            print(f"results: {table}")
+            return 0
+        if args.command == "figures":
+            from attribution.figures import sweep_figures
+
+            online = dict(w.split("=", 1) for w in args.wandb)
+            made = sweep_figures(args.sweeps, args.results, args.out, online)
+            if not made:
+                print("no sweep results to draw yet", file=sys.stderr)
+                return 1
             return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "config":
@@ -89,6 +119,17 @@ def main(argv: list[str] | None = None) -> int:
             print(format_attribution(res))
             return 0
         pipe = Pipeline(cfg, progress=not args.no_progress)
+        if args.command == "counterfactual":
+            from attribution.counterfactual import format_counterfactual, run_counterfactual
+            from attribution.figures import counterfactual_figure
+
+            out = run_counterfactual(pipe, args.methods, args.queries, args.k,
+                                     progress=not args.no_progress, steps=args.steps)
+            result = json.loads((out / "counterfactual.json").read_text())
+            metrics = json.loads((pipe.root / "metrics.json").read_text())
+            print(format_counterfactual(result))
+            print(f"figure: {counterfactual_figure(result, metrics, out / 'counterfactual.png')}")
+            return 0
         if args.command == "teacher" and args.action == "merge":
             from attribution.teacher.run import merge_outputs
 

@@ -36,7 +36,7 @@ class PlantedConcept:
 @dataclass
 class WorldConfig:
     kind: str = "toy"  # toy (procedural, generated here)
-    n_items: int = 2000
+    n_items: int = 1200
     image_size: int = 16
     captions_per_item: int = 3
     # Skew of every attribute's distribution: p_k ∝ (k+1)^-zipf.  0 = uniform; larger = rarer tails.
@@ -76,14 +76,15 @@ class UNetConfig:
 
 @dataclass
 class GeneratorTrainConfig:
-    steps: int = 1500
+    steps: int = 1000
     steps_per_epoch: int = 100  # checkpoints land on epoch ends: a kill loses < 1 epoch
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 50
+    lr_schedule: str = "cosine"  # constant | cosine (after warm-up, down to 10 % at the end)
     cfg_dropout: float = 0.1  # probability of training on the empty caption (for CFG)
-    ema_decay: float = 0.999  # 0 disables EMA
+    ema_decay: float = 0.995  # 0 disables EMA
 
 
 @dataclass
@@ -102,7 +103,7 @@ class GeneratorConfig:
 @dataclass
 class SamplingConfig:
     sampler: str = "ddpm"  # ddpm | ddim
-    steps: int = 100
+    steps: int = 50
     guidance: float = 3.0
     batch_size: int = 128
     seed: int = 1234
@@ -110,16 +111,16 @@ class SamplingConfig:
 
 @dataclass
 class QueriesConfig:
-    n_train: int = 150
-    n_test: int = 30  # test queries are scored by the teacher over the WHOLE training set
+    n_train: int = 120
+    n_test: int = 20  # test queries are scored by the teacher over the WHOLE training set
     planted_test: int = 4  # test queries per planted concept (known answers)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
 @dataclass
 class FidelityConfig:
-    n_samples: int = 240
-    classifier_steps: int = 400
+    n_samples: int = 120
+    classifier_steps: int = 300
     classifier_batch_size: int = 128
 
 
@@ -132,13 +133,13 @@ class TeacherConfig:
     eta: float = 0.01  # step size of the one natural-gradient ascent step
     gain: float | None = None  # Fisher gain s; None = N, the number of training items
     damping: float = 0.1  # λ = damping × mean of the layer's scaled Fisher
-    query_draws: int = 256  # (t, ε) draws averaged into the query gradient
+    query_draws: int = 128  # (t, ε) draws averaged into the query gradient
     query_batch_size: int = 128
     timesteps: list[int] = field(default_factory=lambda: [150, 450, 750])
     captions: int = 1  # candidate loss averages each item's first `captions` captions
     flips: bool = False  # horizontal flips as extra views (off: the toy world has left/right)
     batch_size: int = 500  # generator forwards per scoring batch (results do not depend on it)
-    k: int = 200  # stage-1 candidates per training query
+    k: int = 100  # stage-1 candidates per training query
     curation: str = "pixels+text"  # stage-1 feature space: pixels | text | pixels+text
     devices: int = 1  # Lightning devices that split the queries
 
@@ -150,9 +151,9 @@ class FeaturesConfig:
         "pixels", "toyclip_image", "toyclip_text", "minilm", "toyclip_image+minilm"])
     weights: dict[str, str] = field(default_factory=dict)  # dino / clip / sentence: local files
     arch: dict[str, str] = field(default_factory=dict)  # dino: timm name, clip: open_clip arch
-    l2_per_block: bool = False  # L2-normalize each block of a concatenation (off = reference)
+    l2_per_block: bool = True  # L2-normalize each block of a concatenation (balances blocks)
     batch_size: int = 256
-    toyclip_steps: int = 800  # the toy CLIP trained on the toy world's image-caption pairs
+    toyclip_steps: int = 400  # the toy CLIP trained on the toy world's image-caption pairs
     toyclip_batch_size: int = 128
     toyclip_lr: float = 1e-3
     toyclip_width: int = 64
@@ -184,6 +185,21 @@ class StudentConfig:
     num_workers: int = 0
     logger: str = "wandb_offline"  # wandb_offline | wandb (online, opt-in) | csv | none
     index: str = "flat"  # flat | ivf | hnsw | ivfpq
+    seed: int | None = None  # head init and pair sampling; None = the run's seed (sweeps vary it)
+
+
+@dataclass
+class BaselinesConfig:
+    """Other attribution methods, evaluated on the student's test queries against the teacher."""
+
+    features: bool = True  # raw cosine similarity in every features.spaces entry
+    dtrak: bool = True  # D-TRAK (gradient features of ‖ε_θ‖², random projection, kernel)
+    dtrak_params: str = "cross_attn_kv"  # parameter group (teacher/params.py GROUPS)
+    dtrak_timesteps: list[int] = field(default_factory=lambda: [200, 500, 800])
+    dtrak_proj_dim: int = 512
+    dtrak_damping: float = 1e-3  # λ = damping × tr(ΦᵀΦ)/d
+    dtrak_batch_size: int = 64
+    abu_diagonal: bool = False  # AbU with a diagonal Fisher (a second full teacher run)
 
 
 @dataclass
@@ -200,6 +216,7 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
 
 
 # --------------------------------------------------------------------------------------- loading
@@ -286,6 +303,7 @@ def _validate(cfg: DictConfig) -> None:
     choices = {
         "world.kind": ["toy"],
         "generator.codec": ["pixel", "vae"],
+        "generator.train.lr_schedule": ["constant", "cosine"],
         "queries.sampling.sampler": ["ddpm", "ddim"],
         "device": ["auto", "cpu", "cuda"],
         "teacher.fisher": ["diagonal", "ekfac"],
@@ -294,6 +312,7 @@ def _validate(cfg: DictConfig) -> None:
         "student.loss": ["ce", "mse", "ordinal", "listwise"],
         "student.logger": ["wandb_offline", "wandb", "csv", "none"],
         "student.index": ["flat", "ivf", "hnsw", "ivfpq"],
+        "baselines.dtrak_params": ["cross_attn_kv", "cross_attn", "attn", "all"],
     }
     for key, allowed in choices.items():
         value = OmegaConf.select(cfg, key)

@@ -30,6 +30,7 @@ DEPENDS = {
     "toyclip": ["world"],
     "features": ["toyclip", "queries"],
     "student": ["features", "teacher"],
+    "baselines": ["features", "teacher"],
 }
 # Teacher settings that change only speed or placement, never results: not part of cache keys.
 EXECUTION_ONLY = {"devices", "batch_size", "query_batch_size", "fisher_batch_size"}
@@ -78,8 +79,10 @@ class Pipeline:
                         c.seed],
             "features": [{k: v for k, v in to_dict(c.features).items()
                           if not k.startswith("toyclip") and k != "batch_size"}],
-            "student": [{k: v for k, v in to_dict(c.student).items()
-                         if k not in ("num_workers", "logger")}, c.seed],
+            "student": [{**{k: v for k, v in to_dict(c.student).items()
+                            if k not in ("num_workers", "logger")},
+                         "seed": c.seed if c.student.seed is None else c.student.seed}, c.seed],
+            "baselines": [c.baselines, c.student.k_eval, c.seed],
         }[stage]
 
     def key(self, stage: str) -> str:
@@ -112,7 +115,10 @@ class Pipeline:
             results[s] = self.run_stage(s)
             self.echo(results[s].line())
         if "student" in results:
+            from attribution.report import write_report
+
             self.write_metrics()
+            self.echo(f"[   report] {write_report(self)}")
         return results
 
     def write_metrics(self) -> dict:
@@ -129,8 +135,29 @@ class Pipeline:
         out["search.queries_per_second"] = e2e.get("search_queries_per_second", float("nan"))
         out["speedup_vs_teacher"] = out["teacher.seconds_per_query"] * out[
             "student.queries_per_second"]
+        feature = self.cfg.student.feature
+        out[f"baseline.{feature}.queries_per_second"] = e2e.get("baseline_queries_per_second",
+                                                               float("nan"))
+        out["student.storage_bytes"] = e2e.get("storage_bytes", 0)
+        out[f"baseline.{feature}.storage_bytes"] = e2e.get("baseline_storage_bytes", 0)
+        out["teacher.storage_bytes"] = self.teacher_storage_bytes()
+        out["n_items"] = e2e.get("n_items", 0)
+        base = self.dir("baselines") / "baselines.json"
+        if (self.dir("baselines") / "stage.json").is_file():
+            for method, r in json.loads(base.read_text()).items():
+                for k, v in r.items():
+                    out.setdefault(f"baseline.{method}.{k.replace(' ', '_')}", v)
         atomic_write_bytes(self.root / "metrics.json", json.dumps(out, indent=2).encode())
         return out
+
+    def teacher_storage_bytes(self) -> int:
+        """What the teacher keeps to answer a query: generator weights, Fisher, training data."""
+        files = [f for d in (self.dir("generator") / "unet", self.dir("fisher"))
+                 for f in d.rglob("*.safetensors")]
+        world = self.dir("world")
+        data = sum(f.stat().st_size for f in world.rglob("*.np[yz]")) or sum(
+            f.stat().st_size for f in world.rglob("*.png"))
+        return sum(f.stat().st_size for f in files) + data
 
     def run_stage(self, stage: str) -> StageResult:
         out = self.dir(stage)
@@ -248,6 +275,11 @@ class Pipeline:
             dims[space] = extract_all(extractor, world, queries, space_dir(out, space),
                                       f.batch_size)["dim"]
         return {"spaces": len(dims), "dims": dims}
+
+    def _stage_baselines(self, out: Path) -> dict:
+        from attribution.baselines.run import run_baselines
+
+        return run_baselines(self, out, self.progress)
 
     def _stage_student(self, out: Path) -> dict:
         from attribution.attribute import end_to_end_throughput

@@ -57,11 +57,15 @@ def expand(sweep: dict, n_random: int = 8, seed: int = 0) -> list[dict]:
 
 
 def run_sweep(path: str | Path, extra: list[str] | None = None, output_root: str | None = None,
-              progress: bool = False, echo=print) -> Path:
-    """Run every not-yet-finished run of a sweep; return the results CSV."""
+              progress: bool = False, echo=print, seeds: list[int] | None = None) -> Path:
+    """Run every not-yet-finished run of a sweep; return the results CSV.
+
+    ``seeds`` adds ``student.seed`` as one more grid axis (only the student reruns per seed)."""
     from attribution.pipeline import Pipeline
 
     sweep = load_sweep(path)
+    if seeds:
+        sweep["parameters"] = {**sweep["parameters"], "student.seed": {"values": list(seeds)}}
     overrides = list(extra or []) + ([f"output_root={output_root}"] if output_root else [])
     base = load_config(sweep["config"], overrides)
     out = Path(base.output_root) / "sweeps" / Path(path).stem

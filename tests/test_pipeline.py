@@ -35,10 +35,12 @@ def test_smoke_pipeline_end_to_end_and_cached(smoke_run, capsys):
     # everything is cached on a second run
     assert main(["run", str(SMOKE), f"output_root={root}", "--no-progress"]) == 0
     second = capsys.readouterr().out
-    stage_lines = [ln for ln in second.splitlines() if ln.startswith("[")]
+    stage_lines = [ln for ln in second.splitlines()
+                   if ln.startswith("[") and not ln.startswith("[   report]")]
     from attribution.pipeline import ORDER
 
     assert len(stage_lines) == len(ORDER) and all("cached" in ln for ln in stage_lines)
+    assert f"[   report] {smoke_run.root / 'report.md'}" in second
 
 
 def test_changed_setting_recomputes_only_downstream(smoke_run):

@@ -39,3 +39,26 @@ def test_two_run_local_sweep_on_smoke(smoke_run, tmp_path):
     again = []
     run_sweep(sweep, output_root=str(smoke_run.cfg.output_root), echo=again.append)
     assert all("skip" in ln for ln in again) and len(again) == 2
+    # the figure of this sweep, drawn from its table by the `figures` command
+    from attribution.cli import main
+
+    out = tmp_path / "figs"
+    assert main(["figures", "--sweeps", str(tmp_path), "--results", str(table.parent.parent),
+                 "--out", str(out)]) == 0
+    png = out / "two.png"
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_seeds_add_a_student_seed_axis(smoke_run, tmp_path):
+    sweep = tmp_path / "seeded.yaml"
+    sweep.write_text("method: grid\nmetric: {name: student.mAP@5, goal: maximize}\n"
+                     "parameters:\n  student.p_outside: {values: [0.0]}\n"
+                     f"command: [attribution, run, {SMOKE}, '${{args_no_hyphens}}']\n")
+    table = run_sweep(sweep, output_root=str(smoke_run.cfg.output_root), echo=lambda s: None,
+                      seeds=[1, 2])
+    with open(table) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["student.seed"] for r in rows] == ["1", "2"]
+    # different seeds train different heads: their figures differ (else s.e. over seeds = 0)
+    assert rows[0]["student.mAP@5"] != rows[1]["student.mAP@5"] or \
+        rows[0]["student.mAP@10"] != rows[1]["student.mAP@10"]

@@ -9,6 +9,7 @@ batch bookkeeping on resume therefore cannot change the data a step sees, and a 
 from __future__ import annotations
 
 import copy
+import math
 
 import lightning as L
 import torch
@@ -52,9 +53,13 @@ class GeneratorModule(L.LightningModule):
     def __init__(self, unet, text_table: TextTable, latents: torch.Tensor,
                  alphas_cumprod: torch.Tensor, batch_size: int = 64, lr: float = 1e-3,
                  weight_decay: float = 0.0, warmup_steps: int = 50, cfg_dropout: float = 0.1,
-                 ema_decay: float = 0.999, seed: int = 0):
+                 ema_decay: float = 0.999, seed: int = 0, lr_schedule: str = "constant",
+                 total_steps: int = 0, keep: torch.Tensor | None = None):
         super().__init__()
-        self.save_hyperparameters(ignore=["unet", "text_table", "latents", "alphas_cumprod"])
+        self.save_hyperparameters(ignore=["unet", "text_table", "latents", "alphas_cumprod",
+                                          "keep"])
+        # the items a step may draw (all by default; leave-K-out retraining drops some)
+        self.keep = torch.arange(len(latents)) if keep is None else keep.long()
         if latents.shape[0] != text_table.rows.shape[0]:
             raise ValueError(f"{latents.shape[0]} items but {text_table.rows.shape[0]} caption rows")
         self.unet = unet
@@ -69,7 +74,7 @@ class GeneratorModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         g = seeded_generator(self.hparams.seed, 7, self.global_step)
         b = self.hparams.batch_size
-        idx = torch.randint(len(self.latents), (b,), generator=g)
+        idx = self.keep[torch.randint(len(self.keep), (b,), generator=g)]
         z, rows = self.latents[idx].to(self.device), self.text_table.rows[idx]
         n_caps = rows.shape[1]
         pick = torch.randint(n_caps, (b,), generator=g)
@@ -98,5 +103,13 @@ class GeneratorModule(L.LightningModule):
         opt = torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.lr,
                                 weight_decay=self.hparams.weight_decay)
         warm = max(1, self.hparams.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        total = max(self.hparams.total_steps, warm + 1)
+        cosine = self.hparams.lr_schedule == "cosine"
+
+        def factor(s: int) -> float:  # linear warm-up, then constant or cosine down to 10 %
+            if s < warm or not cosine:
+                return min(1.0, (s + 1) / warm)
+            return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (s - warm) / (total - warm))))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -48,8 +48,11 @@ def accelerator_for(device: str) -> str:
 
 
 def train_generator(cfg, world_dir: Path, text_dir: Path, out_dir: Path,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, exclude: list[int] | None = None) -> dict:
     """Train (or resume) the generator; write ``out_dir/unet`` + ``generator.json``.
+
+    ``exclude``: training items left out (leave-K-out counterfactuals); every other random
+    choice stays a function of (seed, step), so only the removed items change what is learned.
 
     Returns:
         {"final_loss": float, "seconds": float, "steps": int, "params": int}
@@ -68,10 +71,16 @@ def train_generator(cfg, world_dir: Path, text_dir: Path, out_dir: Path,
     codec = build_codec(gcfg, world.manifest["image_size"])
     unet = build_unet(gcfg, codec)
     scheduler = build_scheduler(gcfg)
+    keep = None
+    if exclude:
+        mask = torch.ones(len(world), dtype=torch.bool)
+        mask[torch.as_tensor(sorted(exclude), dtype=torch.long)] = False
+        keep = torch.nonzero(mask).flatten()
     module = GeneratorModule(unet, table, encode_world(codec, world), scheduler.alphas_cumprod,
                              batch_size=tcfg.batch_size, lr=tcfg.lr,
                              weight_decay=tcfg.weight_decay, warmup_steps=tcfg.warmup_steps,
-                             cfg_dropout=tcfg.cfg_dropout, ema_decay=tcfg.ema_decay, seed=cfg.seed)
+                             cfg_dropout=tcfg.cfg_dropout, ema_decay=tcfg.ema_decay, seed=cfg.seed,
+                             lr_schedule=tcfg.lr_schedule, total_steps=tcfg.steps, keep=keep)
     # The loader only paces steps (an "epoch" = steps_per_epoch steps); each step draws its own
     # items from (seed, global_step), so resuming cannot change what a step sees.
     loader = DataLoader(StepDataset(tcfg.steps_per_epoch), batch_size=1)
@@ -95,7 +104,7 @@ def train_generator(cfg, world_dir: Path, text_dir: Path, out_dir: Path,
     final_loss = float(trainer.callback_metrics.get("train/loss", torch.tensor(float("nan"))))
     meta = {"config": to_dict(gcfg), "world": world.manifest["sha256"], "text_source": table.source,
             "steps": int(trainer.global_step), "ema": tcfg.ema_decay > 0,
-            "image_size": world.manifest["image_size"]}
+            "image_size": world.manifest["image_size"], "excluded": sorted(exclude or [])}
     save_generator(out_dir, module.sampling_unet(), meta)
     return {"final_loss": final_loss, "seconds": seconds, "steps": int(trainer.global_step),
             "params": sum(p.numel() for p in unet.parameters())}

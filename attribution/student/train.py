@@ -75,9 +75,10 @@ def train_student(cfg, features_dir: Path, teacher_dir: Path, out: Path,
                                 f"{split} queries but the teacher ranked {r.shape[0]}")
     q, m = select_queries(ranks.train.shape[0], sc.n_queries, sc.m, sc.budget,
                           ranks.train.shape[1])
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    seed = cfg.seed if sc.seed is None else sc.seed
+    L.seed_everything(seed, workers=True, verbose=False)
     dm = PairDataModule(ranks.train[:q], n_items, sc.queries_per_batch, sc.pairs_per_query,
-                        sc.p_outside, m, cfg.seed, sc.num_workers)
+                        sc.p_outside, m, seed, sc.num_workers)
     head = EmbeddingHead([feats["items"].shape[1], *sc.hidden], sc.dropout, sc.layernorm,
                          sc.alpha_init)
     loss = build_loss(sc.loss, n_bins=sc.ordinal_bins,
@@ -107,7 +108,7 @@ def train_student(cfg, features_dir: Path, teacher_dir: Path, out: Path,
     retrieval.save_index(retrieval.build_index(item_emb, sc.index), out / "index.faiss")
     metrics = {"feature": sc.feature, "loss": sc.loss, "train_queries": q,
                "kept_per_query": m or ranks.train.shape[1], "seconds": seconds,
-               "alpha": float(head.alpha), "beta": float(head.beta)}
+               "alpha": float(head.alpha.detach()), "beta": float(head.beta.detach())}
     metrics.update({f"student.{k}": v for k, v in mapcb.last.items()})
     metrics.update({f"baseline.{sc.feature}.{k}": v for k, v in mapcb.baseline.items()})
     metrics.update({f"student.{k}": v for k, v in thr.results.items()})

@@ -1,0 +1,200 @@
+"""``runs/<name>/report.md``: what a run produced, in one page a person reads.
+
+Stage times and headline figures, the run's own figures (tuned vs untuned, quality vs
+throughput), every sweep figure whose results exist, the teacher's known answers, the generator's
+prompt fidelity, the paper's reference values beside ours (SPEC.md §5) and the resolved config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from attribution import figures
+from attribution.config import to_dict
+from attribution.data.dataset import atomic_write_bytes
+
+# The paper's MSCOCO numbers (SPEC.md §5) that have a counterpart in every run.
+PAPER_FEATURE_TUNING = {  # mAP@1000 before -> after tuning (Fig. 3 left)
+    "dino": (0.456, 0.674), "clip_image": (0.333, 0.679), "clip_text": (0.329, 0.520),
+    "dino+clip_text": (0.460, 0.724),
+}
+# Which paper space a toy space stands in for (same role: image / text / both).
+TOY_COUNTERPART = {"toyclip_image": "clip_image", "pixels": "dino", "toyclip_text": "clip_text",
+                   "minilm": "clip_text", "toyclip_image+minilm": "dino+clip_text"}
+PAPER_QPS = {"student (ours)": 55.0, "AbU+": 1.2e-4, "untuned DINO+CLIP-text": 55.0}
+PAPER_SPEEDUP_VS_ABU_PLUS = 400_000
+
+
+def _f(v, digits: int = 3) -> str:
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+    return str(v)
+
+
+def _stage_rows(pipe) -> list[str]:
+    rows = ["| stage | seconds (when computed) | key figures | folder |", "|---|---:|---|---|"]
+    from attribution.pipeline import ORDER
+
+    for stage in ORDER:
+        marker = pipe.dir(stage) / "stage.json"
+        if not marker.is_file():
+            continue
+        info = json.loads(marker.read_text())
+        figs = ", ".join(f"{k}={_f(v)}" for k, v in info["summary"].items()
+                         if isinstance(v, int | float) and not isinstance(v, bool))[:160]
+        rows.append(f"| {stage} | {info['seconds']:.1f} | {figs} | `{pipe.dir(stage).name}` |")
+    return rows
+
+
+def write_report(pipe, sweeps_dir: str | Path = "sweeps") -> Path:
+    """Draw the run's figures and write ``runs/<name>/report.md``; return its path."""
+    cfg = pipe.cfg
+    root = pipe.root
+    metrics = json.loads((root / "metrics.json").read_text())
+    feature = cfg.student.feature
+    ks = [k for k in cfg.student.k_eval if f"student.mAP@{k}" in metrics]
+    k0 = ks[0]
+    figdir = root / "figures"
+    tuned = figures.tuned_vs_untuned(metrics, ks, feature, figdir / "tuned_vs_untuned.png")
+    qvt = figures.quality_vs_throughput(figures.methods_of_run(metrics, k0), k0,
+                                        figdir / "quality_vs_throughput.png")
+    sweep_figs = {}
+    if Path(sweeps_dir).is_dir():
+        sweep_figs = figures.sweep_figures(sweeps_dir, Path(cfg.output_root) / "sweeps", figdir,
+                                           echo=lambda s: None)
+    L = [f"# Attribution run `{cfg.name}`", "",
+         f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} on {platform.machine()} "
+         f"({os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
+         f"CUDA {'yes' if torch.cuda.is_available() else 'no'}), torch {torch.__version__}.", "",
+         "## Stages", "", *_stage_rows(pipe), "",
+         "## Headline figures", "",
+         "| metric | value |", "|---|---:|"]
+    L += [f"| {k} | {_f(v, 4)} |" for k, v in metrics.items()
+          if not k.startswith("baseline.") or k.startswith(f"baseline.{feature}.mAP")]
+    L += ["", "Every method's figures (`baseline.<method>.*`) are in `metrics.json` and the "
+          "methods table below."]
+    base = [metrics.get(f"baseline.{feature}.mAP@{k}") for k in ks]
+    stud = [metrics.get(f"student.mAP@{k}") for k in ks]
+    verdict = ("tuned > untuned at every k" if all(s > b for s, b in zip(stud, base))
+               else "tuned does NOT beat untuned at every k")
+    L += ["", f"![tuned vs untuned](figures/{tuned.name})", "",
+          f"Student on `{feature}`: {verdict} "
+          f"({', '.join(f'mAP@{k} {b:.3f} -> {s:.3f}' for k, b, s in zip(ks, base, stud))}).",
+          "", f"![quality vs throughput](figures/{qvt.name})", "",
+          "Quality here is mAP against the teacher's own ranking (the teacher sits at 1 by "
+          "construction); the counterfactual y-axis of the paper's Figure 1 needs retraining "
+          "without each method's top items.", ""]
+    L += _methods_table(metrics, k0)
+    L += _reference_table(metrics, feature, ks)
+    if sweep_figs:
+        L += ["", "## Sweeps", ""]
+        for name, path in sweep_figs.items():
+            L += [f"### {name}", "", f"![{name}](figures/{path.name})", ""]
+    else:
+        L += ["", "## Sweeps", "", "No sweep results yet: `attribution sweep sweeps/<name>.yaml` "
+              "then `attribution figures` (or rerun this command) adds their figures here.", ""]
+    L += _counterfactual(pipe, metrics, figdir)
+    L += _known_answers(pipe) + _fidelity(pipe)
+    L += ["## Config", "", "```yaml", OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))).rstrip(),
+          "```", ""]
+    path = root / "report.md"
+    atomic_write_bytes(path, "\n".join(L).encode())
+    return path
+
+
+def _methods_table(metrics: dict, k: int) -> list[str]:
+    planted = sorted({key.split(".")[-1] for key in metrics
+                      if key.startswith("baseline.") and key.endswith("_recall@10")})
+    L = ["## Methods on the same test queries", "",
+         f"| method | mAP@{k} (s.e.) | queries/s | storage | "
+         + " | ".join(p.replace("_recall@10", " recall@10") for p in planted) + " |",
+         "|---|---|---:|---:|" + "---:|" * len(planted)]
+    for m in sorted(figures.methods_of_run(metrics, k), key=lambda m: -m["quality"]):
+        rec = [metrics.get(f"baseline.{m['key']}.{p}") for p in planted]
+        L.append(f"| {m['method']} | {m['quality']:.3f} ({m['stderr']:.3f}) | {m['qps']:.4g} | "
+                 f"{figures._human(m['storage'])} | "
+                 + " | ".join("" if r is None else f"{r:.2f}" for r in rec) + " |")
+    return L + ["", "Known-answer recall@10: the planted items found in the top 10 by the "
+                "planted test queries (the teacher's own row is in its section below).", ""]
+
+
+def _reference_table(metrics: dict, feature: str, ks: list[int]) -> list[str]:
+    k = ks[-1]
+    L = ["## Beside the paper (SPEC.md §5; MSCOCO on GPUs there, the toy world on this CPU here)",
+         "", "| what | paper | ours |", "|---|---|---|"]
+    paper_space = TOY_COUNTERPART.get(feature, feature)
+    if paper_space in PAPER_FEATURE_TUNING:
+        b, a = PAPER_FEATURE_TUNING[paper_space]
+        ours_b = metrics.get(f"baseline.{feature}.mAP@{k}", float("nan"))
+        ours_a = metrics.get(f"student.mAP@{k}", float("nan"))
+        L.append(f"| tuning `{feature}` (paper: {paper_space}), mAP before -> after "
+                 f"(paper @1000 of 118k; ours @{k}) | {b:.3f} -> {a:.3f} (x{a / b:.2f}) | "
+                 f"{ours_b:.3f} -> {ours_a:.3f} (x{ours_a / max(ours_b, 1e-12):.2f}) |")
+    if "student.queries_per_second" in metrics:
+        L.append(f"| student queries/s, end to end | {PAPER_QPS['student (ours)']:g} (GPU) | "
+                 f"{metrics['student.queries_per_second']:.1f} (CPU, batch 1) |")
+    if "teacher.seconds_per_query" in metrics:
+        L.append(f"| teacher (AbU+) seconds/query | {1 / PAPER_QPS['AbU+']:,.0f} (118k items) | "
+                 f"{metrics['teacher.seconds_per_query']:.1f} ({metrics.get('n_items', 'toy')} "
+                 f"items) |")
+    if "speedup_vs_teacher" in metrics:
+        L.append(f"| speed-up of the student over AbU+ | ~{PAPER_SPEEDUP_VS_ABU_PLUS:,}x | "
+                 f"{metrics['speedup_vs_teacher']:,.0f}x (grows ~linearly with the training-set "
+                 f"size: the teacher scores every item, the search is a small part of a student "
+                 f"query) |")
+    L += ["| loss types | MSE worst; ordinal ~ cross-entropy | see the `loss` sweep figure |",
+          "| mAP vs training queries | rises fast, then saturates | see `data_scaling` |",
+          "| mAP vs p (outside the K-set) | a little helps, much hurts | see `outside_p` |", ""]
+    return L
+
+
+def _counterfactual(pipe, metrics: dict, figdir: Path) -> list[str]:
+    from attribution.counterfactual import counterfactual_dir, format_counterfactual
+
+    path = counterfactual_dir(pipe) / "counterfactual.json"
+    if not path.is_file():
+        return ["## Counterfactual (leave-K-out)", "",
+                "Not run yet: `attribution counterfactual CONFIG --methods teacher student dtrak "
+                "random --queries 0 1 2 -k 10` (one generator retraining per method and query).",
+                ""]
+    result = json.loads(path.read_text())
+    fig = figures.counterfactual_figure(result, metrics, figdir / "counterfactual.png")
+    return ["## Counterfactual (leave-K-out)", "", "```", format_counterfactual(result), "```",
+            "", f"![counterfactual](figures/{fig.name})", ""]
+
+
+def _known_answers(pipe) -> list[str]:
+    path = pipe.dir("teacher") / "known_answers.json"
+    if not path.is_file():
+        return []
+    known = json.loads(path.read_text())
+    L = ["## Teacher known answers (planted concepts)", "",
+         "| concept | queries | recall@10 (chance) | MRR (chance) |", "|---|---:|---|---|"]
+    for name, r in known.items():
+        L.append(f"| {name} | {r['queries']} | {r['recall@10']:.3f} ({r['chance_recall@10']:.3f})"
+                 f" | {r['mrr']:.3f} ({r['chance_mrr']:.3f}) |")
+    return L + [""]
+
+
+def _fidelity(pipe) -> list[str]:
+    path = pipe.dir("fidelity") / "fidelity.json"
+    if not path.is_file():
+        return []
+    fid = json.loads(path.read_text())
+    L = ["## Generator prompt fidelity", "",
+         f"{fid['n_samples']} samples for uniform random prompts, read by an attribute classifier "
+         "trained on the real toy images (its accuracy on held-out real images is an upper "
+         "bound).", "", "| attribute | accuracy | chance | classifier on real |",
+         "|---|---:|---:|---:|"]
+    for a, r in fid["attributes"].items():
+        L.append(f"| {a} | {r['accuracy']:.3f} | {r['chance']:.3f} | "
+                 f"{r['classifier_accuracy_on_real']:.3f} |")
+    return L + ["", "![fidelity samples](" + os.path.relpath(
+        pipe.dir("fidelity") / "fidelity_samples.png", pipe.root) + ")", ""]

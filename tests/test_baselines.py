@@ -1,0 +1,131 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from attribution.baselines.dtrak import DTRAK, DTRAKSettings, Projector, kernel_regression
+from attribution.generator.model import add_noise, build_codec, build_scheduler, build_unet
+from attribution.teacher.params import select_parameters
+from tests.conftest import smoke_config
+
+
+def _tiny(tmp_path):
+    cfg = smoke_config(tmp_path)
+    torch.manual_seed(0)
+    unet = build_unet(cfg.generator, build_codec(cfg.generator, 16)).eval()
+    return cfg, unet, build_scheduler(cfg.generator).alphas_cumprod
+
+
+def _batch(n, cfg, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 3, 16, 16, generator=g)
+    cond = torch.randn(n, 20, cfg.generator.unet.cross_attention_dim, generator=g)
+    return z, cond
+
+
+def test_dtrak_feature_equals_projected_autograd_gradient(tmp_path):
+    """φ(x) = Pᵀ mean_t ∇θ‖ε_θ(x_t)‖², checked against a plain autograd loop."""
+    cfg, unet, alphas = _tiny(tmp_path)
+    s = DTRAKSettings(timesteps=(100, 700), proj_dim=16)
+    dt = DTRAK(unet, alphas, s)
+    z, cond = _batch(3, cfg)
+    fast = dt.featurize(z, cond, torch.arange(3))
+    params = select_parameters(unet, s.params)
+    from attribution.baselines.dtrak import _noise
+
+    for i in range(3):
+        acc = torch.zeros(s.proj_dim)
+        for t in s.timesteps:
+            eps = _noise(torch.tensor([i]), t, (3, 16, 16), s.seed, 0)
+            tt = torch.tensor([t])
+            unet.zero_grad()
+            for p in params.values():
+                p.requires_grad_(True)
+            unet(add_noise(alphas, z[i : i + 1], eps, tt), tt, cond[i : i + 1]).sample.pow(
+                2).sum().backward()
+            acc += dt.project({n: p.grad[None] for n, p in params.items()})[0]
+        torch.testing.assert_close(fast[i], acc / len(s.timesteps), rtol=1e-3, atol=1e-5)
+
+
+def test_kernel_scores_match_the_formula():
+    rng = np.random.default_rng(0)
+    phi, q = rng.normal(size=(20, 6)), rng.normal(size=(3, 6))
+    kernel = kernel_regression(torch.from_numpy(phi).float(), 0.01)
+    gram = phi.T @ phi
+    lam = 0.01 * np.trace(gram) / 6
+    ref = q @ np.linalg.solve(gram + lam * np.eye(6), phi.T)
+    np.testing.assert_allclose(q.astype(np.float32) @ kernel.numpy(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_dtrak_finds_a_query_that_is_a_training_item(tmp_path):
+    """Known answer: with d > N and small damping, kernel regression of an item's own feature
+    recovers that item, so a query equal to training item j ranks j first."""
+    cfg, unet, alphas = _tiny(tmp_path)
+    dt = DTRAK(unet, alphas, DTRAKSettings(timesteps=(300,), proj_dim=64, damping=1e-6))
+    z, cond = _batch(12, cfg)
+    phi = dt.featurize_all(z, cond)
+    dt.fit(phi)
+    for j in (0, 5, 11):  # same input and the same (item, t) noise as training item j
+        q = dt.featurize(z[j : j + 1], cond[j : j + 1], torch.tensor([j]), tag=0)
+        assert int(dt.scores(q).argmax()) == j
+
+
+def test_projector_is_a_function_of_the_seed():
+    shapes = {"a": torch.Size([4, 3]), "b": torch.Size([5])}
+    g = {"a": torch.randn(2, 4, 3), "b": torch.randn(2, 5)}
+    torch.testing.assert_close(Projector(shapes, 8, 0)(g), Projector(shapes, 8, 0)(g))
+    assert not torch.allclose(Projector(shapes, 8, 0)(g), Projector(shapes, 8, 1)(g))
+
+
+def test_baselines_stage_on_smoke_run(smoke_run):
+    """Every method in the same harness: mAP vs the teacher, known answers, q/s, storage; and
+    the report's methods table and trade-off figure include them."""
+    from attribution.pipeline import Pipeline
+
+    pipe = Pipeline(smoke_run.cfg, progress=False, echo=lambda s: None)
+    pipe.run()
+    res = json.loads((pipe.dir("baselines") / "baselines.json").read_text())
+    assert set(res) == set(pipe.cfg.features.spaces) | {"dtrak"}
+    for method, r in res.items():
+        for k in pipe.cfg.student.k_eval:
+            assert 0 <= r[f"mAP@{k}"] <= 1, method
+        assert r["queries_per_second"] > 0 and r["storage_bytes"] > 0
+    metrics = json.loads((pipe.root / "metrics.json").read_text())
+    assert metrics["baseline.dtrak.mAP@5"] == pytest.approx(res["dtrak"]["mAP@5"])
+    report = (pipe.root / "report.md").read_text()
+    assert "| D-TRAK |" in report and "## Methods on the same test queries" in report
+
+
+def test_counterfactual_leave_k_out_on_smoke(smoke_run):
+    """Removing nothing reproduces the generator (ΔLoss 0, same image); removing the teacher's
+    top-3 retrains without exactly those items."""
+    from attribution.counterfactual import format_counterfactual, run_counterfactual
+    from attribution.pipeline import Pipeline
+
+    pipe = Pipeline(smoke_run.cfg, progress=False, echo=lambda s: None)
+    out = run_counterfactual(pipe, ["teacher"], [0], 0, progress=False, echo=lambda s: None)
+    none = json.loads((out / "counterfactual.json").read_text())
+    assert abs(none["rows"][0]["delta_loss"]) < 1e-5
+    assert none["rows"][0]["image_distance"] < 1e-8
+    out = run_counterfactual(pipe, ["teacher", "random"], [0, 1], 3, progress=False,
+                             echo=lambda s: None)
+    res = json.loads((out / "counterfactual.json").read_text())
+    with np.load(pipe.dir("teacher") / "teacher_test.npz") as merged:
+        top = merged["rank"][0, :3]
+    row = next(r for r in res["rows"] if r["method"] == "teacher" and r["query"] == 0)
+    assert row["removed"] == top.tolist()
+    gens = [json.loads(p.read_text()) for p in (out / "generators").glob("*/generator.json")]
+    assert sorted(top.tolist()) in [g["excluded"] for g in gens]
+    assert set(res["methods"]) == {"teacher", "random"}
+    assert "teacher" in format_counterfactual(res)
+    with pytest.raises(ValueError, match="unknown method"):
+        run_counterfactual(pipe, ["nope"], [0], 3, progress=False)
+    # a shorter schedule compares against a reference retrained on that schedule
+    out = run_counterfactual(pipe, ["random"], [0], 0, progress=False, echo=lambda s: None,
+                             steps=10)
+    short = json.loads((out / "counterfactual.json").read_text())
+    assert short["steps"] == 10 and abs(short["rows"][0]["delta_loss"]) < 1e-5
+    ref = json.loads((Path(short["reference"]) / "generator.json").read_text())
+    assert ref["steps"] == 10 and ref["excluded"] == []
