@@ -85,6 +85,19 @@ def format_attribution(res: dict) -> str:
     return "\n".join(lines)
 
 
+@torch.no_grad()
+def student_test_ranks(pipe) -> np.ndarray:
+    """The trained student's ranking of every training item for each test query: int (Q, N)."""
+    from attribution.features.cache import load_features
+    from attribution.student.train import space_dir
+
+    head = load_head(pipe.dir("student"))
+    feats = load_features(space_dir(pipe.dir("features"), pipe.cfg.student.feature))
+    qe = head.embed(torch.as_tensor(np.array(feats["query_test"]), dtype=torch.float32))
+    ie = head.embed(torch.as_tensor(np.array(feats["items"]), dtype=torch.float32))
+    return np.argsort(-(qe @ ie.T).numpy(), axis=1, kind="stable")
+
+
 def _test_images(pipe, n_queries: int):
     from attribution.data.queries import QuerySet
 

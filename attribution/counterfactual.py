@@ -33,9 +33,7 @@ METHODS_HELP = ("teacher | student | random | dtrak | abu_diagonal | any feature
 
 def method_ranks(pipe, methods: list[str]) -> dict[str, np.ndarray]:
     """Test-query rankings (Q_test, N), most influential first, for each named method."""
-    from attribution.attribute import load_head
-    from attribution.features.cache import load_features
-    from attribution.student.train import space_dir
+    from attribution.attribute import student_test_ranks
 
     with np.load(pipe.dir("teacher") / "teacher_test.npz") as merged:
         teacher = merged["rank"]
@@ -48,12 +46,7 @@ def method_ranks(pipe, methods: list[str]) -> dict[str, np.ndarray]:
             out[m] = np.stack([np.random.default_rng([pipe.cfg.seed, 97, i]).permutation(n)
                                for i in range(q)])
         elif m == "student":
-            head = load_head(pipe.dir("student"))
-            feats = load_features(space_dir(pipe.dir("features"), pipe.cfg.student.feature))
-            with torch.no_grad():
-                qe = head.embed(torch.as_tensor(np.asarray(feats["query_test"])))
-                ie = head.embed(torch.as_tensor(np.asarray(feats["items"])))
-            out[m] = np.argsort(-(qe @ ie.T).numpy(), axis=1, kind="stable")
+            out[m] = student_test_ranks(pipe)
         else:
             path = pipe.dir("baselines") / f"rank_{m}.npy"
             if not path.is_file():

@@ -88,7 +88,8 @@ def varied_keys(sweep: dict) -> list[str]:
 def aggregate(rows: list[dict], x_key: str, metric: str) -> list[dict]:
     """Per x value: mean of ``metric`` over seeds and its standard error.
 
-    With one run per x value the error is the run's own ``<metric>_stderr`` (over test queries).
+    With one run per x value (or seeds that agree exactly) the error is the run's own
+    ``<metric>_stderr`` (over test queries).
     Returns a list of {x, mean, stderr, n, over} in the order x values first appear.
     """
     groups: dict[str, list[dict]] = defaultdict(list)
@@ -98,7 +99,9 @@ def aggregate(rows: list[dict], x_key: str, metric: str) -> list[dict]:
     out = []
     for x, rs in groups.items():
         vals = np.array([_num(r[metric]) for r in rs])
-        if len(vals) >= 2:
+        # several seeds that agree exactly (a figure the seed does not touch, e.g. an untuned
+        # baseline) carry no seed spread: show the spread over test queries instead
+        if len(vals) >= 2 and np.ptp(vals) > 0:
             err, over = float(vals.std(ddof=1) / math.sqrt(len(vals))), "seeds"
         else:
             err, over = _num(rs[0].get(f"{metric}_stderr")), "test queries"

@@ -125,11 +125,17 @@ class Pipeline:
         """``runs/<name>/metrics.json``: the headline figures of the run, flat keys."""
         student = json.loads((self.dir("student") / "metrics.json").read_text())
         teacher = json.loads((self.dir("teacher") / "stage.json").read_text())["summary"]
-        out = {k: v for k, v in student.items()
-               if k.startswith(("student.mAP", "baseline."))}
+        out = {k: v for k, v in student.items() if k.startswith(("student.mAP", "baseline."))}
         # Test queries are scored against the whole training set: that is a query's real cost.
         out["teacher.seconds_per_query"] = teacher["seconds_per_test_query"]
         out["teacher.seconds_per_train_query"] = teacher["seconds_per_train_query"]
+        for name, r in teacher.get("known_answers", {}).items():
+            out[f"teacher.{name}_recall@10"] = r["recall@10"]
+        from attribution.attribute import student_test_ranks
+        from attribution.baselines.run import known_answer_recall
+
+        for name, v in known_answer_recall(self, student_test_ranks(self)).items():
+            out[f"student.{name.replace(' ', '_')}"] = v
         e2e = student.get("end_to_end", {})
         out["student.queries_per_second"] = e2e.get("queries_per_second", float("nan"))
         out["search.queries_per_second"] = e2e.get("search_queries_per_second", float("nan"))

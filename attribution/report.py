@@ -117,12 +117,13 @@ def _methods_table(metrics: dict, k: int) -> list[str]:
          + " | ".join(p.replace("_recall@10", " recall@10") for p in planted) + " |",
          "|---|---|---:|---:|" + "---:|" * len(planted)]
     for m in sorted(figures.methods_of_run(metrics, k), key=lambda m: -m["quality"]):
-        rec = [metrics.get(f"baseline.{m['key']}.{p}") for p in planted]
+        prefix = m["key"] if m["key"] in ("student", "teacher") else f"baseline.{m['key']}"
+        rec = [metrics.get(f"{prefix}.{p}") for p in planted]
         L.append(f"| {m['method']} | {m['quality']:.3f} ({m['stderr']:.3f}) | {m['qps']:.4g} | "
                  f"{figures._human(m['storage'])} | "
                  + " | ".join("" if r is None else f"{r:.2f}" for r in rec) + " |")
-    return L + ["", "Known-answer recall@10: the planted items found in the top 10 by the "
-                "planted test queries (the teacher's own row is in its section below).", ""]
+    return L + ["", "Known-answer recall@10: the share of the planted items found in the top 10 "
+                "by the test queries that prompt the planted concept (chance = 10/N).", ""]
 
 
 def _reference_table(metrics: dict, feature: str, ks: list[int]) -> list[str]:

@@ -25,6 +25,9 @@ def test_aggregate_mean_and_standard_error_over_seeds():
     assert pts["10"]["stderr"] == pytest.approx(0.1)
     assert pts["10"]["over"] == "seeds" and pts["10"]["n"] == 2
     assert pts["40"]["stderr"] == pytest.approx(0.03) and pts["40"]["over"] == "test queries"
+    same = [dict(r, **{"student.mAP@10": "0.2"}) for r in _rows()[:2]]  # seed-independent
+    pt = figures.aggregate(same, "student.n_queries", "student.mAP@10")[0]
+    assert pt["stderr"] == pytest.approx(0.05) and pt["over"] == "test queries"
 
 
 def test_sweep_figures_numeric_categorical_and_tuned_pairs(tmp_path):
@@ -91,7 +94,11 @@ def test_report_of_smoke_run(smoke_run):
     dims = json.loads((pipe.dir("student") / "head.json").read_text())["dims"]
     assert metrics["student.storage_bytes"] == metrics["n_items"] * dims[-1] * 4
     assert metrics[f"baseline.{feature}.storage_bytes"] == metrics["n_items"] * dims[0] * 4
+    for who in ("student", "teacher", f"baseline.{feature}"):  # planted known answers
+        for concept in ("shape=cross", "colour=pink"):
+            assert 0 <= metrics[f"{who}.{concept}_recall@10"] <= 1
     report = (pipe.root / "report.md").read_text()
+    assert "| shape=cross recall@10 |" in report
     for fig in ("tuned_vs_untuned.png", "quality_vs_throughput.png"):
         assert f"figures/{fig}" in report
         assert (pipe.root / "figures" / fig).read_bytes()[:4] == b"\x89PNG"

@@ -22,7 +22,8 @@ from attribution.data.queries import QuerySet
 from attribution.teacher.evaluate import planted_known_answers
 
 
-def _known(pipe, rank: np.ndarray) -> dict:
+def known_answer_recall(pipe, rank: np.ndarray) -> dict:
+    """{'<attr>=<value> recall@10': ...} of the planted concepts' test queries for a ranking."""
     world = CaptionedImageSet(pipe.dir("world"), verify=False)
     test = QuerySet(pipe.dir("queries") / "query_test")
     known = planted_known_answers(world.attributes, test.attributes, rank,
@@ -59,7 +60,8 @@ def run_baselines(pipe, out: Path, progress: bool = True) -> dict:
             feats = load_features(space_dir(pipe.dir("features"), space))
             rank = rank_all(F.normalize(torch.as_tensor(np.asarray(feats["query_test"])), dim=-1),
                             F.normalize(torch.as_tensor(np.asarray(feats["items"])), dim=-1))
-            results[space] = {**map_at_ks(rank, teacher_rank, ks), **_known(pipe, rank),
+            results[space] = {**map_at_ks(rank, teacher_rank, ks),
+                              **known_answer_recall(pipe, rank),
                               **feature_search_throughput(pipe, space)}
             atomic_save_npy(out / f"rank_{space}.npy", rank.astype(np.int32))
     if bc.dtrak:
@@ -95,7 +97,7 @@ def _dtrak(pipe, out: Path, teacher_rank: np.ndarray, ks: list[int], progress: b
     rank = np.argsort(-scores.numpy(), axis=1, kind="stable")
     atomic_save_npy(out / "rank_dtrak.npy", rank.astype(np.int32))
     weights = sum(p.numel() for p in unet.parameters()) * 4
-    return {**map_at_ks(rank, teacher_rank, ks), **_known(pipe, rank),
+    return {**map_at_ks(rank, teacher_rank, ks), **known_answer_recall(pipe, rank),
             "queries_per_second": 1.0 / dt.seconds_per_query(zq, cq),
             "storage_bytes": int(phi.numel()) * 4 + weights}
 
@@ -108,6 +110,6 @@ def _abu_diagonal(pipe, teacher_rank: np.ndarray, ks: list[int]) -> dict:
     with np.load(sub.dir("teacher") / "teacher_test.npz") as merged:
         rank = merged["rank"]
     atomic_save_npy(pipe.dir("baselines") / "rank_abu_diagonal.npy", rank.astype(np.int32))
-    return {**map_at_ks(rank, teacher_rank, ks), **_known(pipe, rank),
+    return {**map_at_ks(rank, teacher_rank, ks), **known_answer_recall(pipe, rank),
             "queries_per_second": 1.0 / res.summary["seconds_per_test_query"],
             "storage_bytes": sub.teacher_storage_bytes()}
