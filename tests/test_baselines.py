@@ -129,3 +129,23 @@ def test_counterfactual_leave_k_out_on_smoke(smoke_run):
     assert short["steps"] == 10 and abs(short["rows"][0]["delta_loss"]) < 1e-5
     ref = json.loads((Path(short["reference"]) / "generator.json").read_text())
     assert ref["steps"] == 10 and ref["excluded"] == []
+
+
+def test_abu_diagonal_baseline_runs_a_second_teacher(smoke_run):
+    """baselines.abu_diagonal=true scores the same test queries with a diagonal-Fisher teacher,
+    cached like any stage; its rankings differ from AbU+'s but are evaluated the same way."""
+    from attribution.pipeline import Pipeline
+    from tests.conftest import smoke_config
+
+    pipe = Pipeline(smoke_config(smoke_run.cfg.output_root, "baselines.abu_diagonal=true",
+                                 "baselines.dtrak=false"), progress=False, echo=lambda s: None)
+    pipe.run(["baselines"])
+    res = json.loads((pipe.dir("baselines") / "baselines.json").read_text())
+    assert "abu_diagonal" in res and "dtrak" not in res
+    assert 0 <= res["abu_diagonal"]["mAP@5"] <= 1 and res["abu_diagonal"]["queries_per_second"] > 0
+    diag = np.load(pipe.dir("baselines") / "rank_abu_diagonal.npy")
+    with np.load(pipe.dir("teacher") / "teacher_test.npz") as merged:
+        plus = merged["rank"]
+    assert diag.shape == plus.shape and not np.array_equal(diag, plus)
+    fishers = [json.loads(p.read_text()) for p in pipe.root.glob("fisher-*/fisher.json")]
+    assert {"diagonal", "ekfac"} <= {f.get("kind") for f in fishers}
