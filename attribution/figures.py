@@ -37,6 +37,15 @@ LABELS = {
 }
 
 
+def _save(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def read_rows(table: str | Path) -> list[dict]:
     """Rows of a local sweep table (``runs/sweeps/<sweep>/results.csv``)."""
     with open(table) as f:
@@ -163,12 +172,7 @@ def sweep_figure(rows: list[dict], x_key: str, metric: str, path: str | Path,
     ax.legend(fontsize=8, title=f"error bars: s.e. over {' / '.join(sorted(over))}",
               title_fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def methods_of_run(metrics: dict, k: int) -> list[dict]:
@@ -215,12 +219,7 @@ def quality_vs_throughput(methods: list[dict], k: int, path: str | Path) -> Path
     hi = max(m["qps"] for m in methods)
     ax.set_xlim(lo / 5, hi * 20)
     ax.set_ylim(0, 1.1)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def tuned_vs_untuned(metrics: dict, ks: list[int], feature: str, path: str | Path) -> Path:
@@ -238,12 +237,7 @@ def tuned_vs_untuned(metrics: dict, ks: list[int], feature: str, path: str | Pat
     ax.set_title("Feature space before / after tuning", fontsize=10)
     ax.legend(fontsize=8, title="error bars: s.e. over test queries", title_fontsize=7)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _human(n: float) -> str:
@@ -309,9 +303,4 @@ def counterfactual_figure(result: dict, metrics: dict, path: str | Path) -> Path
     ax.set_ylabel(f"ΔLoss after removing the top-{result['k']} (retrained)")
     ax.set_title("Counterfactual quality vs throughput", fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

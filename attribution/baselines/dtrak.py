@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from attribution.generator.model import add_noise
 from attribution.generator.module import seeded_generator
 from attribution.teacher.params import select_parameters
 
@@ -59,19 +58,9 @@ class Projector:
 
 def _output_norm_grads(unet: nn.Module, names: list[str], alphas_cumprod: torch.Tensor):
     """(z, cond, t, eps) batches -> {name: (B, *shape)} per-item ∇θ ‖ε_θ(x_t, t, c)‖²."""
-    from torch.func import functional_call, grad, vmap
+    from attribution.teacher.fisher import per_sample_grads
 
-    params = dict(unet.named_parameters())
-    frozen = {n: p.detach() for n, p in params.items() if n not in names}
-    buffers = dict(unet.named_buffers())
-
-    def f(sel, z, cond, t, eps):
-        x = add_noise(alphas_cumprod, z[None], eps[None], t[None])
-        out = functional_call(unet, ({**frozen, **sel}, buffers), (x, t[None], cond[None]))
-        return out.sample.pow(2).sum()
-
-    g = vmap(grad(f), in_dims=(None, 0, 0, 0, 0))
-    return lambda z, cond, t, eps: g({n: params[n].detach() for n in names}, z, cond, t, eps)
+    return per_sample_grads(unet, names, alphas_cumprod, lambda pred, eps: pred.pow(2).sum())
 
 
 def _noise(ids: torch.Tensor, t: int, shape: tuple[int, ...], seed: int, tag: int) -> torch.Tensor:

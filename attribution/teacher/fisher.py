@@ -56,8 +56,13 @@ class FisherDraws(Dataset):
         return self.cands.latents[item], cond, t, eps
 
 
-def per_sample_grads(unet: nn.Module, names: list[str], alphas_cumprod: torch.Tensor):
-    """A function (z, cond, t, eps) batches -> {name: (B, *shape)} per-item gradients of ℓ."""
+def per_sample_grads(unet: nn.Module, names: list[str], alphas_cumprod: torch.Tensor,
+                     measure=None):
+    """A function (z, cond, t, eps) batches -> {name: (B, *shape)} per-item gradients of
+    ``measure(ε_θ(x_t, t, c), ε)`` — by default the denoising loss ℓ = mean ‖ε_θ − ε‖²."""
+    if measure is None:
+        def measure(pred, eps):
+            return (pred - eps).pow(2).mean()
     from torch.func import functional_call, grad, vmap
 
     params = dict(unet.named_parameters())
@@ -67,7 +72,7 @@ def per_sample_grads(unet: nn.Module, names: list[str], alphas_cumprod: torch.Te
     def loss_one(sel, z, cond, t, eps):
         x = add_noise(alphas_cumprod, z[None], eps[None], t[None])
         out = functional_call(unet, ({**frozen, **sel}, buffers), (x, t[None], cond[None]))
-        return (out.sample - eps[None]).pow(2).mean()
+        return measure(out.sample, eps[None])
 
     g = vmap(grad(loss_one), in_dims=(None, 0, 0, 0, 0))
 
