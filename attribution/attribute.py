@@ -120,15 +120,17 @@ def _rate(fn, n: int, warmup: int) -> float:
 
 @torch.no_grad()
 def feature_search_throughput(pipe, space: str, n_queries: int = 30, k: int = 10,
-                              warmup: int = 3) -> dict:
+                              warmup: int = 3, extractor=None) -> dict:
     """The untuned baseline deployed: features -> flat cosine search over the raw item
-    features (no head); queries/s at batch 1 and the index's storage."""
+    features (no head); queries/s at batch 1 and the index's storage.  ``extractor``: the
+    space's extractor when the caller already built it."""
     from attribution.features.cache import load_features
     from attribution.student.train import space_dir
 
-    world = CaptionedImageSet(pipe.dir("world"), verify=False)
-    extractor = build_extractor(space, pipe.feature_context(world.manifest["image_size"]),
-                                pipe.cfg.features.l2_per_block).eval()
+    if extractor is None:
+        world = CaptionedImageSet(pipe.dir("world"), verify=False)
+        extractor = build_extractor(space, pipe.feature_context(world.manifest["image_size"]),
+                                    pipe.cfg.features.l2_per_block).eval()
     items = np.asarray(load_features(space_dir(pipe.dir("features"), space))["items"],
                        dtype=np.float32)
     items = items / np.maximum(np.linalg.norm(items, axis=1, keepdims=True), 1e-12)
@@ -159,7 +161,8 @@ def end_to_end_throughput(pipe, n_queries: int = 30, k: int = 10, warmup: int = 
     qps = _rate(lambda i: retrieval.search(index, student(i), k), n, warmup)
     embs = [student(i) for i in range(n)]
     search = _rate(lambda i: retrieval.search(index, embs[i], k), n, warmup)
-    base = feature_search_throughput(pipe, pipe.cfg.student.feature, n_queries, k, warmup)
+    base = feature_search_throughput(pipe, pipe.cfg.student.feature, n_queries, k, warmup,
+                                     extractor)
     return {"queries_per_second": qps, "search_queries_per_second": search,
             "baseline_queries_per_second": base["queries_per_second"],
             "storage_bytes": int(index.ntotal) * int(index.d) * 4,

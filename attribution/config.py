@@ -298,6 +298,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg  # type: ignore[return-value]
 
 
+def derive(cfg: Config, changes: dict) -> Config:
+    """A copy of a loaded config with nested ``changes`` merged in (e.g.
+    ``{"teacher": {"fisher": "diagonal"}}``), checked and validated like a file or override."""
+    out = _merge(OmegaConf.structured(Config), to_dict(cfg), "a loaded config")
+    out = _merge(out, changes, "derived settings")
+    _validate(out)
+    OmegaConf.set_readonly(out, True)
+    return out  # type: ignore[return-value]
+
+
 def _validate(cfg: DictConfig) -> None:
     """Cross-field checks that a type system cannot express."""
     choices = {

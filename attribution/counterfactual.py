@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attribution.config import to_dict
+from attribution.config import derive
 from attribution.data.dataset import atomic_write_bytes
 
 METHODS_HELP = ("teacher | student | random | dtrak | abu_diagonal | any features.spaces entry "
@@ -67,17 +67,6 @@ def _removal_key(items: np.ndarray) -> str:
     return hashlib.sha256(",".join(map(str, sorted(items.tolist()))).encode()).hexdigest()[:12]
 
 
-@torch.no_grad()
-def _query_loss(unet, alphas, z, cond, query_id: int, draws: int, seed: int) -> float:
-    from attribution.generator.model import denoising_loss
-    from attribution.teacher.noise import query_draws
-
-    t, eps = query_draws(query_id, draws, len(alphas), tuple(z.shape), seed)
-    n = len(t)
-    return float(denoising_loss(unet, alphas, z.expand(n, *z.shape), cond.expand(n, *cond.shape),
-                                t, eps))
-
-
 def run_counterfactual(pipe, methods: list[str], queries: list[int], k: int,
                        progress: bool = True, echo=print, steps: int | None = None) -> Path:
     """Retrain without each method's top-``k`` for each test query; write ``counterfactual.json``
@@ -91,6 +80,7 @@ def run_counterfactual(pipe, methods: list[str], queries: list[int], k: int,
     from attribution.generator.sampling import sample
     from attribution.generator.text_cache import TextTable
     from attribution.generator.train import train_generator
+    from attribution.teacher.scorer import query_loss
 
     cfg = pipe.cfg
     pipe.run(["student", "baselines"])
@@ -105,10 +95,7 @@ def run_counterfactual(pipe, methods: list[str], queries: list[int], k: int,
     alphas = build_scheduler(cfg.generator).alphas_cumprod
     train_cfg = cfg
     if steps is not None:
-        from attribution.baselines.run import _with
-
-        train_cfg = _with(cfg, generator={"train": {**to_dict(cfg.generator.train),
-                                                    "steps": steps}})
+        train_cfg = derive(cfg, {"generator": {"train": {"steps": steps}}})
     tag = f"s{train_cfg.generator.train.steps}-"
 
     def generator_without(removed: np.ndarray, label: str) -> Path:
@@ -129,7 +116,7 @@ def run_counterfactual(pipe, methods: list[str], queries: list[int], k: int,
     def measure(unet, q: int) -> tuple[float, torch.Tensor]:
         z = torch.from_numpy(np.asarray(qs.latents[q])).float()
         cond = torch.from_numpy(np.asarray(qs.text_embeddings[q])).float()
-        loss = _query_loss(unet.eval(), alphas, z, cond, q, draws, cfg.seed)
+        loss = query_loss(unet.eval(), alphas, z, cond, q, draws, cfg.seed)
         regen = sample(unet, build_scheduler(cfg.generator), cond[None], uncond,
                        [1_000_000 + q], tuple(z.shape), seed=sc.seed, sampler=sc.sampler,
                        steps=sc.steps, guidance=sc.guidance, progress=False)[0]

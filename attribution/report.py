@@ -171,31 +171,30 @@ def _counterfactual(pipe, metrics: dict, figdir: Path) -> list[str]:
             "", f"![counterfactual](figures/{fig.name})", ""]
 
 
-def _known_answers(pipe) -> list[str]:
-    path = pipe.dir("teacher") / "known_answers.json"
+def _json_section(path: Path, title: str, fmt, intro: str = "") -> list[str]:
+    """A titled section printing a stage's JSON result with the CLI's own formatter."""
     if not path.is_file():
         return []
-    known = json.loads(path.read_text())
-    L = ["## Teacher known answers (planted concepts)", "",
-         "| concept | queries | recall@10 (chance) | MRR (chance) |", "|---|---:|---|---|"]
-    for name, r in known.items():
-        L.append(f"| {name} | {r['queries']} | {r['recall@10']:.3f} ({r['chance_recall@10']:.3f})"
-                 f" | {r['mrr']:.3f} ({r['chance_mrr']:.3f}) |")
-    return L + [""]
+    body = fmt(json.loads(path.read_text()))
+    return [f"## {title}", "", *([intro, ""] if intro else []), "```", body, "```", ""]
+
+
+def _known_answers(pipe) -> list[str]:
+    from attribution.teacher.evaluate import format_known_answers
+
+    return _json_section(pipe.dir("teacher") / "known_answers.json",
+                         "Teacher known answers (planted concepts)", format_known_answers)
 
 
 def _fidelity(pipe) -> list[str]:
+    from attribution.fidelity import format_fidelity
+
     path = pipe.dir("fidelity") / "fidelity.json"
-    if not path.is_file():
-        return []
-    fid = json.loads(path.read_text())
-    L = ["## Generator prompt fidelity", "",
-         f"{fid['n_samples']} samples for uniform random prompts, read by an attribute classifier "
-         "trained on the real toy images (its accuracy on held-out real images is an upper "
-         "bound).", "", "| attribute | accuracy | chance | classifier on real |",
-         "|---|---:|---:|---:|"]
-    for a, r in fid["attributes"].items():
-        L.append(f"| {a} | {r['accuracy']:.3f} | {r['chance']:.3f} | "
-                 f"{r['classifier_accuracy_on_real']:.3f} |")
-    return L + ["", "![fidelity samples](" + os.path.relpath(
-        pipe.dir("fidelity") / "fidelity_samples.png", pipe.root) + ")", ""]
+    L = _json_section(path, "Generator prompt fidelity", format_fidelity,
+                      "Samples for uniform random prompts, read by an attribute classifier "
+                      "trained on the real toy images (its accuracy on held-out real images, "
+                      "'clf on real', bounds what can be read).")
+    if L:
+        L += ["![fidelity samples](" + os.path.relpath(
+            pipe.dir("fidelity") / "fidelity_samples.png", pipe.root) + ")", ""]
+    return L

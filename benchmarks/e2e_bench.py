@@ -30,7 +30,7 @@ from attribution import retrieval
 from attribution.attribute import _test_images, deployed
 from attribution.config import load_config
 from attribution.pipeline import Pipeline
-from attribution.teacher.run import build_scorer, make_queries
+from attribution.teacher.run import pipeline_scorer
 
 COCO_N = 118_287
 
@@ -45,10 +45,8 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides)
     pipe = Pipeline(cfg, progress=False, echo=lambda s: None)
     pipe.run(["student"])
-    scorer, cands = build_scorer(cfg, pipe.dir("world"), pipe.dir("text"), pipe.dir("generator"),
-                                 pipe.dir("fisher"), pipe.dir("teacher"))
-    tests = [q for q in make_queries(cfg, pipe.dir("queries"), cands, pipe.dir("teacher"))
-             if q.split == "test"][: args.queries]
+    scorer, cands, tests = pipeline_scorer(pipe, "test")
+    tests = tests[: args.queries]
     n = len(cands)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads "
           f"{torch.get_num_threads()}, torch {torch.__version__}")

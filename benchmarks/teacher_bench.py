@@ -18,7 +18,7 @@ import torch
 
 from attribution.config import load_config
 from attribution.pipeline import Pipeline
-from attribution.teacher.run import build_scorer, make_queries
+from attribution.teacher.run import pipeline_scorer
 from attribution.teacher.scoring import candidate_losses
 
 
@@ -32,10 +32,7 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides)
     pipe = Pipeline(cfg, progress=False, echo=lambda s: None)
     pipe.run(["fisher", "queries"])
-    out = pipe.dir("teacher")
-    scorer, cands = build_scorer(cfg, pipe.dir("world"), pipe.dir("text"), pipe.dir("generator"),
-                                 pipe.dir("fisher"), out)
-    queries = [q for q in make_queries(cfg, pipe.dir("queries"), cands, out) if q.split == "test"]
+    scorer, cands, queries = pipeline_scorer(pipe, "test")
     tc = cfg.teacher
     per_item = tc.captions * len(tc.timesteps) * (2 if tc.flips else 1)
     n = min(args.items, len(cands))

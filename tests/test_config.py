@@ -71,3 +71,16 @@ def test_resolved_config_roundtrip_and_readonly(tmp_path):
                          ids=lambda p: p.name)
 def test_every_experiment_config_loads(path: Path):
     assert load_config(path).name
+
+
+def test_derive_merges_nested_changes_and_validates():
+    from attribution.config import ConfigError, derive, load_config
+
+    cfg = load_config(None, ["generator.train.lr=0.002"])
+    d = derive(cfg, {"generator": {"train": {"steps": 7}}, "teacher": {"fisher": "diagonal"}})
+    assert d.generator.train.steps == 7 and d.teacher.fisher == "diagonal"
+    assert d.generator.train.lr == 0.002 and cfg.generator.train.steps != 7
+    with pytest.raises(ConfigError, match="stpes"):
+        derive(cfg, {"generator": {"train": {"stpes": 7}}})
+    with pytest.raises(ConfigError, match="teacher.fisher"):
+        derive(cfg, {"teacher": {"fisher": "full"}})

@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from attribution.callbacks import map_at_ks, rank_all
-from attribution.config import Config, to_dict
+from attribution.config import derive, to_dict
 from attribution.data.dataset import CaptionedImageSet, atomic_save_npy, atomic_write_bytes
 from attribution.data.queries import QuerySet
 from attribution.teacher.evaluate import planted_known_answers
@@ -29,16 +28,6 @@ def known_answer_recall(pipe, rank: np.ndarray) -> dict:
     known = planted_known_answers(world.attributes, test.attributes, rank,
                                   [to_dict(p) for p in pipe.cfg.world.planted])
     return {f"{name} recall@10": r["recall@10"] for name, r in known.items()}
-
-
-def _with(cfg, **sections) -> Config:
-    """A copy of ``cfg`` with some sections' keys replaced (validated against the schema)."""
-    d = to_dict(cfg)
-    for sec, kv in sections.items():
-        d[sec] = {**d[sec], **kv}
-    merged = OmegaConf.merge(OmegaConf.structured(Config), d)
-    OmegaConf.set_readonly(merged, True)
-    return merged  # type: ignore[return-value]
 
 
 def run_baselines(pipe, out: Path, progress: bool = True) -> dict:
@@ -105,7 +94,8 @@ def _dtrak(pipe, out: Path, teacher_rank: np.ndarray, ks: list[int], progress: b
 def _abu_diagonal(pipe, teacher_rank: np.ndarray, ks: list[int]) -> dict:
     from attribution.pipeline import Pipeline
 
-    sub = Pipeline(_with(pipe.cfg, teacher={"fisher": "diagonal"}), pipe.progress, pipe.echo)
+    sub = Pipeline(derive(pipe.cfg, {"teacher": {"fisher": "diagonal"}}), pipe.progress,
+                   pipe.echo)
     res = sub.run(["teacher"])["teacher"]
     with np.load(sub.dir("teacher") / "teacher_test.npz") as merged:
         rank = merged["rank"]

@@ -128,6 +128,15 @@ def make_queries(cfg, queries_dir: Path, cands: CandidateSet, out: Path) -> list
     return queries
 
 
+def pipeline_scorer(pipe, split: str | None = None):
+    """(scorer, candidates, queries of ``split`` or all) for a pipeline whose Fisher and queries
+    exist: the teacher as benchmarks and tools use it outside its stage."""
+    scorer, cands = build_scorer(pipe.cfg, pipe.dir("world"), pipe.dir("text"),
+                                 pipe.dir("generator"), pipe.dir("fisher"), pipe.dir("teacher"))
+    queries = make_queries(pipe.cfg, pipe.dir("queries"), cands, pipe.dir("teacher"))
+    return scorer, cands, [q for q in queries if split is None or q.split == split]
+
+
 def run_teacher(cfg, world_dir: Path, text_dir: Path, gen_dir: Path, queries_dir: Path,
                 fisher_dir: Path, out: Path, progress: bool = True) -> dict:
     """Score every query not yet scored (one shard each), then merge both splits."""

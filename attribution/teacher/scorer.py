@@ -44,6 +44,23 @@ class ScoringSettings:
     seed: int = 0
 
 
+@torch.no_grad()
+def query_loss(unet: nn.Module, alphas_cumprod: torch.Tensor, z: torch.Tensor,
+               cond: torch.Tensor, query_id: int, draws: int, seed: int,
+               batch_size: int = 128) -> float:
+    """The query's own denoising loss, mean over its fixed (t, ε) draws (those of its unlearning
+    gradient), so before/after and across generators see the same noise."""
+    t, eps = query_draws(query_id, draws, len(alphas_cumprod), tuple(z.shape), seed)
+    total = 0.0
+    for s in range(0, len(t), batch_size):
+        tt, ee = t[s : s + batch_size], eps[s : s + batch_size]
+        b = len(tt)
+        total += float(denoising_loss(unet, alphas_cumprod, z.expand(b, *z.shape),
+                                      cond.expand(b, *cond.shape), tt.to(z.device),
+                                      ee.to(z.device))) * b
+    return total / len(t)
+
+
 class AbUScorer:
     """Scores queries against a fixed generator; keeps θ0 in memory and restores it every query.
 
@@ -71,19 +88,9 @@ class AbUScorer:
     def alphas(self) -> torch.Tensor:
         return self._alphas.to(self.device)
 
-    @torch.no_grad()
     def _query_loss(self, q: Query) -> float:
-        t, eps = query_draws(q.query_id, self.s.query_draws, len(self.alphas), tuple(q.z.shape),
-                             self.s.seed)
-        total = 0.0
-        z, cond = q.z.to(self.device), q.cond.to(self.device)
-        for s in range(0, len(t), self.s.query_batch_size):
-            tt, ee = t[s : s + self.s.query_batch_size], eps[s : s + self.s.query_batch_size]
-            b = len(tt)
-            total += float(denoising_loss(self.unet, self.alphas, z.expand(b, *z.shape),
-                                          cond.expand(b, *cond.shape), tt.to(self.device),
-                                          ee.to(self.device))) * b
-        return total / len(t)
+        return query_loss(self.unet, self.alphas, q.z.to(self.device), q.cond.to(self.device),
+                          q.query_id, self.s.query_draws, self.s.seed, self.s.query_batch_size)
 
     def score(self, q: Query) -> dict:
         """Returns {"influence": float (K,), "query_loss_before", "query_loss_after", "seconds"}."""
