@@ -19,6 +19,8 @@ from attribution.data.images import save_grid
 from attribution.features.extractors import build_extractor
 from attribution.student.head import EmbeddingHead
 
+SHARE_POOL = 1000  # items the share of influence is normalized over (the rest count as zero)
+
 
 def load_head(student_dir: Path) -> EmbeddingHead:
     meta_path, weights = Path(student_dir) / "head.json", Path(student_dir) / "head.pt"
@@ -59,29 +61,50 @@ def attribute(pipe, image: str | Path, prompt: str, k: int = 10,
               grid_path: str | Path | None = None) -> dict:
     """Top-k training items for one (image, prompt), with scores and the share of influence.
 
+    The share is the soft attribution calibrated on the customization benchmark (``abc`` stage,
+    ``abc/calibration.py``) over the top ``SHARE_POOL`` items of the index; absent (None) when
+    that stage has not run for this config.
+
     Returns:
-        {"ids": [...], "scores": [...], "captions": [...], "seconds": float}
+        {"ids": [...], "scores": [...], "captions": [...], "shares": [...] | None,
+         "share_pool": int, "seconds": float}
     """
+    from attribution.abc.benchmark import load_calibrator
+
     world, head, index, extractor = deployed(pipe)
+    calibrator = load_calibrator(pipe, "student")
     x = read_image(image, world.manifest["image_size"])
     start = time.perf_counter()
     emb = head.embed(extractor.extract(x, [prompt]))
-    scores, ids = retrieval.search(index, emb.numpy(), k)
+    n = min(int(index.ntotal), max(k, SHARE_POOL)) if calibrator is not None else k
+    scores, ids = retrieval.search(index, emb.numpy(), n)
     seconds = time.perf_counter() - start
-    ids, scores = ids[0].tolist(), scores[0].tolist()
+    valid = ids[0] >= 0  # approximate indexes may return fewer than n items
+    shares = None if calibrator is None else (
+        calibrator.probabilities(scores[0][valid])[:k].tolist())
+    ids, scores = ids[0, :k].tolist(), scores[0, :k].tolist()
     if grid_path is not None:
         q = ((x[0].movedim(0, -1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
         save_grid(np.stack([q] + [np.asarray(world.images[i]) for i in ids]), grid_path,
                   ncol=k + 1)
     return {"ids": ids, "scores": scores, "captions": [world.captions[i][0] for i in ids],
-            "seconds": seconds}
+            "shares": shares, "share_pool": n, "seconds": seconds}
 
 
 def format_attribution(res: dict) -> str:
-    lines = [f"{'rank':>4}  {'item':>6}  {'score':>7}  caption"]
+    shares = res.get("shares")
+    lines = [f"{'rank':>4}  {'item':>6}  {'score':>7}  " + ("share   " if shares else "")
+             + "caption"]
     for r, (i, s, c) in enumerate(zip(res["ids"], res["scores"], res["captions"]), 1):
-        lines.append(f"{r:>4}  {i:>6}  {s:>7.4f}  {c}")
+        share = f"{100 * shares[r - 1]:5.1f} %  " if shares else ""
+        lines.append(f"{r:>4}  {i:>6}  {s:>7.4f}  {share}{c}")
     lines.append(f"({res['seconds'] * 1000:.1f} ms: features + head + search)")
+    if shares:
+        lines.append(f"share = share of influence (soft attribution calibrated on the "
+                     f"customization benchmark, over the top {res['share_pool']} items); the top "
+                     f"{len(shares)} hold {100 * sum(shares):.1f} %")
+    else:
+        lines.append("(no share-of-influence column: run `attribution abc CONFIG` to calibrate it)")
     return "\n".join(lines)
 
 

@@ -22,6 +22,9 @@ STAGE_COMMANDS = {
     "toyclip": "train the small CLIP of the toy world's feature spaces",
     "features": "extract and cache item/query features for every features.spaces entry",
     "student": "train the student on the teacher's rankings, evaluate mAP@k, build the index",
+    "customize": "customize the generator on new concepts' exemplars and synthesize (AbC)",
+    "abc": "the customization benchmark: every method's recall of known exemplars, tuned "
+           "features, soft-attribution calibration",
 }
 
 
@@ -148,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
             res = json.loads((results["fidelity"].dir / "fidelity.json").read_text())
             print("prompt fidelity (generated samples, uniform prompts):")
             print(format_fidelity(res))
+        if "abc" in results:
+            from attribution.abc.benchmark import format_abc
+
+            print(format_abc(json.loads((results["abc"].dir / "abc.json").read_text())))
+            print(f"figure: {results['abc'].dir / 'abc.png'}")
         if "teacher" in results:
             from attribution.teacher.evaluate import format_known_answers
 

@@ -97,6 +97,8 @@ class GeneratorConfig:
     beta_end: float = 0.02
     beta_schedule: str = "linear"
     unet: UNetConfig = field(default_factory=UNetConfig)
+    # Load these UNet weights (e.g. the released MSCOCO model.bin) instead of training.
+    weights: str | None = None
     train: GeneratorTrainConfig = field(default_factory=GeneratorTrainConfig)
 
 
@@ -141,7 +143,11 @@ class TeacherConfig:
     batch_size: int = 500  # generator forwards per scoring batch (results do not depend on it)
     k: int = 100  # stage-1 candidates per training query
     curation: str = "pixels+text"  # stage-1 feature space: pixels | text | pixels+text
-    devices: int = 1  # Lightning devices that split the queries
+    devices: int = 1  # Lightning devices (per node) that split the queries
+    num_nodes: int = 1  # nodes (torchrun / SLURM launch one process per device)
+    # Lightning strategy: auto (ddp when devices x nodes > 1, launched by torchrun/SLURM or
+    # by Lightning re-running the command) | ddp | ddp_spawn (in-process spawn: notebooks, tests)
+    strategy: str = "auto"
 
 
 @dataclass
@@ -203,11 +209,49 @@ class BaselinesConfig:
 
 
 @dataclass
+class DataConfig:
+    """Where the student's features and teacher rankings come from."""
+
+    # toy: the pipeline makes them (world -> generator -> teacher -> features);
+    # released: read the released MSCOCO files (SPEC §6) under `root`; only the student runs.
+    source: str = "toy"
+    root: str | None = None  # released data root; None = $ATTRIBUTION_DATA_ROOT
+
+
+@dataclass
+class AbcConfig:
+    """The customization benchmark (attribution/abc): known answers by construction."""
+
+    enabled: bool = False  # part of `attribution run` (else: `attribution abc CONFIG`)
+    n_train: int = 40  # customized models whose pairs tune features and fit calibration
+    n_test: int = 20  # held-out customized models: the benchmark's table
+    exemplars: int = 3  # exemplar images per concept (1..8)
+    images: int = 6  # images synthesized per customized model
+    steps: int = 100  # fine-tuning steps of the cross-attention K/V
+    lr: float = 2e-3
+    batch_size: int = 8  # exemplar draws per step
+    prior_weight: float = 1.0  # prior preservation (training items in every step); 0 = off
+    prior_batch_size: int = 8
+    params: str = "cross_attn_kv"  # what customization fine-tunes (teacher/params.py GROUPS)
+    spaces: list[str] = field(default_factory=list)  # feature spaces scored; [] = features.spaces
+    tuned_spaces: list[str] = field(default_factory=list)  # spaces given a mapper; [] = all
+    mapper: str = "linear"  # linear (identity init) | mlp (residual, zero init)
+    mapper_steps: int = 300
+    mapper_lr: float = 1e-3
+    mapper_temperature: float = 0.05
+    teacher_images: int = 1  # synthesized images per held-out model the AbU teacher scores
+    calibration_concepts: int = 10  # training concepts kept from the mappers to fit calibration
+    k: list[int] = field(default_factory=lambda: [1, 5, 10])
+    fixed_temperatures: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.01])
+
+
+@dataclass
 class Config:
     name: str = "toy"
     seed: int = 0
     output_root: str = "runs"
     device: str = "auto"  # auto | cpu | cuda
+    data: DataConfig = field(default_factory=DataConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
@@ -217,6 +261,7 @@ class Config:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    abc: AbcConfig = field(default_factory=AbcConfig)
 
 
 # --------------------------------------------------------------------------------------- loading
@@ -312,6 +357,7 @@ def _validate(cfg: DictConfig) -> None:
     """Cross-field checks that a type system cannot express."""
     choices = {
         "world.kind": ["toy"],
+        "data.source": ["toy", "released"],
         "generator.codec": ["pixel", "vae"],
         "generator.train.lr_schedule": ["constant", "cosine"],
         "queries.sampling.sampler": ["ddpm", "ddim"],
@@ -319,10 +365,13 @@ def _validate(cfg: DictConfig) -> None:
         "teacher.fisher": ["diagonal", "ekfac"],
         "teacher.params": ["cross_attn_kv", "cross_attn", "attn", "all"],
         "teacher.curation": ["pixels", "text", "pixels+text"],
+        "teacher.strategy": ["auto", "ddp", "ddp_spawn"],
         "student.loss": ["ce", "mse", "ordinal", "listwise"],
         "student.logger": ["wandb_offline", "wandb", "csv", "none"],
         "student.index": ["flat", "ivf", "hnsw", "ivfpq"],
         "baselines.dtrak_params": ["cross_attn_kv", "cross_attn", "attn", "all"],
+        "abc.params": ["cross_attn_kv", "cross_attn", "attn", "all"],
+        "abc.mapper": ["linear", "mlp"],
     }
     for key, allowed in choices.items():
         value = OmegaConf.select(cfg, key)
@@ -347,6 +396,23 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError("student.p_outside must be in [0, 1)")
     if cfg.generator.codec == "vae" and not cfg.generator.vae_path:
         raise ConfigError("generator.codec=vae needs generator.vae_path (an AutoencoderKL folder)")
+    a = cfg.abc
+    if not 1 <= a.exemplars <= 8:
+        raise ConfigError(f"abc.exemplars must be in 1..8, got {a.exemplars}")
+    for key in ("n_train", "n_test", "images", "steps", "batch_size"):
+        if getattr(a, key) <= 0:
+            raise ConfigError(f"Config key 'abc.{key}' must be positive, got {getattr(a, key)}")
+    spaces = list(a.spaces) or list(cfg.features.spaces)
+    bad = [s for s in [*spaces, *a.tuned_spaces] if s not in cfg.features.spaces]
+    if bad:
+        raise ConfigError(f"abc.spaces / abc.tuned_spaces name spaces not in features.spaces: {bad}")
+    if cfg.student.feature not in spaces:
+        raise ConfigError(f"abc.spaces must include the student's space {cfg.student.feature!r}")
+    if not 1 <= a.calibration_concepts < a.n_train:
+        raise ConfigError(f"abc.calibration_concepts must be in 1..abc.n_train-1 "
+                          f"(n_train={a.n_train}), got {a.calibration_concepts}")
+    if a.teacher_images > a.images:
+        raise ConfigError(f"abc.teacher_images={a.teacher_images} exceeds abc.images={a.images}")
     if not 0.0 <= cfg.generator.train.cfg_dropout < 1.0:
         raise ConfigError("generator.train.cfg_dropout must be in [0, 1)")
 

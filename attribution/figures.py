@@ -272,9 +272,13 @@ def sweep_figures(sweeps_dir: str | Path, results_root: str | Path, out: str | P
         budget = sweep["parameters"].get("student.budget", {}).get("value")
         metric = sweep["metric"]["name"]
         x_key = keys[0]
-        made[f.stem] = sweep_figure(rows, x_key, metric, Path(out) / f"{f.stem}.png",
-                                    title=f"{f.stem}: {sweep.get('description', '')}".strip(": "),
-                                    budget=_num(budget) if budget else None)
+        try:
+            made[f.stem] = sweep_figure(rows, x_key, metric, Path(out) / f"{f.stem}.png",
+                                        title=f"{f.stem}: {sweep.get('description', '')}"
+                                        .strip(": "), budget=_num(budget) if budget else None)
+        except ValueError as err:  # e.g. runs made with other k_eval than the sweep's metric
+            echo(f"[figures] {f.stem}: skipped ({err})")
+            continue
         echo(f"[figures] {f.stem}: {made[f.stem]}")
     return made
 
@@ -303,4 +307,28 @@ def counterfactual_figure(result: dict, metrics: dict, path: str | Path) -> Path
     ax.set_ylabel(f"ΔLoss after removing the top-{result['k']} (retrained)")
     ax.set_title("Counterfactual quality vs throughput", fontsize=10)
     ax.grid(alpha=0.3, which="both")
+    return _save(fig, path)
+
+
+def abc_figure(summary: dict, path: str | Path) -> Path:
+    """The customization benchmark: mAP of the exemplars per method, object vs style concepts
+    (held-out), s.e. over synthesized images, chance as a dashed line."""
+    methods = list(summary["methods"])
+    kinds = [k for k in ("object", "style") if any(k in r for r in summary["methods"].values())]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(methods) + 2), 4.2))
+    pos = np.arange(len(methods))
+    width = 0.8 / max(1, len(kinds))
+    for i, kind in enumerate(kinds):
+        rows = [summary["methods"][m].get(kind, {}) for m in methods]
+        ax.bar(pos + (i - (len(kinds) - 1) / 2) * width, [r.get("mAP", np.nan) for r in rows],
+               width, yerr=[r.get("mAP_stderr", 0.0) for r in rows], capsize=2, label=kind)
+    ax.axhline(summary["chance"]["mAP"], ls="--", color="#999999", label="chance")
+    ax.set_xticks(pos, [m.replace("+", "+\n").replace(" tuned", "\ntuned") for m in methods],
+                  fontsize=7, rotation=30, ha="right")
+    ax.set_ylabel("mAP of the exemplars (held-out concepts)")
+    ax.set_title(f"Customization benchmark: pool of {summary['pool']}, "
+                 f"{summary['exemplars_per_concept']} exemplars per concept", fontsize=10)
+    ax.legend(fontsize=8, title="error bars: s.e. over synthesized images", title_fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_ylim(0, 1.05)
     return _save(fig, path)

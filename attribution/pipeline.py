@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from attribution.abc.benchmark import stage_sections as abc_sections
 from attribution.config import config_hash, save_config, to_dict
 from attribution.data.dataset import atomic_write_bytes
 
@@ -31,9 +32,14 @@ DEPENDS = {
     "features": ["toyclip", "queries"],
     "student": ["features", "teacher"],
     "baselines": ["features", "teacher"],
+    "customize": ["generator"],
+    "abc_teacher": ["customize", "fisher"],
+    "abc": ["abc_teacher", "features", "student"],
 }
+OPTIONAL = {"customize", "abc_teacher", "abc"}  # run by default only with abc.enabled
 # Teacher settings that change only speed or placement, never results: not part of cache keys.
-EXECUTION_ONLY = {"devices", "batch_size", "query_batch_size", "fisher_batch_size"}
+EXECUTION_ONLY = {"devices", "num_nodes", "strategy", "batch_size", "query_batch_size",
+                  "fisher_batch_size"}
 ORDER = list(DEPENDS)
 
 
@@ -68,7 +74,9 @@ class Pipeline:
         return {
             "world": [c.world, c.seed],
             "text": [c.text_encoder],
-            "generator": [c.generator, c.seed],
+            # (weights=None is left out so adding that key kept every existing cache valid)
+            "generator": [{k: v for k, v in to_dict(c.generator).items()
+                           if not (k == "weights" and v is None)}, c.seed],
             "queries": [c.queries, c.seed],
             "fidelity": [c.fidelity, c.queries.sampling, c.seed],
             "fisher": [{k: to_dict(c.teacher)[k] for k in ("fisher", "params", "fisher_epochs")},
@@ -81,12 +89,25 @@ class Pipeline:
                           if not k.startswith("toyclip") and k != "batch_size"}],
             "student": [{**{k: v for k, v in to_dict(c.student).items()
                             if k not in ("num_workers", "logger")},
-                         "seed": c.seed if c.student.seed is None else c.student.seed}, c.seed],
+                         "seed": c.seed if c.student.seed is None else c.student.seed}, c.seed,
+                        *([str(self.released_root())] if self.released else [])],
             "baselines": [c.baselines, c.student.k_eval, c.seed],
+            "customize": [abc_sections(c)[0], c.queries.sampling, c.seed],
+            "abc_teacher": [{k: v for k, v in to_dict(c.teacher).items()
+                             if k not in EXECUTION_ONLY}, c.abc.teacher_images, c.seed],
+            "abc": [abc_sections(c)[1], c.seed],
         }[stage]
 
+    @property
+    def released(self) -> bool:
+        """Released-data mode: the student reads the released features and rankings."""
+        return self.cfg.data.source == "released"
+
+    def depends(self, stage: str) -> list[str]:
+        return [] if self.released and stage == "student" else DEPENDS[stage]
+
     def key(self, stage: str) -> str:
-        upstream = [self.key(d) for d in DEPENDS[stage]]
+        upstream = [self.key(d) for d in self.depends(stage)]
         return config_hash(stage, *self._sections(stage), *upstream)
 
     def dir(self, stage: str) -> Path:
@@ -94,14 +115,21 @@ class Pipeline:
 
     def run(self, stages: list[str] | None = None) -> dict[str, StageResult]:
         """Run ``stages`` (default: all) and what they depend on; return every stage's result."""
-        wanted = stages or ORDER
+        wanted = stages or [s for s in ORDER if s not in OPTIONAL or self.cfg.abc.enabled]
         unknown = [s for s in wanted if s not in DEPENDS]
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}; stages are {ORDER}")
+        if self.released:
+            if stages and set(stages) - {"student"}:
+                from attribution.config import ConfigError
+
+                raise ConfigError(f"data.source=released runs only the student stage (features "
+                                  f"and rankings come from the data root), not {stages}")
+            wanted = ["student"]
         needed: list[str] = []
 
         def add(s):
-            for d in DEPENDS[s]:
+            for d in self.depends(s):
                 add(d)
             if s not in needed:
                 needed.append(s)
@@ -121,9 +149,21 @@ class Pipeline:
             self.echo(f"[   report] {write_report(self)}")
         return results
 
+    def released_root(self) -> Path:
+        from attribution.data.released import data_root
+
+        return data_root(self.cfg).resolve()
+
     def write_metrics(self) -> dict:
         """``runs/<name>/metrics.json``: the headline figures of the run, flat keys."""
         student = json.loads((self.dir("student") / "metrics.json").read_text())
+        if self.released:  # no generator, teacher or extractor here: the student's own figures
+            out = {k: v for k, v in student.items() if k.startswith(("student.", "baseline."))}
+            # features come precomputed: a query's cost here is the head + the search
+            out["student.queries_per_second"] = student.get(
+                "student.head_search_queries_per_second", float("nan"))
+            atomic_write_bytes(self.root / "metrics.json", json.dumps(out, indent=2).encode())
+            return out
         teacher = json.loads((self.dir("teacher") / "stage.json").read_text())["summary"]
         out = {k: v for k, v in student.items() if k.startswith(("student.mAP", "baseline."))}
         # Test queries are scored against the whole training set: that is a query's real cost.
@@ -207,6 +247,19 @@ class Pipeline:
     def _stage_generator(self, out: Path) -> dict:
         from attribution.generator.train import train_generator
 
+        if self.cfg.generator.weights:  # released weights: load, check, save in our layout
+            from attribution.data.dataset import CaptionedImageSet
+            from attribution.generator.model import build_codec, load_unet_weights, save_generator
+
+            world = CaptionedImageSet(self.dir("world"), verify=False)
+            size = world.manifest["image_size"]
+            g = self.cfg.generator
+            unet = load_unet_weights(g, build_codec(g, size), g.weights)
+            save_generator(out, unet, {"config": to_dict(g), "world": world.manifest["sha256"],
+                                       "source": str(Path(g.weights).resolve()), "steps": 0,
+                                       "image_size": size, "excluded": []})
+            return {"loaded": str(g.weights), "params": sum(p.numel() for p in unet.parameters())}
+
         return train_generator(self.cfg, self.dir("world"), self.dir("text"), out, self.progress)
 
     def _stage_queries(self, out: Path) -> dict:
@@ -287,9 +340,34 @@ class Pipeline:
 
         return run_baselines(self, out, self.progress)
 
+    def _stage_customize(self, out: Path) -> dict:
+        from attribution.abc.benchmark import run_customize
+
+        return run_customize(self, out, self.progress)
+
+    def _stage_abc_teacher(self, out: Path) -> dict:
+        from attribution.abc.benchmark import run_abc_teacher
+
+        return run_abc_teacher(self, out, self.progress)
+
+    def _stage_abc(self, out: Path) -> dict:
+        from attribution.abc.benchmark import run_abc
+
+        return run_abc(self, out, self.progress)
+
     def _stage_student(self, out: Path) -> dict:
         from attribution.attribute import end_to_end_throughput
         from attribution.student.train import train_student
+
+        if self.released:
+            from attribution.data.released import check_released
+
+            root = self.released_root()
+            check_released(root, [self.cfg.student.feature])
+            metrics = train_student(self.cfg, root / "feats", root, out, self.progress,
+                                    released=True)
+            atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())
+            return metrics
 
         metrics = train_student(self.cfg, self.dir("features"), self.dir("teacher"), out,
                                 self.progress)

@@ -100,7 +100,9 @@ def write_report(pipe, sweeps_dir: str | Path = "sweeps") -> Path:
     else:
         L += ["", "## Sweeps", "", "No sweep results yet: `attribution sweep sweeps/<name>.yaml` "
               "then `attribution figures` (or rerun this command) adds their figures here.", ""]
-    L += _counterfactual(pipe, metrics, figdir)
+    if not pipe.released:
+        L += _counterfactual(pipe, metrics, figdir)
+        L += _abc(pipe)
     L += _known_answers(pipe) + _fidelity(pipe)
     L += ["## Config", "", "```yaml", OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))).rstrip(),
           "```", ""]
@@ -169,6 +171,20 @@ def _counterfactual(pipe, metrics: dict, figdir: Path) -> list[str]:
     fig = figures.counterfactual_figure(result, metrics, figdir / "counterfactual.png")
     return ["## Counterfactual (leave-K-out)", "", "```", format_counterfactual(result), "```",
             "", f"![counterfactual](figures/{fig.name})", ""]
+
+
+def _abc(pipe) -> list[str]:
+    from attribution.abc.benchmark import format_abc
+
+    path = pipe.dir("abc") / "abc.json"
+    if not path.is_file():
+        return ["## Customization benchmark (known answers)", "",
+                "Not run for this config: `attribution abc CONFIG` (or `abc.enabled=true`).", ""]
+    return ["## Customization benchmark (known answers)", "",
+            format_abc(json.loads(path.read_text())), "",
+            "![abc](" + os.path.relpath(pipe.dir("abc") / "abc.png", pipe.root) + ")", "",
+            "![held-out concepts: exemplars, then synthesized images](" + os.path.relpath(
+                pipe.dir("customize") / "grid_test.png", pipe.root) + ")", ""]
 
 
 def _json_section(path: Path, title: str, fmt, intro: str = "") -> list[str]:

@@ -54,7 +54,7 @@ def caption(attrs: dict[str, str], template: int = 0) -> str:
     return TEMPLATES[template].format(**attrs)
 
 
-def _shape_mask(shape: str, size: int, center: tuple[float, float], radius: float) -> np.ndarray:
+def shape_mask(shape: str, size: int, center: tuple[float, float], radius: float) -> np.ndarray:
     """Boolean (size, size) mask of a shape centred at ``center`` (fractions) with ``radius``."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     y = (yy + 0.5) / size - center[0]
@@ -85,7 +85,7 @@ def render(attrs: dict[str, str], image_size: int) -> np.ndarray:
     big = image_size * SUPERSAMPLE
     canvas = np.empty((big, big, 3), dtype=np.float64)
     canvas[:] = BACKGROUND_RGB[attrs["background"]]
-    mask = _shape_mask(attrs["shape"], big, CENTERS[attrs["position"]], RADIUS[attrs["size"]])
+    mask = shape_mask(attrs["shape"], big, CENTERS[attrs["position"]], RADIUS[attrs["size"]])
     if attrs["texture"] == "striped":  # diagonal stripes, period 4 output pixels
         yy, xx = np.mgrid[0:big, 0:big]
         mask &= ((xx + yy) // (2 * SUPERSAMPLE)) % 2 == 0

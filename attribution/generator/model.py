@@ -140,3 +140,40 @@ def load_unet(path: Path) -> tuple[UNet2DConditionModel, dict]:
     if sha256_file(weights) != manifest["weights_sha256"]:
         raise DataFileError(f"Generator weights are corrupt (sha256 differs from manifest): {weights}")
     return UNet2DConditionModel.from_pretrained(path / "unet").eval(), manifest
+
+
+def load_unet_weights(gen_cfg, codec: nn.Module, path: str | Path) -> UNet2DConditionModel:
+    """The configured UNet with weights from a file (the released ``model.bin``: a state dict,
+    optionally under ``state_dict`` / ``module.``-prefixed, or a safetensors file).
+
+    A file that does not fit the configured architecture fails naming the keys that differ."""
+    from attribution.data.dataset import DataFileError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataFileError(f"Generator weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise DataFileError(f"Generator weights unreadable: {path} ({err})") from err
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    state = {k.removeprefix("module.").removeprefix("unet."): v for k, v in state.items()}
+    unet = build_unet(gen_cfg, codec)
+    own = unet.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        raise DataFileError(
+            f"{path} does not fit generator.unet: {len(missing)} missing keys {missing[:3]}, "
+            f"{len(unexpected)} unexpected {unexpected[:3]}, {len(shapes)} with other shapes "
+            f"{sorted(shapes)[:3]} (check block_out_channels, layers_per_block, "
+            f"cross_attention_dim)")
+    unet.load_state_dict(state)
+    return unet.eval()

@@ -15,7 +15,7 @@ from attribution import retrieval
 from attribution.callbacks import RankingMAPCallback, ThroughputCallback
 from attribution.config import to_dict
 from attribution.data.dataset import DataFileError, atomic_write_bytes
-from attribution.features.cache import load_features
+from attribution.features.cache import load_features, load_released_features
 from attribution.generator.train import accelerator_for
 from attribution.student.data import PairDataModule, load_rankings, select_queries
 from attribution.student.head import EmbeddingHead
@@ -27,8 +27,9 @@ def space_dir(features_dir: Path, space: str) -> Path:
     return Path(features_dir) / space.replace("+", "__")
 
 
-def _checked_features(folder: Path, space: str) -> dict[str, torch.Tensor]:
-    raw = load_features(folder, expect_name=space)
+def _checked_features(folder: Path, space: str, released: bool = False) -> dict[str, torch.Tensor]:
+    raw = load_released_features(folder, space) if released else load_features(
+        folder, expect_name=space)
     out = {}
     for key, arr in raw.items():
         t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
@@ -60,13 +61,17 @@ def _logger(cfg, out: Path):
 
 
 def train_student(cfg, features_dir: Path, teacher_dir: Path, out: Path,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, released: bool = False) -> dict:
     """Train the head on the teacher's rankings; evaluate mAP@k on the held-out test queries
-    (whole training set ranked) against the untuned features; save head, index and metrics."""
+    (whole training set ranked) against the untuned features; save head, index and metrics.
+
+    ``released``: ``features_dir`` is a released ``feats/`` folder (``<space>/data_feats.npy``
+    ...) instead of this project's feature cache."""
     sc = cfg.student
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    feats = _checked_features(space_dir(features_dir, sc.feature), sc.feature)
+    feats = _checked_features(features_dir if released else space_dir(features_dir, sc.feature),
+                              sc.feature, released)
     n_items = feats["items"].shape[0]
     ranks = load_rankings(teacher_dir, n_items)
     for split, r in (("train", ranks.train), ("test", ranks.test)):

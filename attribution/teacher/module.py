@@ -69,6 +69,7 @@ class ShardWriter(BasePredictionWriter):
         q: Query = batch
         info = {k: float(prediction[k]) for k in ("query_loss_before", "query_loss_after",
                                                   "seconds")}
+        info["rank"] = int(trainer.global_rank)  # which process scored it (sharding audit)
         self.store.write(q.split, q.query_id, q.candidates.numpy(),
                          prediction["influence"].numpy(), info)
         self.bar.update(1)

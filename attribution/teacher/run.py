@@ -12,7 +12,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from attribution.config import to_dict
-from attribution.data.dataset import CaptionedImageSet, DataFileError, atomic_save_npy
+from attribution.data.dataset import (
+    CaptionedImageSet,
+    DataFileError,
+    atomic_save_npy,
+    atomic_write_bytes,
+)
 from attribution.data.queries import QuerySet
 from attribution.generator.model import build_codec, build_scheduler, load_unet
 from attribution.generator.text_cache import TextTable
@@ -148,19 +153,43 @@ def run_teacher(cfg, world_dir: Path, text_dir: Path, gen_dir: Path, queries_dir
     todo = [q for q in queries if q.query_id not in done[q.split]]
     start = time.time()
     if todo:
-        trainer = L.Trainer(accelerator=accelerator_for(cfg.device), devices=cfg.teacher.devices,
+        tc = cfg.teacher
+        trainer = L.Trainer(accelerator=accelerator_for(cfg.device), devices=tc.devices,
+                            num_nodes=tc.num_nodes, strategy=tc.strategy,
                             logger=False, enable_progress_bar=False, inference_mode=False,
                             enable_model_summary=False,
                             callbacks=[ShardWriter(store, len(queries), len(queries) - len(todo),
                                                    progress)])
         loader = DataLoader(QueryDataset(todo), batch_size=1, collate_fn=collate_one)
         trainer.predict(TeacherModule(scorer), loader, return_predictions=False)
+        if _is_worker_rank(trainer):
+            # torchrun / SLURM / ddp: every rank runs this function; rank 0 merges once all
+            # shards are on disk, the others wait and return its summary
+            trainer.strategy.barrier("shards written")
+            trainer.strategy.barrier("merged")
+            return json.loads((out / "teacher.json").read_text())["summary"]
+        if trainer.world_size > 1 and _distributed():
+            trainer.strategy.barrier("shards written")
     n = {s: sum(q.split == s for q in queries) for s in ("train", "test")}
     summary = {"queries_scored": len(todo), "seconds": time.time() - start}
     summary.update(merge_outputs(out, n, len(cands)))
-    (out / "teacher.json").write_text(json.dumps({"config": to_dict(cfg.teacher), **summary},
-                                                 indent=2))
+    atomic_write_bytes(out / "teacher.json", json.dumps(
+        {"config": to_dict(cfg.teacher), "summary": summary}, indent=2).encode())
+    if todo and trainer.world_size > 1 and _distributed():
+        trainer.strategy.barrier("merged")
     return summary
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _is_worker_rank(trainer) -> bool:
+    """A non-zero rank of a live process group (ddp launched per process); with ddp_spawn the
+    calling process is the launcher and sees the group already torn down."""
+    return _distributed() and trainer.global_rank != 0
 
 
 def merge_outputs(out: Path, n_queries: dict[str, int], n_items: int) -> dict:
