@@ -77,6 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/figures", help="where the PNGs go")
     p.add_argument("--wandb", nargs="*", default=[], metavar="SWEEP=ENTITY/PROJECT/ID",
                    help="read these sweeps from the W&B API instead of local tables")
+    p = sub.add_parser("coco-encode", help="pre-encode MSCOCO: VAE latents (+ flips) and text "
+                                          "token states into memory-mapped arrays (resumable)")
+    p.add_argument("--images", required=True, help="COCO train2017/ folder")
+    p.add_argument("--captions", required=True, help="captions_train2017.json")
+    p.add_argument("--vae", required=True, help="AutoencoderKL folder (e.g. SD-2 .../vae)")
+    p.add_argument("--text-encoder", required=True,
+                   help="text encoder folder (an SD pipeline folder with tokenizer/ + "
+                        "text_encoder/, or a transformers model folder)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--captions-per-image", type=int, default=5)
+    p.add_argument("--max-length", type=int, default=77)
+    p.add_argument("--scale", type=float, default=None,
+                   help="latent scaling factor (default: the VAE config's scaling_factor)")
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p = sub.add_parser("config", help="print the resolved config")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
@@ -97,6 +114,21 @@ def main(argv: list[str] | None = None) -> int:
             table = run_sweep(args.config, args.overrides, progress=not args.no_progress,
                               seeds=args.seeds)
             print(f"results: {table}")
+            return 0
+        if args.command == "coco-encode":
+            import torch
+            from diffusers import AutoencoderKL
+
+            from attribution.data.coco import CocoCaptions, encode_coco
+            from attribution.generator.text_encoder import load_text_encoder
+
+            ds = CocoCaptions(args.images, args.captions, args.size, args.captions_per_image)
+            device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
+            vae = AutoencoderKL.from_pretrained(args.vae).eval().to(device)
+            scale = args.scale if args.scale is not None else vae.config.scaling_factor
+            enc = load_text_encoder(args.text_encoder, max_length=args.max_length)
+            print(json.dumps(encode_coco(ds, vae, enc, args.out, scale, args.seed, args.chunk),
+                             indent=2))
             return 0
         if args.command == "figures":
             from attribution.figures import sweep_figures

@@ -35,7 +35,8 @@ class PlantedConcept:
 
 @dataclass
 class WorldConfig:
-    kind: str = "toy"  # toy (procedural, generated here)
+    kind: str = "toy"  # toy (procedural, generated here) | folder (image + .txt pairs, or shards)
+    root: str | None = None  # folder worlds: a folder, a .tar shard, or a list of shards
     n_items: int = 1200
     image_size: int = 16
     captions_per_item: int = 3
@@ -99,6 +100,9 @@ class GeneratorConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     # Load these UNet weights (e.g. the released MSCOCO model.bin) instead of training.
     weights: str | None = None
+    # Or a diffusers pipeline folder (unet/ [+ scheduler/]) or a UNet folder: its UNet, its
+    # architecture; its scheduler config must agree with the schedule keys below (checked).
+    pretrained: str | None = None
     train: GeneratorTrainConfig = field(default_factory=GeneratorTrainConfig)
 
 
@@ -191,6 +195,10 @@ class StudentConfig:
     num_workers: int = 0
     logger: str = "wandb_offline"  # wandb_offline | wandb (online, opt-in) | csv | none
     index: str = "flat"  # flat | ivf | hnsw | ivfpq
+    # Data parallel training (queries_per_batch is the global batch, split over the ranks):
+    devices: int = 1  # per node
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp (torchrun / SLURM / Lightning re-launch) | ddp_spawn
     seed: int | None = None  # head init and pair sampling; None = the run's seed (sweeps vary it)
 
 
@@ -356,7 +364,7 @@ def derive(cfg: Config, changes: dict) -> Config:
 def _validate(cfg: DictConfig) -> None:
     """Cross-field checks that a type system cannot express."""
     choices = {
-        "world.kind": ["toy"],
+        "world.kind": ["toy", "folder"],
         "data.source": ["toy", "released"],
         "generator.codec": ["pixel", "vae"],
         "generator.train.lr_schedule": ["constant", "cosine"],
@@ -366,6 +374,7 @@ def _validate(cfg: DictConfig) -> None:
         "teacher.params": ["cross_attn_kv", "cross_attn", "attn", "all"],
         "teacher.curation": ["pixels", "text", "pixels+text"],
         "teacher.strategy": ["auto", "ddp", "ddp_spawn"],
+        "student.strategy": ["auto", "ddp", "ddp_spawn"],
         "student.loss": ["ce", "mse", "ordinal", "listwise"],
         "student.logger": ["wandb_offline", "wandb", "csv", "none"],
         "student.index": ["flat", "ivf", "hnsw", "ivfpq"],
@@ -392,10 +401,24 @@ def _validate(cfg: DictConfig) -> None:
     if cfg.student.feature not in cfg.features.spaces:
         raise ConfigError(f"student.feature={cfg.student.feature!r} is not among features.spaces "
                           f"{list(cfg.features.spaces)}")
+    world = cfg.student.devices * cfg.student.num_nodes
+    if world < 1 or cfg.student.queries_per_batch % world:
+        raise ConfigError(f"student.queries_per_batch={cfg.student.queries_per_batch} (the global "
+                          f"batch) must be divisible by student.devices x student.num_nodes "
+                          f"= {world}")
     if not 0 <= cfg.student.p_outside < 1:
         raise ConfigError("student.p_outside must be in [0, 1)")
     if cfg.generator.codec == "vae" and not cfg.generator.vae_path:
         raise ConfigError("generator.codec=vae needs generator.vae_path (an AutoencoderKL folder)")
+    if cfg.world.kind == "folder":
+        if not cfg.world.root:
+            raise ConfigError("world.kind=folder needs world.root (a folder of image + .txt "
+                              "pairs, a .tar shard, or a text file listing shards)")
+        if cfg.world.planted:
+            raise ConfigError("world.planted is for the toy world; set world.planted=[] for a "
+                              "folder world")
+    if cfg.generator.weights and cfg.generator.pretrained:
+        raise ConfigError("set generator.weights or generator.pretrained, not both")
     a = cfg.abc
     if not 1 <= a.exemplars <= 8:
         raise ConfigError(f"abc.exemplars must be in 1..8, got {a.exemplars}")

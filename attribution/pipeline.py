@@ -76,7 +76,7 @@ class Pipeline:
             "text": [c.text_encoder],
             # (weights=None is left out so adding that key kept every existing cache valid)
             "generator": [{k: v for k, v in to_dict(c.generator).items()
-                           if not (k == "weights" and v is None)}, c.seed],
+                           if not (k in ("weights", "pretrained") and v is None)}, c.seed],
             "queries": [c.queries, c.seed],
             "fidelity": [c.fidelity, c.queries.sampling, c.seed],
             "fisher": [{k: to_dict(c.teacher)[k] for k in ("fisher", "params", "fisher_epochs")},
@@ -88,7 +88,8 @@ class Pipeline:
             "features": [{k: v for k, v in to_dict(c.features).items()
                           if not k.startswith("toyclip") and k != "batch_size"}],
             "student": [{**{k: v for k, v in to_dict(c.student).items()
-                            if k not in ("num_workers", "logger")},
+                            if k not in ("num_workers", "logger", "devices", "num_nodes",
+                                         "strategy")},
                          "seed": c.seed if c.student.seed is None else c.student.seed}, c.seed,
                         *([str(self.released_root())] if self.released else [])],
             "baselines": [c.baselines, c.student.k_eval, c.seed],
@@ -115,7 +116,9 @@ class Pipeline:
 
     def run(self, stages: list[str] | None = None) -> dict[str, StageResult]:
         """Run ``stages`` (default: all) and what they depend on; return every stage's result."""
-        wanted = stages or [s for s in ORDER if s not in OPTIONAL or self.cfg.abc.enabled]
+        toy_only = {"fidelity"} if self.cfg.world.kind != "toy" else set()
+        wanted = stages or [s for s in ORDER if (s not in OPTIONAL or self.cfg.abc.enabled)
+                            and s not in toy_only]
         unknown = [s for s in wanted if s not in DEPENDS]
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}; stages are {ORDER}")
@@ -226,6 +229,15 @@ class Pipeline:
         from attribution.data.dataset import write_world
 
         w = self.cfg.world
+        if w.kind == "folder":
+            from attribution.data.folder import read_image_caption_data
+
+            images, caps = read_image_caption_data(w.root, w.image_size, w.captions_per_item,
+                                                   w.n_items)
+            write_world(out, images, caps, [{} for _ in caps],
+                        {"config": to_dict(w), "seed": self.cfg.seed,
+                         "source": str(Path(w.root).expanduser().resolve())})
+            return {"items": len(caps), "captions": sum(len(c) for c in caps)}
         images, caps, attrs = toy_world.generate_world(
             w.n_items, w.image_size, w.captions_per_item, w.zipf,
             [to_dict(p) for p in w.planted], self.cfg.seed)
@@ -247,25 +259,34 @@ class Pipeline:
     def _stage_generator(self, out: Path) -> dict:
         from attribution.generator.train import train_generator
 
-        if self.cfg.generator.weights:  # released weights: load, check, save in our layout
+        g = self.cfg.generator
+        if g.weights or g.pretrained:  # released / pretrained weights: load, check, save
             from attribution.data.dataset import CaptionedImageSet
-            from attribution.generator.model import build_codec, load_unet_weights, save_generator
+            from attribution.generator.model import (
+                build_codec,
+                load_pretrained_unet,
+                load_unet_weights,
+                save_generator,
+            )
 
             world = CaptionedImageSet(self.dir("world"), verify=False)
             size = world.manifest["image_size"]
-            g = self.cfg.generator
-            unet = load_unet_weights(g, build_codec(g, size), g.weights)
+            codec = build_codec(g, size)
+            source = g.weights or g.pretrained
+            unet = (load_unet_weights(g, codec, g.weights) if g.weights
+                    else load_pretrained_unet(g, codec, g.pretrained))
             save_generator(out, unet, {"config": to_dict(g), "world": world.manifest["sha256"],
-                                       "source": str(Path(g.weights).resolve()), "steps": 0,
+                                       "source": str(Path(source).resolve()), "steps": 0,
                                        "image_size": size, "excluded": []})
-            return {"loaded": str(g.weights), "params": sum(p.numel() for p in unet.parameters())}
+            return {"loaded": str(source), "params": sum(p.numel() for p in unet.parameters())}
 
         return train_generator(self.cfg, self.dir("world"), self.dir("text"), out, self.progress)
 
     def _stage_queries(self, out: Path) -> dict:
         from attribution.generator.queries import generate_queries
 
-        return generate_queries(self.cfg, self.dir("generator"), out, self.progress)
+        return generate_queries(self.cfg, self.dir("generator"), out, self.progress,
+                                self.dir("world"))
 
     def _stage_fidelity(self, out: Path) -> dict:
         from attribution.fidelity import prompt_fidelity

@@ -127,3 +127,18 @@ def test_generator_stage_loads_released_weights(smoke_run, tmp_path):
     assert manifest["source"].endswith("model.bin")
     assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(),
                                                  loaded.state_dict().values()))
+
+
+def test_coco_encode_command(tmp_path, capsys):
+    from attribution.cli import main
+
+    root = write_coco(tmp_path / "coco")
+    sd = tiny_sd_parts(tmp_path / "sd")
+    argv = ["coco-encode", "--images", str(root / "train2017"), "--captions",
+            str(root / "captions_train2017.json"), "--vae", str(sd / "vae"), "--text-encoder",
+            str(sd), "--out", str(tmp_path / "enc"), "--size", "32", "--max-length", "16",
+            "--chunk", "3", "--device", "cpu"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n_items"] == 5 and out["scale"] == pytest.approx(0.18215)  # the VAE's factor
+    assert main(argv[:-2] + ["--captions", str(root / "missing.json")]) == 2

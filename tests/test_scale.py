@@ -1,9 +1,10 @@
-"""Scale-out on existing engines, checked on CPU processes (gloo): the teacher's queries split
-over two ranks give exactly the one-rank result."""
+"""Scale-out on existing engines, checked with CPU processes (gloo): the teacher's queries split
+over two ranks, and the student's global batch split over two ranks, give the one-rank result."""
 
 import pickle
 
 import numpy as np
+import pytest
 
 from attribution.teacher.run import run_teacher
 from tests.conftest import smoke_config
@@ -36,3 +37,42 @@ def test_two_rank_teacher_split_equals_one_rank(smoke_run, tmp_path):
         assert np.array_equal(a["rank"], b["rank"])
         key = "influence_subset" if split == "train" else "influence"
         np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def test_two_process_ddp_student_equals_one_process(smoke_run, tmp_path):
+    """Same global batch (4 queries x 16 pairs), split 2 x 2 over gloo ranks: same weights."""
+    import json
+
+    import torch
+
+    from attribution.student.train import train_student
+
+    pipe = smoke_run
+    pipe.run(["features", "teacher"])
+    common = ["device=cpu", "student.dropout=0", "student.queries_per_batch=4",
+              "student.epochs=2", "student.logger=none"]
+    outs = {}
+    for name, extra in (("one", []), ("two", ["student.devices=2",
+                                              "student.strategy=ddp_spawn"])):
+        cfg = smoke_config(pipe.cfg.output_root, *common, *extra)
+        outs[name] = train_student(cfg, pipe.dir("features"), pipe.dir("teacher"),
+                                   tmp_path / name, progress=False)
+    a = torch.load(tmp_path / "one" / "head.pt")
+    b = torch.load(tmp_path / "two" / "head.pt")
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    # and training did move them: the head as initialized (same seed) differs
+    import lightning as L
+
+    from attribution.student.head import EmbeddingHead
+
+    sc = smoke_config(pipe.cfg.output_root, *common).student
+    L.seed_everything(pipe.cfg.seed, verbose=False)
+    init = EmbeddingHead([a["net.0.weight"].shape[1], *sc.hidden], 0.0, sc.layernorm,
+                         sc.alpha_init).state_dict()
+    assert max(float((a[k] - init[k]).abs().max()) for k in a) > 1e-3
+    for k in pipe.cfg.student.k_eval:
+        assert outs["one"][f"student.mAP@{k}"] == pytest.approx(outs["two"][f"student.mAP@{k}"],
+                                                                abs=1e-6)
+    assert json.loads((tmp_path / "two" / "head.json").read_text())["dims"][0] > 0

@@ -40,7 +40,7 @@ def sha256_file(path: Path) -> str:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temp file + rename, so a kill never leaves a half-written file behind."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: ranks may race
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -49,7 +49,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npy")
     np.save(tmp, array)
     os.replace(tmp, path)
 

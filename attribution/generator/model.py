@@ -177,3 +177,38 @@ def load_unet_weights(gen_cfg, codec: nn.Module, path: str | Path) -> UNet2DCond
             f"cross_attention_dim)")
     unet.load_state_dict(state)
     return unet.eval()
+
+
+SCHEDULE_KEYS = {"num_train_timesteps": "num_train_timesteps", "beta_start": "beta_start",
+                 "beta_end": "beta_end", "beta_schedule": "beta_schedule"}
+
+
+def load_pretrained_unet(gen_cfg, codec: nn.Module, path: str | Path) -> UNet2DConditionModel:
+    """The UNet of a diffusers pipeline folder (``unet/``) or of a UNet folder, with its own
+    architecture.  Checked against this run: latent channels of the codec, and the pipeline's
+    scheduler config (``scheduler/``) against generator.num_train_timesteps / beta_*."""
+    import json as _json
+
+    from attribution.data.dataset import DataFileError
+
+    root = Path(path).expanduser()
+    folder = root / "unet" if (root / "unet").is_dir() else root
+    if not (folder / "config.json").is_file():
+        raise DataFileError(f"no diffusers UNet (config.json) in {folder}")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder)
+    except Exception as err:
+        raise DataFileError(f"could not load the UNet in {folder}: {err}") from err
+    if unet.config.in_channels != codec.channels:
+        raise DataFileError(f"{folder}: UNet takes {unet.config.in_channels} channels, the codec "
+                            f"gives {codec.channels} (generator.codec / vae_path)")
+    sched = root / "scheduler" / "scheduler_config.json"
+    if sched.is_file():
+        theirs = _json.loads(sched.read_text())
+        bad = {ours: (getattr(gen_cfg, ours), theirs[k]) for k, ours in SCHEDULE_KEYS.items()
+               if k in theirs and getattr(gen_cfg, ours) != theirs[k]}
+        if bad:
+            raise DataFileError(f"{sched} disagrees with the generator's schedule: "
+                                + ", ".join(f"generator.{k}={a!r} vs {b!r}"
+                                            for k, (a, b) in bad.items()))
+    return unet.eval()

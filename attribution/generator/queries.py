@@ -25,6 +25,8 @@ def query_prompts(cfg) -> dict[str, list[dict[str, str]]]:
     """
     rng = np.random.default_rng([cfg.seed, 101])
     qc = cfg.queries
+    if cfg.world.kind == "folder":  # no attributes: prompts are captions of random items
+        return {"train": [{} for _ in range(qc.n_train)], "test": [{} for _ in range(qc.n_test)]}
     train = toy_world.sample_attributes(rng, qc.n_train, cfg.world.zipf)
     test = toy_world.sample_attributes(rng, qc.n_test, cfg.world.zipf)
     i = 0
@@ -36,8 +38,22 @@ def query_prompts(cfg) -> dict[str, list[dict[str, str]]]:
     return {"train": train, "test": test}
 
 
+def folder_prompts(cfg, world_dir: Path) -> dict[str, list[str]]:
+    """Query prompts of a folder world: first captions of seeded random items (train and test
+    drawn without overlap where the world is large enough)."""
+    from attribution.data.dataset import CaptionedImageSet
+
+    world = CaptionedImageSet(world_dir, verify=False)
+    qc = cfg.queries
+    order = np.random.default_rng([cfg.seed, 103]).permutation(len(world))
+    need = qc.n_train + qc.n_test
+    picks = np.resize(order, need)  # repeats only when the world has fewer items than queries
+    caps = [world.captions[int(i)][0] for i in picks]
+    return {"train": caps[: qc.n_train], "test": caps[qc.n_train :]}
+
+
 def generate_prompted(cfg, gen_dir: Path, attrs: list[dict[str, str]], sample_offset: int,
-                      encoder=None, progress: bool = True):
+                      encoder=None, progress: bool = True, captions: list[str] | None = None):
     """Sample one image per attribute dict (prompt = the full caption template).
 
     Returns:
@@ -46,7 +62,8 @@ def generate_prompted(cfg, gen_dir: Path, attrs: list[dict[str, str]], sample_of
     unet, manifest = load_unet(gen_dir)
     enc = encoder or load_text_encoder(cfg.text_encoder.name, cfg.text_encoder.weights,
                                        cfg.text_encoder.max_length)
-    captions = [toy_world.caption(a, 0) for a in attrs]
+    if captions is None:
+        captions = [toy_world.caption(a, 0) for a in attrs]
     cond = enc.encode(captions)
     uncond = enc.encode([""])[0]
     codec = build_codec(cfg.generator, manifest["image_size"])
@@ -61,14 +78,17 @@ def generate_prompted(cfg, gen_dir: Path, attrs: list[dict[str, str]], sample_of
     return captions, z, images, cond
 
 
-def generate_queries(cfg, gen_dir: Path, out_dir: Path, progress: bool = True) -> dict:
+def generate_queries(cfg, gen_dir: Path, out_dir: Path, progress: bool = True,
+                     world_dir: Path | None = None) -> dict:
     """Write ``out_dir/query_train`` and ``out_dir/query_test`` (released layout) + grid PNGs."""
     prompts = query_prompts(cfg)
+    texts = folder_prompts(cfg, world_dir) if cfg.world.kind == "folder" else None
     enc = load_text_encoder(cfg.text_encoder.name, cfg.text_encoder.weights,
                             cfg.text_encoder.max_length)
     offset = {"train": 0, "test": 1_000_000}  # disjoint sample ids: disjoint randomness
     for split, attrs in prompts.items():
-        caps, z, images, cond = generate_prompted(cfg, gen_dir, attrs, offset[split], enc, progress)
+        caps, z, images, cond = generate_prompted(cfg, gen_dir, attrs, offset[split], enc, progress,
+                                                  captions=texts[split] if texts else None)
         meta = {"split": split, "sampling": to_dict(cfg.queries.sampling)}
         write_query_set(out_dir / f"query_{split}", images, caps, z.numpy(), cond.numpy(),
                         attrs, meta)

@@ -131,21 +131,40 @@ class PairPlan(Dataset):
 
 
 class EpochKeySampler(Sampler):
-    """Yields (epoch, i) keys in an order that is a function of (seed, epoch)."""
+    """Yields (epoch, i) keys in an order that is a function of (seed, epoch).
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True):
+    Data parallel (``world`` > 1): the order is cut into global batches of ``global_batch``
+    keys and rank r yields its contiguous share of each, so the ranks' local batches at a step
+    together ARE the one-process batch of that step (an incomplete last global batch is
+    dropped so every rank has the same number of steps)."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1,
+                 global_batch: int = 1):
+        if world > 1 and global_batch % world:
+            raise ValueError(f"global batch {global_batch} is not divisible by {world} ranks")
         self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+        self.rank, self.world, self.global_batch = rank, world, global_batch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self):
+    def _order(self) -> list[int]:
         order = (torch.randperm(self.n, generator=seeded_generator(self.seed, 73, self.epoch))
                  if self.shuffle else torch.arange(self.n))
-        return iter([(self.epoch, int(i)) for i in order])
+        if self.world == 1:
+            return order.tolist()
+        local = self.global_batch // self.world
+        full = self.n // self.global_batch * self.global_batch
+        batches = order[:full].view(-1, self.global_batch)
+        return batches[:, self.rank * local : (self.rank + 1) * local].flatten().tolist()
+
+    def __iter__(self):
+        return iter([(self.epoch, int(i)) for i in self._order()])
 
     def __len__(self) -> int:
-        return self.n
+        if self.world == 1:
+            return self.n
+        return self.n // self.global_batch * (self.global_batch // self.world)
 
 
 def collate_pairs(batch: list[dict]) -> dict:
@@ -181,7 +200,12 @@ class PairDataModule(L.LightningDataModule):
         self.bq, self.seed, self.workers = queries_per_batch, seed, num_workers
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.plan, batch_size=self.bq,
-                          sampler=EpochKeySampler(len(self.plan), self.seed),
+        """``queries_per_batch`` is the GLOBAL batch: under data parallelism each rank loads its
+        share (the Trainer must run with ``use_distributed_sampler=False``)."""
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        sampler = EpochKeySampler(len(self.plan), self.seed, rank=rank, world=world,
+                                  global_batch=self.bq)
+        return DataLoader(self.plan, batch_size=self.bq // world, sampler=sampler,
                           collate_fn=collate_pairs, num_workers=self.workers,
                           persistent_workers=False)

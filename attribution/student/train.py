@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from attribution import retrieval
-from attribution.callbacks import RankingMAPCallback, ThroughputCallback
+from attribution.callbacks import RankingMAPCallback, ThroughputCallback, feature_baseline
 from attribution.config import to_dict
 from attribution.data.dataset import DataFileError, atomic_write_bytes
 from attribution.features.cache import load_features, load_released_features
@@ -96,13 +97,24 @@ def train_student(cfg, features_dir: Path, teacher_dir: Path, out: Path,
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="best",
                            monitor=f"val/mAP@{ks[0]}", mode="max", save_last=True,
                            auto_insert_metric_name=False, enable_version_counter=False)
-    trainer = L.Trainer(max_epochs=sc.epochs, accelerator=accelerator_for(cfg.device), devices=1,
+    trainer = L.Trainer(max_epochs=sc.epochs, accelerator=accelerator_for(cfg.device),
+                        devices=sc.devices, num_nodes=sc.num_nodes, strategy=sc.strategy,
+                        use_distributed_sampler=False,  # PairDataModule shards global batches
                         logger=_logger(cfg, out), callbacks=[mapcb, thr, ckpt],
                         enable_progress_bar=progress, enable_model_summary=False,
                         log_every_n_steps=5, num_sanity_val_steps=0)
     start = time.time()
     trainer.fit(module, datamodule=dm)
     seconds = time.time() - start
+    if sc.devices * sc.num_nodes > 1:
+        # with ddp_spawn only the weights come back to this process (not callback state), and
+        # with ddp every rank runs on from here: measure in the process we are in
+        module.to("cpu")
+        mapcb.last, mapcb.baseline = mapcb.evaluate(module), feature_baseline(
+            feats["items"], feats["query_test"], ranks.test, ks)
+        thr.on_fit_end(trainer, module)
+        if trainer.global_rank != 0:  # a ddp worker (torchrun / SLURM): rank 0 carries on
+            sys.exit(0)
     # Reported figures are the LAST epoch's (no selection on the test queries); best.ckpt is
     # kept for users who validate elsewhere.
     torch.save(head.state_dict(), out / "head.pt")
