@@ -37,7 +37,7 @@ def deployed(pipe):
     """What answering a query needs: (world, head, faiss index, feature extractor)."""
     world = CaptionedImageSet(pipe.dir("world"), verify=False)
     head = load_head(pipe.dir("student"))
-    index = retrieval.load_index(pipe.dir("student") / "index.faiss")
+    index = retrieval.load_index(pipe.dir("student") / "index.faiss", pipe.cfg.student.rerank)
     cfg = pipe.cfg
     extractor = build_extractor(cfg.student.feature,
                                 pipe.feature_context(world.manifest["image_size"]),

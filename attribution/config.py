@@ -195,6 +195,9 @@ class StudentConfig:
     num_workers: int = 0
     logger: str = "wandb_offline"  # wandb_offline | wandb (online, opt-in) | csv | none
     index: str = "flat"  # flat | ivf | hnsw | ivfpq
+    # approximate indexes: re-score this many of their candidates exactly from the stored
+    # float16 vectors (index.vectors.npy) at query time; 0 = the index's own scores
+    rerank: int = 1000
     # Data parallel training (queries_per_batch is the global batch, split over the ranks):
     devices: int = 1  # per node
     num_nodes: int = 1

@@ -72,7 +72,9 @@ class Pipeline:
     def _sections(self, stage: str) -> list:
         c = self.cfg
         return {
-            "world": [c.world, c.seed],
+            # keys added later with a None default are left out: old caches stay valid
+            "world": [{k: v for k, v in to_dict(c.world).items()
+                       if not (k == "root" and v is None)}, c.seed],
             "text": [c.text_encoder],
             # (weights=None is left out so adding that key kept every existing cache valid)
             "generator": [{k: v for k, v in to_dict(c.generator).items()
@@ -89,7 +91,7 @@ class Pipeline:
                           if not k.startswith("toyclip") and k != "batch_size"}],
             "student": [{**{k: v for k, v in to_dict(c.student).items()
                             if k not in ("num_workers", "logger", "devices", "num_nodes",
-                                         "strategy")},
+                                         "strategy", "rerank")},
                          "seed": c.seed if c.student.seed is None else c.student.seed}, c.seed,
                         *([str(self.released_root())] if self.released else [])],
             "baselines": [c.baselines, c.student.k_eval, c.seed],

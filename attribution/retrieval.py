@@ -6,6 +6,11 @@ Embeddings are L2-normalized, so inner product = cosine and a HIGHER score = MOR
 Kinds: ``flat`` (exact), ``ivf`` (IVF-Flat, ``nlist`` lists, ``nprobe`` searched), ``hnsw``
 (HNSW, ``m`` links), ``ivfpq`` (IVF + product quantization, for indexes that do not fit in
 memory).  ``gpu=True`` moves the index to a GPU when faiss-gpu and a GPU are present.
+
+:class:`Reranked` puts an exact second pass behind an approximate index: the index proposes the
+top ``candidates`` and their full vectors (float16, memory-mapped from disk for indexes larger
+than memory) re-score them exactly.  IVF-PQ alone has poor recall at k = 10 (compressed codes);
+with re-ranking it is as good as its candidate list.
 """
 
 from __future__ import annotations
@@ -53,6 +58,29 @@ def build_index(emb: np.ndarray, kind: str = "flat", nlist: int = 64, nprobe: in
     return index
 
 
+class Reranked:
+    """An approximate index whose top ``candidates`` are re-scored exactly from ``vectors``
+    (any (N, D) array-like, e.g. a float16 memmap); same ``search``/``ntotal``/``d`` surface."""
+
+    def __init__(self, index, vectors, candidates: int = 1000):
+        if len(vectors) != index.ntotal:
+            raise ValueError(f"{len(vectors)} re-ranking vectors for an index of {index.ntotal}")
+        self.index, self.vectors, self.candidates = index, vectors, candidates
+        self.ntotal, self.d = index.ntotal, index.d
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        _, cand = self.index.search(q, min(max(k, self.candidates), self.ntotal))
+        scores = np.full((len(q), k), -np.inf, np.float32)
+        ids = np.full((len(q), k), -1, np.int64)
+        for r in range(len(q)):
+            c = cand[r][cand[r] >= 0]
+            order = np.sort(c)  # sorted reads: sequential on a memmap
+            exact = np.asarray(self.vectors[order], dtype=np.float32) @ q[r]
+            top = np.argsort(-exact, kind="stable")[:k]
+            scores[r, : len(top)], ids[r, : len(top)] = exact[top], order[top]
+        return scores, ids
+
+
 def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(scores float32 (Q, k), ids int64 (Q, k)), best first."""
     q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
@@ -68,9 +96,21 @@ def save_index(index, path: str | Path) -> None:
     faiss.write_index(index, str(path))
 
 
-def load_index(path: str | Path):
-    if not Path(path).is_file():
+def save_rerank_vectors(emb: np.ndarray, path: str | Path) -> None:
+    """The full vectors a :class:`Reranked` index re-scores with (float16: half the bytes)."""
+    np.save(path, np.asarray(emb, dtype=np.float16))
+
+
+def load_index(path: str | Path, rerank: int = 0):
+    """Load an index; with ``rerank`` > 0 and ``<path stem>.vectors.npy`` beside it, wrap it in
+    :class:`Reranked` over those vectors (memory-mapped)."""
+    path = Path(path)
+    if not path.is_file():
         from attribution.data.dataset import DataFileError
 
         raise DataFileError(f"faiss index missing: {path}")
-    return _faiss().read_index(str(path))
+    index = _faiss().read_index(str(path))
+    vectors = path.with_suffix(".vectors.npy")
+    if rerank > 0 and vectors.is_file():
+        return Reranked(index, np.load(vectors, mmap_mode="r"), rerank)
+    return index

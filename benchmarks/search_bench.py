@@ -1,7 +1,8 @@
 """Search benchmark: exact and approximate faiss indexes over synthetic 768-d items.
 
 Usage:  python benchmarks/search_bench.py [--sizes 10000 100000 1000000] [--dim 768]
-                                          [--kinds flat ivf hnsw ivfpq] [--k 10]
+                                          [--kinds flat ivf hnsw ivfpq ivfpq+rerank] [--k 10]
+                                          [--rerank 1000]
 
 For each N and index kind: build time, single-query (batch 1) and batched (batch 256) queries/s,
 recall@k of the approximate index against the exact one, and how close to the hardware it runs:
@@ -10,6 +11,8 @@ memory bandwidth; a batch of exact queries is one (Q x D) @ (D x N) product, com
 machine's measured matrix-multiply peak.  Items are unit vectors drawn around 1,000 random
 centres (clustered like real embeddings, so IVF partitions mean something); queries are fresh
 draws from the same mixture.  HNSW at 10^6 takes long to build on 2 cores: `--hnsw-max`.
+``ivfpq+rerank`` is IVF-PQ proposing ``--rerank`` candidates that are re-scored exactly from
+float16 vectors memory-mapped from a file (retrieval.Reranked); its size column adds that file.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import tempfile
 import time
 
 import numpy as np
@@ -83,7 +87,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     ap.add_argument("--dim", type=int, default=768)
-    ap.add_argument("--kinds", nargs="+", default=["flat", "ivf", "hnsw", "ivfpq"])
+    ap.add_argument("--kinds", nargs="+",
+                    default=["flat", "ivf", "hnsw", "ivfpq", "ivfpq+rerank"])
+    ap.add_argument("--rerank", type=int, default=1000)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--queries", type=int, default=512)
     ap.add_argument("--batch", type=int, default=256)
@@ -97,7 +103,7 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()}, faiss {retrieval._faiss().__version__}")
     print(f"measured: memory read bandwidth {bw:.1f} GB/s, fp32 matmul peak {peak:.0f} GFLOP/s")
     print(f"items: unit vectors, d={d}, clustered; k={args.k}; batch={args.batch}")
-    head = (f"{'N':>9} {'index':<7} {'build s':>8} {'q/s b=1':>9} {'%BW':>5} "
+    head = (f"{'N':>9} {'index':<12} {'build s':>8} {'q/s b=1':>9} {'%BW':>5} "
             f"{'q/s b=' + str(args.batch):>10} {'%peak':>6} {'recall@k':>9} {'MB':>8}")
     print(head)
     queries = clustered(args.queries, d, centres, rng)
@@ -106,11 +112,17 @@ def main() -> None:
         exact_ids = None
         for kind in args.kinds:
             if kind == "hnsw" and n > args.hnsw_max:
-                print(f"{n:>9} {kind:<7} skipped (--hnsw-max {args.hnsw_max})")
+                print(f"{n:>9} {kind:<12} skipped (--hnsw-max {args.hnsw_max})")
                 continue
             opts = {"nlist": min(int(4 * np.sqrt(n)), 1024), "nprobe": 16, "pq_m": 64}
             t = time.perf_counter()
-            index = retrieval.build_index(items, kind, **opts)
+            index = retrieval.build_index(items, kind.split("+")[0], **opts)
+            extra_mb = 0.0
+            if kind.endswith("+rerank"):
+                path = os.path.join(tempfile.mkdtemp(), "vectors.npy")
+                retrieval.save_rerank_vectors(items, path)
+                extra_mb = os.path.getsize(path) / 1e6
+                index = retrieval.Reranked(index, np.load(path, mmap_mode="r"), args.rerank)
             build = time.perf_counter() - t
             single = rate(index, queries[:64], args.k, 1)
             batched = rate(index, queries, args.k, args.batch)
@@ -118,12 +130,13 @@ def main() -> None:
             if kind == "flat":
                 exact_ids = ids
             rec = recall(ids, exact_ids) if exact_ids is not None else float("nan")
-            size_mb = retrieval._faiss().serialize_index(index).nbytes / 1e6
+            faiss_index = index.index if isinstance(index, retrieval.Reranked) else index
+            size_mb = retrieval._faiss().serialize_index(faiss_index).nbytes / 1e6 + extra_mb
             bw_frac = pct_peak = ""
             if kind == "flat":  # what exact search must move / compute
                 bw_frac = f"{100 * single * n * d * 4 / 1e9 / bw:.0f}"
                 pct_peak = f"{100 * batched * 2 * n * d / 1e9 / peak:.0f}"
-            print(f"{n:>9} {kind:<7} {build:>8.2f} {single:>9.1f} {bw_frac:>5} "
+            print(f"{n:>9} {kind:<12} {build:>8.2f} {single:>9.1f} {bw_frac:>5} "
                   f"{batched:>10.1f} {pct_peak:>6} {rec:>9.3f} {size_mb:>8.1f}", flush=True)
         del items
 

@@ -123,6 +123,8 @@ def train_student(cfg, features_dir: Path, teacher_dir: Path, out: Path,
                                                "feature": sc.feature}))
     item_emb = module.embed(feats["items"]).numpy()
     retrieval.save_index(retrieval.build_index(item_emb, sc.index), out / "index.faiss")
+    if sc.index != "flat":  # what an approximate index re-ranks with at query time
+        retrieval.save_rerank_vectors(item_emb, out / "index.vectors.npy")
     metrics = {"feature": sc.feature, "loss": sc.loss, "train_queries": q,
                "kept_per_query": m or ranks.train.shape[1], "seconds": seconds,
                "alpha": float(head.alpha.detach()), "beta": float(head.beta.detach())}
