@@ -15,7 +15,7 @@ from PIL import Image
 
 from attribution import retrieval
 from attribution.data.dataset import CaptionedImageSet, DataFileError
-from attribution.data.images import save_grid
+from attribution.data.images import center_crop_resize, save_grid
 from attribution.features.extractors import build_extractor
 from attribution.student.head import EmbeddingHead
 
@@ -49,11 +49,8 @@ def read_image(path: str | Path, size: int) -> torch.Tensor:
     """A PNG/JPEG as float (1, 3, size, size) in [-1, 1] (center-cropped square, resized)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"query image not found: {path}")
-    img = Image.open(path).convert("RGB")
-    s = min(img.size)
-    left, top = (img.width - s) // 2, (img.height - s) // 2
-    img = img.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
-    return torch.from_numpy(np.array(img)).float().movedim(-1, 0)[None] / 127.5 - 1
+    with Image.open(path) as img:
+        return center_crop_resize(img, size)[None]
 
 
 @torch.no_grad()

@@ -30,16 +30,8 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from attribution.data.dataset import DataFileError, atomic_write_bytes
+from attribution.data.images import center_crop_resize
 from attribution.generator.module import seeded_generator
-
-
-def center_crop_resize(img: Image.Image, size: int) -> torch.Tensor:
-    """RGB image -> float (3, size, size) in [-1, 1]: center square crop, bicubic resize."""
-    img = img.convert("RGB")
-    s = min(img.size)
-    left, top = (img.width - s) // 2, (img.height - s) // 2
-    img = img.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
-    return torch.from_numpy(np.asarray(img, dtype=np.float32)).movedim(-1, 0) / 127.5 - 1
 
 
 class CocoCaptions(Dataset):

@@ -19,16 +19,9 @@ import numpy as np
 from PIL import Image
 
 from attribution.data.dataset import DataFileError
+from attribution.data.images import square_resize
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp"}
-
-
-def _square(img: Image.Image, size: int) -> np.ndarray:
-    img = img.convert("RGB")
-    s = min(img.size)
-    left, top = (img.width - s) // 2, (img.height - s) // 2
-    return np.asarray(img.crop((left, top, left + s, top + s)).resize((size, size),
-                                                                      Image.BICUBIC))
 
 
 def _captions(text: str, n: int, where: str) -> list[str]:
@@ -48,7 +41,7 @@ def _from_folder(root: Path, size: int, n_caps: int, limit: int | None):
             raise DataFileError(f"image without a caption file: {path} (expected {txt.name})")
         try:
             with Image.open(path) as img:
-                images.append(_square(img, size))
+                images.append(square_resize(img, size))
         except (OSError, ValueError) as err:
             raise DataFileError(f"unreadable image {path}: {err}") from err
         caps.append(_captions(txt.read_text(), n_caps, str(txt)))
@@ -73,7 +66,7 @@ def _from_shards(shards: list[Path], size: int, n_caps: int, limit: int | None):
                     if f"{key}.txt" not in members:
                         raise DataFileError(f"{shard}: sample {key} has no .txt caption")
                     with Image.open(io.BytesIO(tar.extractfile(members[img_name]).read())) as img:
-                        images.append(_square(img, size))
+                        images.append(square_resize(img, size))
                     text = tar.extractfile(members[f"{key}.txt"]).read().decode("utf-8")
                     caps.append(_captions(text, n_caps, f"{shard}:{key}.txt"))
         except tarfile.TarError as err:

@@ -9,6 +9,21 @@ import torch
 from PIL import Image
 
 
+def square_resize(img: Image.Image, size: int) -> np.ndarray:
+    """Any PIL image -> uint8 (size, size, 3): RGB, center square crop, bicubic resize (the one
+    preprocessing of user images, COCO images and query images)."""
+    img = img.convert("RGB")
+    s = min(img.size)
+    left, top = (img.width - s) // 2, (img.height - s) // 2
+    return np.asarray(img.crop((left, top, left + s, top + s)).resize((size, size),
+                                                                      Image.BICUBIC))
+
+
+def center_crop_resize(img: Image.Image, size: int) -> torch.Tensor:
+    """Any PIL image -> float (3, size, size) in [-1, 1] (model space of the pixel codec)."""
+    return torch.from_numpy(square_resize(img, size).astype(np.float32)).movedim(-1, 0) / 127.5 - 1
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """float (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3)."""
     x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
