@@ -293,6 +293,12 @@ class Pipeline:
     def _stage_fidelity(self, out: Path) -> dict:
         from attribution.fidelity import prompt_fidelity
 
+        if self.cfg.world.kind != "toy":
+            from attribution.config import ConfigError
+
+            raise ConfigError("prompt fidelity reads the toy world's ground-truth attributes; "
+                              f"world.kind={self.cfg.world.kind} has none")
+
         res = prompt_fidelity(self.cfg, self.dir("world"), self.dir("generator"), out,
                               self.progress)
         return {f"{a}_acc": r["accuracy"] for a, r in res["attributes"].items()}

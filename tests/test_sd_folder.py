@@ -115,6 +115,10 @@ def test_sd_pipeline_on_an_image_caption_folder(tmp_path):
                     echo=lambda s: None)
     results = pipe.run()
     assert "fidelity" not in results  # toy-only stage
+    from attribution.config import ConfigError
+
+    with pytest.raises(ConfigError, match="toy world's ground-truth attributes"):
+        pipe.run(["fidelity"])
     loaded, manifest = load_unet(pipe.dir("generator"))
     assert manifest["source"] == str(sd.resolve())
     assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(),
