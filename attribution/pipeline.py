@@ -40,7 +40,16 @@ OPTIONAL = {"customize", "abc_teacher", "abc"}  # run by default only with abc.e
 # Teacher settings that change only speed or placement, never results: not part of cache keys.
 EXECUTION_ONLY = {"devices", "num_nodes", "strategy", "batch_size", "query_batch_size",
                   "fisher_batch_size"}
+# Student settings that change only placement, logging or the deployed search, never training.
+STUDENT_EXECUTION_ONLY = {"num_workers", "logger", "devices", "num_nodes", "strategy", "rerank"}
+# Keys added to a section after caches existed: left out of its key while unset (None), so
+# adding them kept every existing cache valid.
+ADDED_LATER = {"world": {"root"}, "generator": {"weights", "pretrained"}}
 ORDER = list(DEPENDS)
+
+
+def _unset_dropped(section, keys: set[str]) -> dict:
+    return {k: v for k, v in to_dict(section).items() if not (k in keys and v is None)}
 
 
 @dataclass
@@ -72,13 +81,9 @@ class Pipeline:
     def _sections(self, stage: str) -> list:
         c = self.cfg
         return {
-            # keys added later with a None default are left out: old caches stay valid
-            "world": [{k: v for k, v in to_dict(c.world).items()
-                       if not (k == "root" and v is None)}, c.seed],
+            "world": [_unset_dropped(c.world, ADDED_LATER["world"]), c.seed],
             "text": [c.text_encoder],
-            # (weights=None is left out so adding that key kept every existing cache valid)
-            "generator": [{k: v for k, v in to_dict(c.generator).items()
-                           if not (k in ("weights", "pretrained") and v is None)}, c.seed],
+            "generator": [_unset_dropped(c.generator, ADDED_LATER["generator"]), c.seed],
             "queries": [c.queries, c.seed],
             "fidelity": [c.fidelity, c.queries.sampling, c.seed],
             "fisher": [{k: to_dict(c.teacher)[k] for k in ("fisher", "params", "fisher_epochs")},
@@ -90,8 +95,7 @@ class Pipeline:
             "features": [{k: v for k, v in to_dict(c.features).items()
                           if not k.startswith("toyclip") and k != "batch_size"}],
             "student": [{**{k: v for k, v in to_dict(c.student).items()
-                            if k not in ("num_workers", "logger", "devices", "num_nodes",
-                                         "strategy", "rerank")},
+                            if k not in STUDENT_EXECUTION_ONLY},
                          "seed": c.seed if c.student.seed is None else c.student.seed}, c.seed,
                         *([str(self.released_root())] if self.released else [])],
             "baselines": [c.baselines, c.student.k_eval, c.seed],

@@ -15,7 +15,6 @@ attribution (``calibration.py``) is fit per method on training concepts, judged 
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import time
@@ -37,8 +36,13 @@ from attribution.abc.customize import (
 )
 from attribution.abc.mapper import train_mapper
 from attribution.config import to_dict
-from attribution.data.dataset import CaptionedImageSet, DataFileError, atomic_write_bytes
-from attribution.data.images import save_grid, to_uint8
+from attribution.data.dataset import (
+    CaptionedImageSet,
+    DataFileError,
+    atomic_save_npz,
+    atomic_write_bytes,
+)
+from attribution.data.images import from_uint8, save_grid, to_uint8
 from attribution.metrics import average_precision, recall_at_k
 
 SAMPLE_ID_BASE = 2_000_000  # synthesized images' sampling/draw ids: disjoint from the queries'
@@ -56,16 +60,6 @@ def split_of(cfg, concept: C.Concept) -> str:
 
 def _device(cfg) -> str:
     return "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
-
-
-def _save_npz(path: Path, **arrays) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _images_to_model(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images)).float().movedim(-1, 1) / 127.5 - 1
 
 
 # ------------------------------------------------------------------------------ stage: customize
@@ -110,7 +104,7 @@ def run_customize(pipe, out: Path, progress: bool = True) -> dict:
             continue
         start = time.time()
         ex_images = np.stack([C.render(c, lay, size) for lay in c.exemplars])
-        ex_z = codec.encode(_images_to_model(ex_images))
+        ex_z = codec.encode(from_uint8(ex_images))
         ex_caps = [C.captions(lay, templates) for lay in c.exemplars]
         ex_cond = enc.encode([t for caps in ex_caps for t in caps]).view(
             len(ex_caps), len(templates), *uncond.shape)
@@ -129,7 +123,7 @@ def run_customize(pipe, out: Path, progress: bool = True) -> dict:
                                                             codec.size),
                        seed=sc.seed, sampler=sc.sampler, steps=sc.steps, guidance=sc.guidance,
                        batch_size=sc.batch_size, device=device, progress=False)
-        _save_npz(synth_path, images=to_uint8(codec.decode(z)), z=z.numpy(),
+        atomic_save_npz(synth_path, images=to_uint8(codec.decode(z)), z=z.numpy(),
                   cond=cond.numpy(), exemplar_images=ex_images, exemplar_z=ex_z.numpy(),
                   exemplar_cond=ex_cond[:, :n_caps].numpy().astype(np.float16))
         done += 1
@@ -273,8 +267,8 @@ def space_features(pipe, bench: Benchmark, space: str) -> tuple[np.ndarray, np.n
                                      expect_items=bench.n_items, expect_name=space)["items"])
     ext = build_extractor(space, pipe.feature_context(bench.world.manifest["image_size"]),
                           pipe.cfg.features.l2_per_block).eval()
-    ex = ext.extract(_images_to_model(bench.exemplar_images), bench.exemplar_captions).numpy()
-    q = ext.extract(_images_to_model(bench.query_images), bench.query_prompts).numpy()
+    ex = ext.extract(from_uint8(bench.exemplar_images), bench.exemplar_captions).numpy()
+    q = ext.extract(from_uint8(bench.query_images), bench.query_prompts).numpy()
     return np.concatenate([items, ex]).astype(np.float32), q.astype(np.float32)
 
 

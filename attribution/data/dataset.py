@@ -14,6 +14,7 @@ An item is ``{"image": float (3, H, W) in [-1, 1], "captions": list[str], "index
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -46,6 +47,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """``np.savez`` into memory, then :func:`atomic_write_bytes`."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:

@@ -56,13 +56,15 @@ def _from_shards(shards: list[Path], size: int, n_caps: int, limit: int | None):
         try:
             with tarfile.open(shard) as tar:
                 members = {m.name: m for m in tar.getmembers() if m.isfile()}
-                keys = sorted({Path(n).with_suffix("").as_posix() for n in members
-                               if Path(n).suffix.lower() in IMAGE_EXTS})
-                for key in keys:
+                # sample key -> its image member (one pass; the first image per key)
+                image_of: dict[str, str] = {}
+                for n in members:
+                    if Path(n).suffix.lower() in IMAGE_EXTS:
+                        image_of.setdefault(Path(n).with_suffix("").as_posix(), n)
+                for key in sorted(image_of):
                     if limit is not None and len(images) >= limit:
                         return images, caps
-                    img_name = next(n for n in members if Path(n).with_suffix("").as_posix()
-                                    == key and Path(n).suffix.lower() in IMAGE_EXTS)
+                    img_name = image_of[key]
                     if f"{key}.txt" not in members:
                         raise DataFileError(f"{shard}: sample {key} has no .txt caption")
                     with Image.open(io.BytesIO(tar.extractfile(members[img_name]).read())) as img:

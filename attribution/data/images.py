@@ -24,6 +24,11 @@ def center_crop_resize(img: Image.Image, size: int) -> torch.Tensor:
     return torch.from_numpy(square_resize(img, size).astype(np.float32)).movedim(-1, 0) / 127.5 - 1
 
 
+def from_uint8(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1] (the inverse of :func:`to_uint8`)."""
+    return torch.from_numpy(np.ascontiguousarray(images)).float().movedim(-1, 1) / 127.5 - 1
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """float (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3)."""
     x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

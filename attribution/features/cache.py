@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from attribution.data.dataset import (
     CaptionedImageSet,
@@ -19,15 +18,12 @@ from attribution.data.dataset import (
     atomic_save_npy,
     atomic_write_bytes,
 )
+from attribution.data.images import from_uint8
 from attribution.data.queries import QuerySet
 
 
 class StaleFeatureCache(DataFileError):
     """A feature cache does not match the extractor or the data it is used with."""
-
-
-def _images(arr: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(arr)).float().movedim(-1, 1) / 127.5 - 1
 
 
 def extract_all(extractor, world: CaptionedImageSet, queries: dict[str, QuerySet], out: Path,
@@ -38,7 +34,7 @@ def extract_all(extractor, world: CaptionedImageSet, queries: dict[str, QuerySet
     atomic_save_npy(out / "items.npy", items.numpy().astype(np.float32))
     counts = {"items": len(world)}
     for split, qs in queries.items():
-        imgs = _images(np.stack([qs.image(i) for i in range(len(qs))]))
+        imgs = from_uint8(np.stack([qs.image(i) for i in range(len(qs))]))
         feats = extractor.extract(imgs, qs.captions, batch_size)
         atomic_save_npy(out / f"query_{split}.npy", feats.numpy().astype(np.float32))
         counts[f"query_{split}"] = len(qs)

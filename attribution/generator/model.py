@@ -187,8 +187,6 @@ def load_pretrained_unet(gen_cfg, codec: nn.Module, path: str | Path) -> UNet2DC
     """The UNet of a diffusers pipeline folder (``unet/``) or of a UNet folder, with its own
     architecture.  Checked against this run: latent channels of the codec, and the pipeline's
     scheduler config (``scheduler/``) against generator.num_train_timesteps / beta_*."""
-    import json as _json
-
     from attribution.data.dataset import DataFileError
 
     root = Path(path).expanduser()
@@ -204,7 +202,7 @@ def load_pretrained_unet(gen_cfg, codec: nn.Module, path: str | Path) -> UNet2DC
                             f"gives {codec.channels} (generator.codec / vae_path)")
     sched = root / "scheduler" / "scheduler_config.json"
     if sched.is_file():
-        theirs = _json.loads(sched.read_text())
+        theirs = json.loads(sched.read_text())
         bad = {ours: (getattr(gen_cfg, ours), theirs[k]) for k, ours in SCHEDULE_KEYS.items()
                if k in theirs and getattr(gen_cfg, ours) != theirs[k]}
         if bad:

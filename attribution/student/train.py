@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from attribution import retrieval
-from attribution.callbacks import RankingMAPCallback, ThroughputCallback, feature_baseline
+from attribution.callbacks import RankingMAPCallback, ThroughputCallback
 from attribution.config import to_dict
 from attribution.data.dataset import DataFileError, atomic_write_bytes
 from attribution.features.cache import load_features, load_released_features
@@ -110,8 +110,8 @@ def train_student(cfg, features_dir: Path, teacher_dir: Path, out: Path,
         # with ddp_spawn only the weights come back to this process (not callback state), and
         # with ddp every rank runs on from here: measure in the process we are in
         module.to("cpu")
-        mapcb.last, mapcb.baseline = mapcb.evaluate(module), feature_baseline(
-            feats["items"], feats["query_test"], ranks.test, ks)
+        mapcb.on_fit_start(trainer, module)  # the untuned baseline
+        mapcb.last = mapcb.evaluate(module)
         thr.on_fit_end(trainer, module)
         if trainer.global_rank != 0:  # a ddp worker (torchrun / SLURM): rank 0 carries on
             sys.exit(0)

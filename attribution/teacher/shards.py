@@ -13,15 +13,13 @@ Our own: ``teacher_<split>.npz`` with query_ids, candidates, influence, rank.
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import pickle
 from pathlib import Path
 
 import numpy as np
 
-from attribution.data.dataset import DataFileError, atomic_write_bytes
+from attribution.data.dataset import DataFileError, atomic_save_npz, atomic_write_bytes
 
 
 class ShardStore:
@@ -48,12 +46,8 @@ class ShardStore:
         if not np.isfinite(influence).all():
             raise FloatingPointError(f"refusing to write non-finite influence for {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        buf = io.BytesIO()
-        np.savez(buf, candidates=candidates.astype(np.int64),
-                 influence=influence.astype(np.float32), info=np.array(json.dumps(info)))
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, path)
+        atomic_save_npz(path, candidates=candidates.astype(np.int64),
+                        influence=influence.astype(np.float32), info=np.array(json.dumps(info)))
         return True
 
     def read(self, split: str, query_id: int) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -93,7 +87,6 @@ def write_merged(out: Path, split: str, merged: dict, n_items: int) -> None:
             raise ValueError("test queries must be scored against the whole training set")
         payload = {"random": {"influence": full, "rank": merged["rank"]}}
     atomic_write_bytes(out / f"influence_{split}.pkl", pickle.dumps(payload, protocol=4))
-    buf = io.BytesIO()
-    np.savez(buf, query_ids=merged["query_ids"], candidates=merged["candidates"],
-             influence=merged["influence"], rank=merged["rank"])
-    atomic_write_bytes(out / f"teacher_{split}.npz", buf.getvalue())
+    atomic_save_npz(out / f"teacher_{split}.npz", query_ids=merged["query_ids"],
+                    candidates=merged["candidates"], influence=merged["influence"],
+                    rank=merged["rank"])
