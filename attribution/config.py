@@ -35,8 +35,11 @@ class PlantedConcept:
 
 @dataclass
 class WorldConfig:
-    kind: str = "toy"  # toy (procedural, generated here) | folder (image + .txt pairs, or shards)
-    root: str | None = None  # folder worlds: a folder, a .tar shard, or a list of shards
+    # toy (procedural, generated here) | folder (image + .txt pairs, or shards) | encoded (an
+    # `attribution coco-encode` folder: latents + token states, no images; see data/encoded.py)
+    kind: str = "toy"
+    # folder worlds: a folder, a .tar shard, or a list of shards; encoded: the encoding's folder
+    root: str | None = None
     n_items: int = 1200
     image_size: int = 16
     captions_per_item: int = 3
@@ -367,7 +370,7 @@ def derive(cfg: Config, changes: dict) -> Config:
 def _validate(cfg: DictConfig) -> None:
     """Cross-field checks that a type system cannot express."""
     choices = {
-        "world.kind": ["toy", "folder"],
+        "world.kind": ["toy", "folder", "encoded"],
         "data.source": ["toy", "released"],
         "generator.codec": ["pixel", "vae"],
         "generator.train.lr_schedule": ["constant", "cosine"],
@@ -399,7 +402,7 @@ def _validate(cfg: DictConfig) -> None:
     if bad_t or not cfg.teacher.timesteps:
         raise ConfigError(f"teacher.timesteps must be non-empty, in [0, "
                           f"{cfg.generator.num_train_timesteps}); bad: {bad_t}")
-    if cfg.teacher.k > cfg.world.n_items:
+    if cfg.world.kind != "encoded" and cfg.teacher.k > cfg.world.n_items:
         raise ConfigError(f"teacher.k={cfg.teacher.k} exceeds world.n_items={cfg.world.n_items}")
     if cfg.student.feature not in cfg.features.spaces:
         raise ConfigError(f"student.feature={cfg.student.feature!r} is not among features.spaces "
@@ -413,13 +416,18 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError("student.p_outside must be in [0, 1)")
     if cfg.generator.codec == "vae" and not cfg.generator.vae_path:
         raise ConfigError("generator.codec=vae needs generator.vae_path (an AutoencoderKL folder)")
-    if cfg.world.kind == "folder":
+    if cfg.world.kind != "toy":
         if not cfg.world.root:
-            raise ConfigError("world.kind=folder needs world.root (a folder of image + .txt "
-                              "pairs, a .tar shard, or a text file listing shards)")
+            raise ConfigError(f"world.kind={cfg.world.kind} needs world.root ("
+                              + ("a folder of image + .txt pairs, a .tar shard, or a text file "
+                                 "listing shards)" if cfg.world.kind == "folder" else
+                                 "the folder `attribution coco-encode` wrote)"))
         if cfg.world.planted:
             raise ConfigError("world.planted is for the toy world; set world.planted=[] for a "
-                              "folder world")
+                              f"{cfg.world.kind} world")
+    if cfg.world.kind == "encoded" and cfg.generator.codec != "vae":
+        raise ConfigError("world.kind=encoded holds VAE latents: set generator.codec=vae and "
+                          "generator.vae_path to the VAE the encoding used")
     if cfg.generator.weights and cfg.generator.pretrained:
         raise ConfigError("set generator.weights or generator.pretrained, not both")
     a = cfg.abc

@@ -18,7 +18,7 @@ import numpy as np
 
 from attribution.abc.benchmark import stage_sections as abc_sections
 from attribution.config import config_hash, save_config, to_dict
-from attribution.data.dataset import atomic_write_bytes
+from attribution.data.dataset import atomic_write_bytes, read_manifest
 
 DEPENDS = {
     "world": [],
@@ -46,6 +46,11 @@ STUDENT_EXECUTION_ONLY = {"num_workers", "logger", "devices", "num_nodes", "stra
 # adding them kept every existing cache valid.
 ADDED_LATER = {"world": {"root"}, "generator": {"weights", "pretrained"}}
 ORDER = list(DEPENDS)
+# A pre-encoded world (world.kind=encoded) holds latents and token states, not images: the
+# stages that look at images cannot run on it (at MSCOCO scale the student reads the released
+# features: data.source=released).
+NEEDS_IMAGES = {"fidelity", "toyclip", "features", "student", "baselines", "customize",
+                "abc_teacher", "abc"}
 
 
 def _unset_dropped(section, keys: set[str]) -> dict:
@@ -122,12 +127,21 @@ class Pipeline:
 
     def run(self, stages: list[str] | None = None) -> dict[str, StageResult]:
         """Run ``stages`` (default: all) and what they depend on; return every stage's result."""
-        toy_only = {"fidelity"} if self.cfg.world.kind != "toy" else set()
+        kind = self.cfg.world.kind
+        skip = {"toy": set(), "folder": {"fidelity"}, "encoded": NEEDS_IMAGES}[kind]
         wanted = stages or [s for s in ORDER if (s not in OPTIONAL or self.cfg.abc.enabled)
-                            and s not in toy_only]
+                            and s not in skip]
         unknown = [s for s in wanted if s not in DEPENDS]
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}; stages are {ORDER}")
+        if kind == "encoded" and not self.released and set(wanted) & NEEDS_IMAGES:
+            from attribution.config import ConfigError
+
+            raise ConfigError(
+                f"world.kind=encoded has latents and token states but no images, so it cannot "
+                f"run {sorted(set(wanted) & NEEDS_IMAGES)}; it runs world, text, generator, "
+                "queries, fisher and teacher. Train the student on the released features "
+                "(data.source=released) or use world.kind=folder over the images")
         if self.released:
             if stages and set(stages) - {"student"}:
                 from attribution.config import ConfigError
@@ -235,6 +249,19 @@ class Pipeline:
         from attribution.data.dataset import write_world
 
         w = self.cfg.world
+        if w.kind == "encoded":  # validated and pointed at, not copied
+            from attribution.data.encoded import EncodedWorld
+
+            enc = EncodedWorld(w.root)
+            manifest = {"kind": "encoded", "encoded_root": str(enc.root.resolve()),
+                        "n_items": len(enc), "image_size": enc.manifest["image_size"],
+                        "captions_per_item": int(enc.states.shape[1]),
+                        "text_encoder": enc.manifest.get("text_encoder", ""),
+                        "scale": enc.manifest["scale"], "token_length": int(enc.states.shape[2]),
+                        "sha256": {"encoding": enc.fingerprint()}, "seed": self.cfg.seed}
+            atomic_write_bytes(out / "manifest.json", json.dumps(manifest, indent=2).encode())
+            return {"items": len(enc), "captions": len(enc) * manifest["captions_per_item"],
+                    "latents": list(enc.latents.shape[1:])}
         if w.kind == "folder":
             from attribution.data.folder import read_image_caption_data
 
@@ -256,8 +283,26 @@ class Pipeline:
         from attribution.generator.text_encoder import load_text_encoder
 
         t = self.cfg.text_encoder
-        world = CaptionedImageSet(self.dir("world"))
         enc = load_text_encoder(t.name, t.weights, t.max_length)
+        world_manifest = read_manifest(self.dir("world"))
+        if world_manifest.get("kind") == "encoded":  # token states exist: point at them
+            from attribution.config import ConfigError
+
+            if enc.source != world_manifest["text_encoder"]:
+                raise ConfigError(
+                    f"text_encoder ({enc.source}) is not the encoder the pre-encoded world was "
+                    f"made with ({world_manifest['text_encoder']}): queries would be encoded "
+                    "differently from the training captions")
+            if t.max_length != world_manifest["token_length"]:
+                raise ConfigError(f"text_encoder.max_length={t.max_length} but the pre-encoded "
+                                  f"captions have {world_manifest['token_length']} tokens")
+            root = world_manifest["encoded_root"]
+            atomic_write_bytes(out / "manifest.json", json.dumps(
+                {"encoded_root": root, "source": enc.source}, indent=2).encode())
+            table = TextTable.load(out)
+            return {"distinct_texts": int(table.embeddings.shape[0]),
+                    "dim": int(table.embeddings.shape[-1]), "memory_mapped": True}
+        world = CaptionedImageSet(self.dir("world"))
         table = TextTable.build(enc, world.captions, t.batch_size)
         table.save(out)
         return {"distinct_texts": len(table.texts), "dim": int(table.embeddings.shape[-1])}
@@ -267,7 +312,6 @@ class Pipeline:
 
         g = self.cfg.generator
         if g.weights or g.pretrained:  # released / pretrained weights: load, check, save
-            from attribution.data.dataset import CaptionedImageSet
             from attribution.generator.model import (
                 build_codec,
                 load_pretrained_unet,
@@ -275,13 +319,13 @@ class Pipeline:
                 save_generator,
             )
 
-            world = CaptionedImageSet(self.dir("world"), verify=False)
-            size = world.manifest["image_size"]
+            world_manifest = read_manifest(self.dir("world"))
+            size = world_manifest["image_size"]
             codec = build_codec(g, size)
             source = g.weights or g.pretrained
             unet = (load_unet_weights(g, codec, g.weights) if g.weights
                     else load_pretrained_unet(g, codec, g.pretrained))
-            save_generator(out, unet, {"config": to_dict(g), "world": world.manifest["sha256"],
+            save_generator(out, unet, {"config": to_dict(g), "world": world_manifest["sha256"],
                                        "source": str(Path(source).resolve()), "steps": 0,
                                        "image_size": size, "excluded": []})
             return {"loaded": str(source), "params": sum(p.numel() for p in unet.parameters())}
@@ -322,6 +366,8 @@ class Pipeline:
         summary = run_teacher(self.cfg, self.dir("world"), self.dir("text"),
                               self.dir("generator"), self.dir("queries"), self.dir("fisher"),
                               out, self.progress)
+        if self.cfg.world.kind == "encoded":  # no attributes, so no planted known answers
+            return summary
         test = QuerySet(self.dir("queries") / "query_test")
         with np.load(out / "teacher_test.npz") as merged:  # written by run_teacher's merge
             rank = merged["rank"]

@@ -32,6 +32,12 @@ def test_two_rank_teacher_split_equals_one_rank(smoke_run, tmp_path):
     ranks = [store.read(s, q)[2]["rank"] for s in ("train", "test") for q in store.done(s)]
     assert len(ranks) == n_queries  # every query exactly once, none lost or doubled
     assert sorted(set(ranks)) == [0, 1] and abs(ranks.count(0) - ranks.count(1)) <= 1
+    # L_j(θ0) computed once, half the items per rank, merged: equal to the one-rank cache
+    halves = [np.load(two / f"base_losses.part{r}of2.npy") for r in (0, 1)]
+    n_items = pipe.cfg.world.n_items
+    assert [len(h) for h in halves] == [n_items // 2, n_items - n_items // 2]
+    np.testing.assert_allclose(np.load(two / "base_losses.npy"),
+                               np.load(one / "base_losses.npy"), rtol=0, atol=1e-6)
     for split in ("train", "test"):
         a, b = _load(one / f"influence_{split}.pkl"), _load(two / f"influence_{split}.pkl")
         assert np.array_equal(a["rank"], b["rank"])

@@ -76,7 +76,8 @@ def _dtrak(pipe, out: Path, teacher_rank: np.ndarray, ks: list[int], progress: b
     if cache.is_file():
         phi = torch.from_numpy(np.load(cache))
     else:
-        phi = dt.featurize_all(cands.latents, cands.table.lookup(cands.rows[:, 0]), 0, progress)
+        phi = dt.featurize_all(cands.view(torch.arange(len(cands))),
+                               cands.table.lookup(cands.rows[:, 0]), 0, progress)
         atomic_save_npy(cache, phi.numpy())
     dt.fit(phi)
     qs = QuerySet(pipe.dir("queries") / "query_test", need_embeddings=True)

@@ -9,6 +9,8 @@ Pre-encoding (``encode_coco``) writes, under ``out/``::
     latents.npy         float32 (N, 2, C, h, w)  VAE posterior *sample* × scaling factor, for the
                                                  original (view 0) and the flipped image (view 1)
     text_embeddings.npy float16 (N, n_captions, L, D)  frozen text-encoder token states
+    uncond.npy          float16 (L, D)  the empty prompt's token states (classifier-free guidance)
+    captions.json       each item's captions, in row order (query prompts are drawn from them)
     ids.json            the COCO image ids, in row order
     progress.json       rows finished (written after each chunk is flushed): a killed run
                         resumes from there; ``manifest.json`` marks completion
@@ -16,6 +18,8 @@ Pre-encoding (``encode_coco``) writes, under ``out/``::
 Each latent's sampling noise is a function of (seed, item, view) only, so the arrays never depend
 on the batch size or on where a run was resumed.  Sizes at MSCOCO scale (N = 118,287, SD-2: C = 4,
 h = w = 16, L = 77, D = 1024): latents 0.97 GB, text embeddings 93 GB (float16).
+``world.kind=encoded`` trains the generator and runs the teacher straight from this folder
+(``attribution/data/encoded.py``).
 """
 
 from __future__ import annotations
@@ -100,6 +104,7 @@ def encode_coco(dataset: CocoCaptions, vae, text_encoder, out: Path, scale: floa
     out.mkdir(parents=True, exist_ok=True)
     n = len(dataset)
     if (out / "manifest.json").is_file():
+        _write_side_files(dataset, text_encoder, out)  # encodings made before they existed
         return json.loads((out / "manifest.json").read_text())
     down = 2 ** (len(vae.config.block_out_channels) - 1)
     c, h = vae.config.latent_channels, dataset.size // down
@@ -134,9 +139,22 @@ def encode_coco(dataset: CocoCaptions, vae, text_encoder, out: Path, scale: floa
         atomic_write_bytes(progress_path, json.dumps({"rows": rows[-1] + 1}).encode())
         bar.update(len(rows))
     bar.close()
-    atomic_write_bytes(out / "ids.json", json.dumps(dataset.ids).encode())
+    _write_side_files(dataset, text_encoder, out)
     manifest = {"n_items": n, "latents": list(lat_shape), "text_embeddings": list(txt_shape),
                 "scale": scale, "seed": seed, "image_size": dataset.size,
                 "text_encoder": text_encoder.source}
     atomic_write_bytes(out / "manifest.json", json.dumps(manifest, indent=2).encode())
     return manifest
+
+
+def _write_side_files(dataset: CocoCaptions, text_encoder, out: Path) -> None:
+    """ids.json, captions.json and uncond.npy (each written once, atomically)."""
+    from attribution.data.dataset import atomic_save_npy
+
+    if not (out / "ids.json").is_file():
+        atomic_write_bytes(out / "ids.json", json.dumps(dataset.ids).encode())
+    if not (out / "captions.json").is_file():
+        atomic_write_bytes(out / "captions.json",
+                           json.dumps([list(c) for c in dataset.captions]).encode())
+    if not (out / "uncond.npy").is_file():
+        atomic_save_npy(out / "uncond.npy", text_encoder.encode([""])[0].numpy().astype(np.float16))

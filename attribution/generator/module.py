@@ -46,20 +46,31 @@ class GeneratorModule(L.LightningModule):
     Args:
         unet: a diffusers ``UNet2DConditionModel`` (built outside; this module knows no config).
         text_table: token states of every caption (kept out of checkpoints: it is a cache).
-        latents: float (N, C, h, w) model-space training items (kept out of checkpoints).
+        latents: float (N, C, h, w) model-space training items, or (N, V, C, h, w) with V stored
+            views per item (a pre-encoded world's image and mirror), one drawn per sample
+            (kept out of checkpoints).
         alphas_cumprod: (T,) the DDPM schedule's ᾱ_t.
+        exclude: item ids left out (leave-K-out retraining).  Each step still draws its batch
+            from all N items exactly as the full run does and then drops the excluded draws, the
+            loss keeping the full batch's denominator: the gradient of every step is the full
+            run's minus the excluded items' terms.  Sharing every other random number with the
+            full run (common random numbers) is what makes a leave-10-out difference measurable
+            above the noise of a retraining (redrawing batches from the remaining items would
+            change every batch).
     """
 
     def __init__(self, unet, text_table: TextTable, latents: torch.Tensor,
                  alphas_cumprod: torch.Tensor, batch_size: int = 64, lr: float = 1e-3,
                  weight_decay: float = 0.0, warmup_steps: int = 50, cfg_dropout: float = 0.1,
                  ema_decay: float = 0.999, seed: int = 0, lr_schedule: str = "constant",
-                 total_steps: int = 0, keep: torch.Tensor | None = None):
+                 total_steps: int = 0, exclude: torch.Tensor | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["unet", "text_table", "latents", "alphas_cumprod",
-                                          "keep"])
-        # the items a step may draw (all by default; leave-K-out retraining drops some)
-        self.keep = torch.arange(len(latents)) if keep is None else keep.long()
+                                          "exclude"])
+        self.excluded = None  # bool (N,) or None
+        if exclude is not None and len(exclude):
+            self.excluded = torch.zeros(len(latents), dtype=torch.bool)
+            self.excluded[torch.as_tensor(exclude, dtype=torch.long)] = True
         if latents.shape[0] != text_table.rows.shape[0]:
             raise ValueError(f"{latents.shape[0]} items but {text_table.rows.shape[0]} caption rows")
         self.unet = unet
@@ -74,17 +85,29 @@ class GeneratorModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         g = seeded_generator(self.hparams.seed, 7, self.global_step)
         b = self.hparams.batch_size
-        idx = self.keep[torch.randint(len(self.keep), (b,), generator=g)]
-        z, rows = self.latents[idx].to(self.device), self.text_table.rows[idx]
+        idx = torch.randint(len(self.latents), (b,), generator=g)
+        rows = self.text_table.rows[idx]
         n_caps = rows.shape[1]
         pick = torch.randint(n_caps, (b,), generator=g)
         t = torch.randint(len(self.alphas_cumprod), (b,), generator=g)
-        noise = torch.randn(z.shape, generator=g)
+        noise = torch.randn((b, *self.latents.shape[-3:]), generator=g)
         drop = torch.rand(b, generator=g) < self.hparams.cfg_dropout
+        if self.latents.dim() == 5:  # stored views: drawn last, so 4-d worlds keep their draws
+            z = self.latents[idx, torch.randint(self.latents.shape[1], (b,), generator=g)]
+        else:
+            z = self.latents[idx]
+        z = z.to(self.device)
         row = rows[torch.arange(b), pick].masked_fill(drop, 0)
         cond = self.text_table.lookup(row).to(z.device)
-        loss = denoising_loss(self.unet, self.alphas_cumprod, z, cond, t.to(z.device),
-                              noise.to(z.device))
+        scale = 1.0
+        if self.excluded is not None:  # drop the excluded draws, keep every other random number
+            kept = torch.nonzero(~self.excluded[idx]).flatten()
+            if len(kept) == 0:
+                return None  # Lightning skips the optimizer step
+            scale = len(kept) / b  # the full batch's denominator
+            z, cond, t, noise = z[kept], cond[kept.to(cond.device)], t[kept], noise[kept]
+        loss = scale * denoising_loss(self.unet, self.alphas_cumprod, z, cond, t.to(z.device),
+                                      noise.to(z.device))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite generator loss at step {self.global_step}")
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)

@@ -25,7 +25,7 @@ def query_prompts(cfg) -> dict[str, list[dict[str, str]]]:
     """
     rng = np.random.default_rng([cfg.seed, 101])
     qc = cfg.queries
-    if cfg.world.kind == "folder":  # no attributes: prompts are captions of random items
+    if cfg.world.kind != "toy":  # no attributes: prompts are captions of random items
         return {"train": [{} for _ in range(qc.n_train)], "test": [{} for _ in range(qc.n_test)]}
     train = toy_world.sample_attributes(rng, qc.n_train, cfg.world.zipf)
     test = toy_world.sample_attributes(rng, qc.n_test, cfg.world.zipf)
@@ -39,16 +39,19 @@ def query_prompts(cfg) -> dict[str, list[dict[str, str]]]:
 
 
 def folder_prompts(cfg, world_dir: Path) -> dict[str, list[str]]:
-    """Query prompts of a folder world: first captions of seeded random items (train and test
-    drawn without overlap where the world is large enough)."""
+    """Query prompts of a folder or pre-encoded world: first captions of seeded random items
+    (train and test drawn without overlap where the world is large enough)."""
     from attribution.data.dataset import CaptionedImageSet
+    from attribution.data.encoded import EncodedWorld, encoded_root
 
-    world = CaptionedImageSet(world_dir, verify=False)
+    root = encoded_root(world_dir)
+    captions = (EncodedWorld(root).captions if root is not None
+                else CaptionedImageSet(world_dir, verify=False).captions)
     qc = cfg.queries
-    order = np.random.default_rng([cfg.seed, 103]).permutation(len(world))
+    order = np.random.default_rng([cfg.seed, 103]).permutation(len(captions))
     need = qc.n_train + qc.n_test
     picks = np.resize(order, need)  # repeats only when the world has fewer items than queries
-    caps = [world.captions[int(i)][0] for i in picks]
+    caps = [captions[int(i)][0] for i in picks]
     return {"train": caps[: qc.n_train], "test": caps[qc.n_train :]}
 
 
@@ -82,7 +85,7 @@ def generate_queries(cfg, gen_dir: Path, out_dir: Path, progress: bool = True,
                      world_dir: Path | None = None) -> dict:
     """Write ``out_dir/query_train`` and ``out_dir/query_test`` (released layout) + grid PNGs."""
     prompts = query_prompts(cfg)
-    texts = folder_prompts(cfg, world_dir) if cfg.world.kind == "folder" else None
+    texts = folder_prompts(cfg, world_dir) if cfg.world.kind != "toy" else None
     enc = load_text_encoder(cfg.text_encoder.name, cfg.text_encoder.weights,
                             cfg.text_encoder.max_length)
     offset = {"train": 0, "test": 1_000_000}  # disjoint sample ids: disjoint randomness

@@ -63,6 +63,13 @@ class TextTable:
     @classmethod
     def load(cls, root: Path) -> TextTable:
         root = Path(root)
+        pointer = root / "manifest.json"
+        if pointer.is_file():
+            meta = json.loads(pointer.read_text())
+            if "encoded_root" in meta:  # a pre-encoded world's token states, memory-mapped
+                from attribution.data.encoded import EncodedWorld
+
+                return EncodedWorld(meta["encoded_root"]).table()
         for name in ("manifest.json", "embeddings.npy", "caption_rows.npy", "texts.json"):
             if not (root / name).is_file():
                 raise DataFileError(f"Text-embedding cache file missing: {root / name}")

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from attribution.config import to_dict
-from attribution.data.dataset import CaptionedImageSet, DataFileError
+from attribution.data.dataset import CaptionedImageSet, DataFileError, read_manifest
 from attribution.generator.model import build_codec, build_scheduler, build_unet, save_generator
 from attribution.generator.module import GeneratorModule, StepDataset
 from attribution.generator.text_cache import TextTable
@@ -28,6 +28,31 @@ def encode_world(codec, world: CaptionedImageSet, batch_size: int = 256) -> torc
         idx = torch.arange(s, min(s + batch_size, len(world))).numpy()
         chunks.append(codec.encode(world.image_tensor(idx)))
     return torch.cat(chunks)
+
+
+def world_latents(codec, world_dir: Path) -> tuple[torch.Tensor, dict]:
+    """(model-space training items, the world stage's manifest).
+
+    An image world is encoded here: (N, C, h, w).  A pre-encoded world (``world.kind=encoded``)
+    gives its stored views: (N, 2, C, h, w), checked against the codec's latent shape."""
+    from attribution.data.encoded import EncodedWorld, encoded_root
+
+    root = encoded_root(world_dir)
+    if root is None:
+        world = CaptionedImageSet(world_dir)
+        return encode_world(codec, world), world.manifest
+    manifest = read_manifest(world_dir)
+    if not abs(manifest["scale"] - getattr(codec, "scale", float("nan"))) <= 1e-9:  # nan: pixels
+        raise ValueError(f"the latents were encoded with scale {manifest['scale']} but "
+                         f"the generator's codec has {getattr(codec, 'scale', 'none (pixels)')}: set "
+                         "generator.codec=vae and generator.latent_scale to match")
+    latents = EncodedWorld(root).latents_tensor()
+    want = (codec.channels, codec.size, codec.size)
+    if tuple(latents.shape[-3:]) != want:
+        raise ValueError(f"pre-encoded latents are {tuple(latents.shape[-3:])} per item but the "
+                         f"generator's codec ({codec.__class__.__name__}) works on {want}: "
+                         "set generator.codec=vae and generator.vae_path to the encoding's VAE")
+    return latents, manifest
 
 
 def _check_checkpoint(path: Path) -> None:
@@ -51,36 +76,37 @@ def train_generator(cfg, world_dir: Path, text_dir: Path, out_dir: Path,
                     progress: bool = True, exclude: list[int] | None = None) -> dict:
     """Train (or resume) the generator; write ``out_dir/unet`` + ``generator.json``.
 
-    ``exclude``: training items left out (leave-K-out counterfactuals); every other random
-    choice stays a function of (seed, step), so only the removed items change what is learned.
+    ``exclude``: training items left out (leave-K-out counterfactuals): every step draws the
+    full run's batch and drops the excluded draws (see ``GeneratorModule``), so only the removed
+    items change what is learned.
 
     Returns:
         {"final_loss": float, "seconds": float, "steps": int, "params": int}
     """
     out_dir = Path(out_dir)
     gcfg, tcfg = cfg.generator, cfg.generator.train
-    world = CaptionedImageSet(world_dir)
+    manifest = read_manifest(world_dir)
     table = TextTable.load(text_dir)
-    if table.rows.shape[0] != len(world):
+    n_items = manifest["n_items"]
+    if table.rows.shape[0] != n_items:
         raise DataFileError(f"text cache {text_dir} has {table.rows.shape[0]} items, "
-                            f"world has {len(world)}")
+                            f"world has {n_items}")
     if table.embeddings.shape[-1] != gcfg.unet.cross_attention_dim:
         raise ValueError(f"generator.unet.cross_attention_dim={gcfg.unet.cross_attention_dim} but "
                          f"the text encoder gives {table.embeddings.shape[-1]}-d token states")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    codec = build_codec(gcfg, world.manifest["image_size"])
+    codec = build_codec(gcfg, manifest["image_size"])
     unet = build_unet(gcfg, codec)
     scheduler = build_scheduler(gcfg)
-    keep = None
-    if exclude:
-        mask = torch.ones(len(world), dtype=torch.bool)
-        mask[torch.as_tensor(sorted(exclude), dtype=torch.long)] = False
-        keep = torch.nonzero(mask).flatten()
-    module = GeneratorModule(unet, table, encode_world(codec, world), scheduler.alphas_cumprod,
+    if exclude and not all(0 <= i < n_items for i in exclude):
+        raise ValueError(f"exclude ids must lie in [0, {n_items})")
+    latents, _ = world_latents(codec, world_dir)
+    module = GeneratorModule(unet, table, latents, scheduler.alphas_cumprod,
                              batch_size=tcfg.batch_size, lr=tcfg.lr,
                              weight_decay=tcfg.weight_decay, warmup_steps=tcfg.warmup_steps,
                              cfg_dropout=tcfg.cfg_dropout, ema_decay=tcfg.ema_decay, seed=cfg.seed,
-                             lr_schedule=tcfg.lr_schedule, total_steps=tcfg.steps, keep=keep)
+                             lr_schedule=tcfg.lr_schedule, total_steps=tcfg.steps,
+                             exclude=sorted(exclude) if exclude else None)
     # The loader only paces steps (an "epoch" = steps_per_epoch steps); each step draws its own
     # items from (seed, global_step), so resuming cannot change what a step sees.
     loader = DataLoader(StepDataset(tcfg.steps_per_epoch), batch_size=1)
@@ -102,9 +128,9 @@ def train_generator(cfg, world_dir: Path, text_dir: Path, out_dir: Path,
     trainer.fit(module, loader, ckpt_path=str(last) if last.is_file() else None)
     seconds = time.time() - start
     final_loss = float(trainer.callback_metrics.get("train/loss", torch.tensor(float("nan"))))
-    meta = {"config": to_dict(gcfg), "world": world.manifest["sha256"], "text_source": table.source,
+    meta = {"config": to_dict(gcfg), "world": manifest["sha256"], "text_source": table.source,
             "steps": int(trainer.global_step), "ema": tcfg.ema_decay > 0,
-            "image_size": world.manifest["image_size"], "excluded": sorted(exclude or [])}
+            "image_size": manifest["image_size"], "excluded": sorted(exclude or [])}
     save_generator(out_dir, module.sampling_unet(), meta)
     return {"final_loss": final_loss, "seconds": seconds, "steps": int(trainer.global_step),
             "params": sum(p.numel() for p in unet.parameters())}

@@ -51,9 +51,12 @@ class FisherDraws(Dataset):
         g = seeded_generator(self.seed, 41, epoch, item)
         cap = int(torch.randint(self.cands.rows.shape[1], (1,), generator=g))
         t = torch.randint(self.T, (1,), generator=g)[0]
-        eps = torch.randn(self.cands.latents.shape[1:], generator=g)
+        eps = torch.randn(self.cands.shape, generator=g)
+        flip = None
+        if self.cands.latents.dim() == 5:  # stored views: one drawn too (after the others)
+            flip = torch.randint(self.cands.latents.shape[1], (1,), generator=g)
         cond = self.cands.table.lookup(self.cands.rows[item, cap])
-        return self.cands.latents[item], cond, t, eps
+        return self.cands.view(torch.tensor([item]), flip)[0], cond, t, eps
 
 
 def per_sample_grads(unet: nn.Module, names: list[str], alphas_cumprod: torch.Tensor,

@@ -38,12 +38,23 @@ def collate_one(batch: list[Query]) -> Query:
 
 
 class TeacherModule(L.LightningModule):
-    """Wraps an :class:`AbUScorer`; ``predict_step`` returns one query's influence."""
+    """Wraps an :class:`AbUScorer`; ``predict_step`` returns one query's influence.
 
-    def __init__(self, scorer: AbUScorer):
+    ``base_losses(scorer, rank, world_size, barrier)``, when the scorer has no L_j(θ0) yet, computes
+    them once the model is on its device and the ranks exist (each rank a share)."""
+
+    def __init__(self, scorer: AbUScorer, base_losses=None):
         super().__init__()
-        self.scorer = scorer
+        self.scorer, self.base_losses = scorer, base_losses
         self.unet = scorer.unet  # registered so Lightning moves it to the device
+
+    def on_predict_start(self) -> None:
+        if self.scorer.base is None:
+            if self.base_losses is None:
+                raise ValueError("the scorer has no base losses and no way to compute them")
+            self.scorer.base = self.base_losses(self.scorer, self.global_rank,
+                                                self.trainer.world_size,
+                                                self.trainer.strategy.barrier)
 
     def predict_step(self, query: Query, batch_idx: int) -> dict:
         with torch.enable_grad():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -13,15 +14,15 @@ from torch.utils.data import DataLoader
 
 from attribution.config import to_dict
 from attribution.data.dataset import (
-    CaptionedImageSet,
     DataFileError,
     atomic_save_npy,
     atomic_write_bytes,
+    read_manifest,
 )
 from attribution.data.queries import QuerySet
 from attribution.generator.model import build_codec, build_scheduler, load_unet
 from attribution.generator.text_cache import TextTable
-from attribution.generator.train import accelerator_for, encode_world
+from attribution.generator.train import accelerator_for, world_latents
 from attribution.teacher import curation
 from attribution.teacher.fisher import (
     FisherDraws,
@@ -41,10 +42,9 @@ from attribution.teacher.unlearn import DiagonalPreconditioner, EKFACPreconditio
 def load_world_model(cfg, world_dir: Path, text_dir: Path, gen_dir: Path):
     """(unet, generator manifest, alphas_cumprod, CandidateSet) for a trained generator."""
     unet, manifest = load_unet(gen_dir)
-    world = CaptionedImageSet(world_dir)
     table = TextTable.load(text_dir)
-    codec = build_codec(cfg.generator, world.manifest["image_size"])
-    cands = CandidateSet(encode_world(codec, world), table.rows, table)
+    codec = build_codec(cfg.generator, read_manifest(world_dir)["image_size"])
+    cands = CandidateSet(world_latents(codec, world_dir)[0], table.rows, table)
     alphas = build_scheduler(cfg.generator).alphas_cumprod
     return unet, manifest, alphas, cands
 
@@ -77,22 +77,51 @@ def _settings(cfg) -> ScoringSettings:
                            seed=cfg.seed)
 
 
-def base_losses(cfg, unet, alphas, cands: CandidateSet, out: Path) -> torch.Tensor:
-    """L_j(θ0) for every item, cached in ``out/base_losses.npy`` (keyed by the scoring settings)."""
+def base_losses(cfg, unet, alphas, cands: CandidateSet, out: Path, rank: int = 0,
+                world_size: int = 1, barrier=None) -> torch.Tensor:
+    """L_j(θ0) for every item, cached in ``out/base_losses.npy`` (keyed by the scoring settings).
+
+    Over several ranks each computes a contiguous share of the items on its device
+    (``base_losses.part<r>of<W>.npy``, kept: a killed run reuses finished shares), ``barrier()``
+    waits for all shares, every rank assembles them and rank 0 writes the merged cache.  Shares meet on the
+    shared filesystem the teacher's query shards already need."""
     s = _settings(cfg)
     key = json.dumps({"timesteps": list(s.timesteps), "captions": s.captions, "flips": s.flips,
                       "seed": s.seed})
     path, key_path = out / "base_losses.npy", out / "base_losses.json"
     if path.is_file() and key_path.is_file() and key_path.read_text() == key:
         return torch.from_numpy(np.load(path))
-    losses = candidate_losses(unet, alphas, cands, torch.arange(len(cands)), list(s.timesteps),
-                              s.captions, s.flips, s.seed, s.batch_size)
-    atomic_save_npy(path, losses.numpy())
-    key_path.write_text(key)
+    device = next(unet.parameters()).device
+    shares = np.array_split(np.arange(len(cands)), world_size)
+    part = out / f"base_losses.part{rank}of{world_size}.npy"
+    part_key = out / f"base_losses.part{rank}of{world_size}.json"
+    if not (part.is_file() and part_key.is_file() and part_key.read_text() == key):
+        losses = candidate_losses(unet, alphas, cands, torch.from_numpy(shares[rank]),
+                                  list(s.timesteps), s.captions, s.flips, s.seed, s.batch_size,
+                                  device)
+        atomic_save_npy(part, losses.numpy())
+        atomic_write_bytes(part_key, key.encode())
+    if barrier is not None:
+        barrier("base losses")
+    losses = torch.from_numpy(np.concatenate(
+        [np.load(out / f"base_losses.part{r}of{world_size}.npy") for r in range(world_size)]))
+    if rank == 0:
+        atomic_save_npy(path, losses.numpy())
+        atomic_write_bytes(key_path, key.encode())
     return losses
 
 
-def build_scorer(cfg, world_dir, text_dir, gen_dir, fisher_dir, out: Path):
+def _scorer_base_losses(cfg, out: Path, scorer: AbUScorer, rank: int, world_size: int,
+                        barrier) -> torch.Tensor:
+    """``base_losses`` for a scorer on its device (a picklable callable for spawned ranks)."""
+    return base_losses(cfg, scorer.unet, scorer.alphas, scorer.cands, out, rank, world_size,
+                       barrier)
+
+
+def build_scorer(cfg, world_dir, text_dir, gen_dir, fisher_dir, out: Path,
+                 eager_base: bool = True):
+    """(scorer, candidates).  ``eager_base=False`` leaves ``scorer.base`` None: the teacher's
+    Lightning module computes it on the device, split over the ranks (``base_losses``)."""
     tc = cfg.teacher
     out.mkdir(parents=True, exist_ok=True)
     unet, manifest, alphas, cands = load_world_model(cfg, world_dir, text_dir, gen_dir)
@@ -103,7 +132,7 @@ def build_scorer(cfg, world_dir, text_dir, gen_dir, fisher_dir, out: Path):
     else:
         precond = EKFACPreconditioner(tensors, gain, tc.damping)
     params = select_parameters(unet, tc.params)
-    base = base_losses(cfg, unet, alphas, cands, out)
+    base = base_losses(cfg, unet, alphas, cands, out) if eager_base else None
     return AbUScorer(unet, alphas, cands, params, precond, base, _settings(cfg)), cands
 
 
@@ -116,8 +145,8 @@ def make_queries(cfg, queries_dir: Path, cands: CandidateSet, out: Path) -> list
         knn = np.load(cand_path)
     else:
         t = qs["train"]
-        items = curation.stage1_features(cfg.teacher.curation, cands.latents,
-                                         cands.table.lookup(cands.rows[:, 0]))
+        items = np.concatenate([curation.stage1_features(cfg.teacher.curation, z, cond)
+                                for _, z, cond in cands.chunks()])
         qf = curation.stage1_features(cfg.teacher.curation, torch.from_numpy(t.latents),
                                       torch.from_numpy(t.text_embeddings))
         knn = curation.nearest_items(items, qf, cfg.teacher.k)
@@ -146,7 +175,8 @@ def run_teacher(cfg, world_dir: Path, text_dir: Path, gen_dir: Path, queries_dir
                 fisher_dir: Path, out: Path, progress: bool = True) -> dict:
     """Score every query not yet scored (one shard each), then merge both splits."""
     out.mkdir(parents=True, exist_ok=True)
-    scorer, cands = build_scorer(cfg, world_dir, text_dir, gen_dir, fisher_dir, out)
+    scorer, cands = build_scorer(cfg, world_dir, text_dir, gen_dir, fisher_dir, out,
+                                 eager_base=False)
     queries = make_queries(cfg, queries_dir, cands, out)
     store = ShardStore(out)
     done = {s: store.done(s) for s in ("train", "test")}
@@ -161,7 +191,8 @@ def run_teacher(cfg, world_dir: Path, text_dir: Path, gen_dir: Path, queries_dir
                             callbacks=[ShardWriter(store, len(queries), len(queries) - len(todo),
                                                    progress)])
         loader = DataLoader(QueryDataset(todo), batch_size=1, collate_fn=collate_one)
-        trainer.predict(TeacherModule(scorer), loader, return_predictions=False)
+        module = TeacherModule(scorer, functools.partial(_scorer_base_losses, cfg, out))
+        trainer.predict(module, loader, return_predictions=False)
         if _is_worker_rank(trainer):
             # torchrun / SLURM / ddp: every rank runs this function; rank 0 merges once all
             # shards are on disk, the others wait and return its summary

@@ -19,7 +19,9 @@ class CandidateSet:
     """The training items a teacher can score.
 
     Attributes:
-        latents: float (N, C, h, w) model-space items.
+        latents: float (N, C, h, w) model-space items (the flipped view is their mirror), or
+            (N, 2, C, h, w) with the flipped view stored (a pre-encoded world: the VAE latent of
+            the mirrored image, which is not the mirrored latent).
         rows: int (N, n_caps) rows of each item's captions in ``table``.
         table: caption token states.
     """
@@ -30,6 +32,27 @@ class CandidateSet:
 
     def __len__(self) -> int:
         return self.latents.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(C, h, w) of one item."""
+        return tuple(self.latents.shape[-3:])
+
+    def view(self, items: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+        """float (B, C, h, w): each item's original (flip 0) or mirrored (flip 1) view."""
+        items = torch.as_tensor(items, dtype=torch.long)
+        flip = torch.zeros_like(items) if flip is None else torch.as_tensor(flip).long()
+        if self.latents.dim() == 5:
+            return self.latents[items, flip].float()
+        z = self.latents[items]
+        return torch.where(flip.view(-1, 1, 1, 1).bool(), z.flip(-1), z).float()
+
+    def chunks(self, size: int = 4096):
+        """(item ids, original views, first-caption token states) over every item, in chunks
+        (a pre-encoded world's token states do not fit in memory at once)."""
+        for s in range(0, len(self), size):
+            ids = torch.arange(s, min(s + size, len(self)))
+            yield ids, self.view(ids), self.table.lookup(self.rows[ids, 0])
 
 
 def loss_plan(item_ids: torch.Tensor, captions: int, timesteps: list[int],
@@ -60,12 +83,11 @@ def candidate_losses(unet: nn.Module, alphas_cumprod: torch.Tensor, cands: Candi
     if captions > cands.rows.shape[1]:
         raise ValueError(f"teacher uses {captions} captions but items have {cands.rows.shape[1]}")
     keys = loss_plan(item_ids, captions, timesteps, flips)
-    shape = tuple(cands.latents.shape[1:])
+    shape = cands.shape
     out = torch.empty(len(keys))
     for s in range(0, len(keys), batch_size):
         k = keys[s : s + batch_size]
-        z = cands.latents[k[:, 0]]
-        z = torch.where(k[:, 1].view(-1, 1, 1, 1).bool(), z.flip(-1), z)
+        z = cands.view(k[:, 0], k[:, 1])
         cond = cands.table.lookup(cands.rows[k[:, 0], k[:, 2]])
         eps = item_noise(k, shape, seed)
         out[s : s + len(k)] = denoising_loss(unet, alphas_cumprod, z.to(device), cond.to(device),
