@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attribution.config import derive
+from attribution.config import ConfigError, derive
 from attribution.data.dataset import atomic_write_bytes
 
 METHODS_HELP = ("teacher | student | random | dtrak | abu_diagonal | any features.spaces entry "
@@ -50,7 +50,7 @@ def method_ranks(pipe, methods: list[str]) -> dict[str, np.ndarray]:
         else:
             path = pipe.dir("baselines") / f"rank_{m}.npy"
             if not path.is_file():
-                raise ValueError(f"unknown method {m!r} or its baseline was not run ({path}); "
+                raise ConfigError(f"unknown method {m!r} or its baseline was not run ({path}); "
                                  f"methods: {METHODS_HELP}")
             out[m] = np.load(path)
     return out
@@ -86,9 +86,11 @@ def run_counterfactual(pipe, methods: list[str], queries: list[int], k: int,
     pipe.run(["student", "baselines"])
     ranks = method_ranks(pipe, methods)
     n_test = next(iter(ranks.values())).shape[0]
+    if len(set(queries)) != len(queries):
+        raise ConfigError(f"test queries {queries} repeat an id")
     bad = [q for q in queries if not 0 <= q < n_test]
     if bad:
-        raise ValueError(f"test queries {bad} out of range (there are {n_test})")
+        raise ConfigError(f"test queries {bad} out of range (there are {n_test})")
     out = counterfactual_dir(pipe)
     out.mkdir(parents=True, exist_ok=True)
     qs = QuerySet(pipe.dir("queries") / "query_test", need_embeddings=True)
@@ -96,7 +98,7 @@ def run_counterfactual(pipe, methods: list[str], queries: list[int], k: int,
     train_cfg = cfg
     if steps is not None:
         train_cfg = derive(cfg, {"generator": {"train": {"steps": steps}}})
-    tag = f"s{train_cfg.generator.train.steps}-"
+    tag = f"s{train_cfg.generator.train.steps}-crn-"  # crn: common random numbers (module.py)
 
     def generator_without(removed: np.ndarray, label: str) -> Path:
         gdir = out / "generators" / (tag + _removal_key(removed))
@@ -122,38 +124,63 @@ def run_counterfactual(pipe, methods: list[str], queries: list[int], k: int,
                        steps=sc.steps, guidance=sc.guidance, progress=False)[0]
         return loss, regen
 
-    base = {q: measure(base_unet, q) for q in queries}
     rows = []
-    for m in methods:
-        for q in queries:
+    for q in queries:  # query-major: a run cut short still covers every method on its queries
+        base_loss, base_img = measure(base_unet, q)
+        for m in methods:
             removed = ranks[m][q, :k]
             unet, _ = load_unet(generator_without(removed, f"{m} q{q}"))
             loss, regen = measure(unet, q)
             rows.append({"method": m, "query": q, "removed": removed.tolist(),
-                         "delta_loss": loss - base[q][0],
-                         "image_distance": float((regen - base[q][1]).pow(2).mean())})
-    summary = {}
-    for m in methods:
-        r = [row for row in rows if row["method"] == m]
-        entry = {}
-        for key in ("delta_loss", "image_distance"):
-            v = np.array([row[key] for row in r])
-            entry[key] = float(v.mean())
-            entry[f"{key}_stderr"] = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
-        summary[m] = entry
-    result = {"k": k, "queries": queries, "steps": train_cfg.generator.train.steps,
-              "reference": str(ref_dir), "methods": summary, "rows": rows}
-    atomic_write_bytes(out / "counterfactual.json", json.dumps(result, indent=2).encode())
+                         "delta_loss": loss - base_loss,
+                         "image_distance": float((regen - base_img).pow(2).mean())})
+        done = queries[:queries.index(q) + 1]
+        result = {"k": k, "queries": done, "queries_asked": queries, "complete": q == queries[-1],
+                  "steps": train_cfg.generator.train.steps, "reference": str(ref_dir),
+                  "methods": summarize(rows, methods), "rows": rows}
+        atomic_write_bytes(out / "counterfactual.json", json.dumps(result, indent=2).encode())
     return out
 
 
+def summarize(rows: list[dict], methods: list[str]) -> dict:
+    """Per method: mean ΔLoss / image distance with standard errors over its queries, and the
+    paired difference from the random control (same queries) where random was run."""
+    summary = {}
+    by = {(r["method"], r["query"]): r for r in rows}
+    for m in methods:
+        r = [row for row in rows if row["method"] == m]
+        entry = {"queries": len(r)}
+        for key in ("delta_loss", "image_distance"):
+            v = np.array([row[key] for row in r])
+            entry[key] = float(v.mean())
+            entry[f"{key}_stderr"] = _stderr(v)
+        if m != "random" and all(("random", row["query"]) in by for row in r):
+            d = np.array([row["delta_loss"] - by[("random", row["query"])]["delta_loss"]
+                          for row in r])
+            entry["vs_random"], entry["vs_random_stderr"] = float(d.mean()), _stderr(d)
+            entry["wins_vs_random"] = int((d > 0).sum())
+        summary[m] = entry
+    return summary
+
+
+def _stderr(v: np.ndarray) -> float:
+    return float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
+
+
 def format_counterfactual(result: dict) -> str:
-    lines = [f"leave-{result['k']}-out over {len(result['queries'])} test queries, generators "
-             f"retrained {result['steps']} steps (mean ± s.e.; bigger = the removed items "
-             "mattered more)",
-             f"{'method':<24}{'ΔLoss':>12}{'± s.e.':>10}{'image dist':>12}{'± s.e.':>10}"]
+    asked = result.get("queries_asked", result["queries"])
+    partial = "" if len(asked) == len(result["queries"]) else \
+        f" (of {len(asked)} asked: the run was cut short; rerun the command to go on)"
+    lines = [f"leave-{result['k']}-out over {len(result['queries'])} test queries{partial}, "
+             f"generators retrained {result['steps']} steps (mean ± s.e.; bigger = the removed "
+             "items mattered more; vs random: paired difference on the same queries, and on how "
+             "many queries it is > 0)",
+             f"{'method':<24}{'ΔLoss':>11}{'± s.e.':>9}{'vs random':>11}{'± s.e.':>9}{'wins':>6}"
+             f"{'image dist':>12}{'± s.e.':>9}"]
     ranked = sorted(result["methods"].items(), key=lambda kv: -kv[1]["delta_loss"])
     for m, r in ranked:
-        lines.append(f"{m:<24}{r['delta_loss']:>12.5f}{r['delta_loss_stderr']:>10.5f}"
-                     f"{r['image_distance']:>12.5f}{r['image_distance_stderr']:>10.5f}")
+        vs = (f"{r['vs_random']:>11.5f}{r['vs_random_stderr']:>9.5f}"
+              f"{r['wins_vs_random']:>3}/{r['queries']:<2}") if "vs_random" in r else " " * 26
+        lines.append(f"{m:<24}{r['delta_loss']:>11.5f}{r['delta_loss_stderr']:>9.5f}{vs}"
+                     f"{r['image_distance']:>12.5f}{r['image_distance_stderr']:>9.5f}")
     return "\n".join(lines)

@@ -285,27 +285,31 @@ def sweep_figures(sweeps_dir: str | Path, results_root: str | Path, out: str | P
 
 def counterfactual_figure(result: dict, metrics: dict, path: str | Path) -> Path:
     """Paper Fig. 1's y-axis: leave-K-out ΔLoss of each method vs its queries/s (marker area ~
-    storage); the random-removal control is a dashed line."""
+    storage).  With the random-removal control run, y is each method's ΔLoss minus random's on
+    the same queries (paired, so query-to-query variation cancels) and the control sits at 0."""
     k0 = next(int(key.split("@")[1]) for key in metrics if key.startswith("student.mAP@"))
     by_key = {m["key"]: m for m in methods_of_run(metrics, k0)}
+    paired = "random" in result["methods"]
+    y_key = "vs_random" if paired else "delta_loss"
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    pts = [(m, r, by_key[m]) for m, r in result["methods"].items() if m in by_key]
+    pts = [(m, r, by_key[m]) for m, r in result["methods"].items()
+           if m in by_key and y_key in r]
     sizes = np.array([max(float(p[2]["storage"]), 1.0) for p in pts] or [1.0])
     for (_, r, info), size in zip(pts, sizes):
-        ax.errorbar(info["qps"], r["delta_loss"], yerr=r["delta_loss_stderr"], fmt="none",
+        ax.errorbar(info["qps"], r[y_key], yerr=r[f"{y_key}_stderr"], fmt="none",
                     ecolor="#555555", capsize=3)
-        ax.scatter(info["qps"], r["delta_loss"], s=40 + 600 * np.sqrt(size / sizes.max()),
-                   alpha=0.6)
-        ax.annotate(info["method"], (info["qps"], r["delta_loss"]), textcoords="offset points",
+        ax.scatter(info["qps"], r[y_key], s=40 + 600 * np.sqrt(size / sizes.max()), alpha=0.6)
+        ax.annotate(info["method"], (info["qps"], r[y_key]), textcoords="offset points",
                     xytext=(6, -12), fontsize=7)
-    if "random" in result["methods"]:
-        ax.axhline(result["methods"]["random"]["delta_loss"], ls="--", color="#999999",
-                   label="random removal (control)")
+    if paired:
+        ax.axhline(0.0, ls="--", color="#999999", label="random removal (control)")
         ax.legend(fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("attribution queries / s (batch 1, this machine)")
-    ax.set_ylabel(f"ΔLoss after removing the top-{result['k']} (retrained)")
-    ax.set_title("Counterfactual quality vs throughput", fontsize=10)
+    what = "ΔLoss − random's ΔLoss" if paired else "ΔLoss"
+    ax.set_ylabel(f"{what}, top-{result['k']} removed (retrained)")
+    ax.set_title(f"Counterfactual quality vs throughput ({len(result['queries'])} test queries, "
+                 "s.e. bars)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     return _save(fig, path)
 

@@ -89,8 +89,8 @@ def write_report(pipe, sweeps_dir: str | Path = "sweeps") -> Path:
           f"({', '.join(f'mAP@{k} {b:.3f} -> {s:.3f}' for k, b, s in zip(ks, base, stud))}).",
           "", f"![quality vs throughput](figures/{qvt.name})", "",
           "Quality here is mAP against the teacher's own ranking (the teacher sits at 1 by "
-          "construction); the counterfactual y-axis of the paper's Figure 1 needs retraining "
-          "without each method's top items.", ""]
+          "construction); the counterfactual y-axis of the paper's Figure 1 (retraining without each "
+          "method's top items) is the Counterfactual section below.", ""]
     L += _methods_table(metrics, k0)
     L += _reference_table(metrics, feature, ks)
     if sweep_figs:

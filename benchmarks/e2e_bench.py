@@ -19,17 +19,14 @@ then prints the speed-up at N and a linear extrapolation to MSCOCO's N = 118,287
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 
 import numpy as np
 import torch
+from _common import machine_line, pipeline_args
 
 from attribution import retrieval
 from attribution.attribute import _test_images, deployed
-from attribution.config import load_config
-from attribution.pipeline import Pipeline
 from attribution.teacher.run import pipeline_scorer
 
 COCO_N = 118_287
@@ -37,19 +34,13 @@ COCO_N = 118_287
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("config", nargs="?", default="configs/experiment/toy_smoke.yaml")
-    ap.add_argument("overrides", nargs="*")
     ap.add_argument("--queries", type=int, default=3, help="test queries timed per setting")
-    args = ap.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cfg = load_config(args.config, args.overrides)
-    pipe = Pipeline(cfg, progress=False, echo=lambda s: None)
+    args, cfg, pipe = pipeline_args(ap)
     pipe.run(["student"])
     scorer, cands, tests = pipeline_scorer(pipe, "test")
     tests = tests[: args.queries]
     n = len(cands)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads "
-          f"{torch.get_num_threads()}, torch {torch.__version__}")
+    print(machine_line())
     print(f"config: {args.config} {' '.join(args.overrides)}; N = {n} training items; "
           f"teacher {cfg.teacher.fisher}, {len(cfg.teacher.timesteps)} timesteps, "
           f"{cfg.teacher.query_draws} query draws; {len(tests)} test queries per setting")

@@ -10,27 +10,19 @@ scoring paths run on the same query and the same candidate items, one after the 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 
 import torch
+from _common import machine_line, pipeline_args
 
-from attribution.config import load_config
-from attribution.pipeline import Pipeline
 from attribution.teacher.run import pipeline_scorer
 from attribution.teacher.scoring import candidate_losses
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("config", nargs="?", default="configs/experiment/toy_smoke.yaml")
-    ap.add_argument("overrides", nargs="*")
     ap.add_argument("--items", type=int, default=300, help="candidates timed in both paths")
-    args = ap.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cfg = load_config(args.config, args.overrides)
-    pipe = Pipeline(cfg, progress=False, echo=lambda s: None)
+    args, cfg, pipe = pipeline_args(ap)
     pipe.run(["fisher", "queries"])
     scorer, cands, queries = pipeline_scorer(pipe, "test")
     tc = cfg.teacher
@@ -52,8 +44,7 @@ def main() -> None:
     res = scorer.score(q)
     t_query = time.perf_counter() - t0
     fwd = n * per_item
-    print(f"machine: {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    print(machine_line())
     print(f"config: {args.config} {' '.join(args.overrides)}")
     print(f"training items N={len(cands)}; forwards per candidate={per_item} "
           f"({tc.captions} captions x {len(tc.timesteps)} timesteps x "

@@ -149,3 +149,21 @@ def test_abu_diagonal_baseline_runs_a_second_teacher(smoke_run):
     assert diag.shape == plus.shape and not np.array_equal(diag, plus)
     fishers = [json.loads(p.read_text()) for p in pipe.root.glob("fisher-*/fisher.json")]
     assert {"diagonal", "ekfac"} <= {f.get("kind") for f in fishers}
+
+
+def test_counterfactual_summary_pairs_each_method_with_random_on_the_same_queries():
+    from attribution.counterfactual import format_counterfactual, summarize
+
+    rows = [{"method": m, "query": q, "delta_loss": d, "image_distance": 0.0}
+            for m, q, d in [("teacher", 0, 0.5), ("teacher", 1, 0.2), ("random", 0, 0.4),
+                            ("random", 1, -0.1), ("dtrak", 0, 0.1)]]
+    s = summarize(rows, ["teacher", "random", "dtrak"])
+    # teacher - random per query: 0.1, 0.3 -> mean 0.2, s.e. std([0.1, 0.3], ddof=1)/sqrt(2) = 0.1
+    assert s["teacher"]["vs_random"] == pytest.approx(0.2)
+    assert s["teacher"]["vs_random_stderr"] == pytest.approx(0.1)
+    assert s["teacher"]["wins_vs_random"] == 2 and s["teacher"]["queries"] == 2
+    assert s["dtrak"]["vs_random"] == pytest.approx(-0.3) and s["dtrak"]["wins_vs_random"] == 0
+    assert "vs_random" not in s["random"]
+    text = format_counterfactual({"k": 3, "queries": [0, 1], "queries_asked": [0, 1, 2],
+                                  "steps": 5, "methods": s})
+    assert "of 3 asked" in text and "2/2" in text
