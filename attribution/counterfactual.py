@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ import torch
 
 from attribution.config import ConfigError, derive
 from attribution.data.dataset import atomic_write_bytes
+from attribution.metrics import standard_error
 
 METHODS_HELP = ("teacher | student | random | dtrak | abu_diagonal | any features.spaces entry "
                 "(raw similarity)")
@@ -153,18 +153,14 @@ def summarize(rows: list[dict], methods: list[str]) -> dict:
         for key in ("delta_loss", "image_distance"):
             v = np.array([row[key] for row in r])
             entry[key] = float(v.mean())
-            entry[f"{key}_stderr"] = _stderr(v)
+            entry[f"{key}_stderr"] = standard_error(v)
         if m != "random" and all(("random", row["query"]) in by for row in r):
             d = np.array([row["delta_loss"] - by[("random", row["query"])]["delta_loss"]
                           for row in r])
-            entry["vs_random"], entry["vs_random_stderr"] = float(d.mean()), _stderr(d)
+            entry["vs_random"], entry["vs_random_stderr"] = float(d.mean()), standard_error(d)
             entry["wins_vs_random"] = int((d > 0).sum())
         summary[m] = entry
     return summary
-
-
-def _stderr(v: np.ndarray) -> float:
-    return float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
 
 
 def format_counterfactual(result: dict) -> str:

@@ -23,6 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from attribution.metrics import standard_error  # noqa: E402
 from attribution.sweeps import load_sweep  # noqa: E402
 
 SEED_KEY = "student.seed"
@@ -111,7 +112,7 @@ def aggregate(rows: list[dict], x_key: str, metric: str) -> list[dict]:
         # several seeds that agree exactly (a figure the seed does not touch, e.g. an untuned
         # baseline) carry no seed spread: show the spread over test queries instead
         if len(vals) >= 2 and np.ptp(vals) > 0:
-            err, over = float(vals.std(ddof=1) / math.sqrt(len(vals))), "seeds"
+            err, over = standard_error(vals), "seeds"
         else:
             err, over = _num(rs[0].get(f"{metric}_stderr")), "test queries"
         out.append({"x": x, "mean": float(vals.mean()), "stderr": err, "n": len(vals),

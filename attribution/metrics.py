@@ -32,14 +32,19 @@ def average_precision(ranked_ids: Sequence[int], positive_ids: Iterable[int]) ->
     return float(np.sum(hits / (where + 1)) / len(positives))
 
 
+def standard_error(values) -> float:
+    """Standard error of the mean (sample std / √n); 0 for fewer than two values."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+
+
 def mean_average_precision(rankings: Sequence[Sequence[int]],
                            positives: Sequence[Iterable[int]]) -> tuple[float, float]:
     """(mean AP over queries, standard error of that mean)."""
     if len(rankings) != len(positives) or not len(rankings):
         raise ValueError("need one positive set per ranking, and at least one query")
     aps = np.array([average_precision(r, p) for r, p in zip(rankings, positives)])
-    se = float(aps.std(ddof=1) / np.sqrt(len(aps))) if len(aps) > 1 else 0.0
-    return float(aps.mean()), se
+    return float(aps.mean()), standard_error(aps)
 
 
 def recall_at_k(ranked_ids: Sequence[int], positive_ids: Iterable[int], k: int) -> float:

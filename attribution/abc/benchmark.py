@@ -16,7 +16,6 @@ attribution (``calibration.py``) is fit per method on training concepts, judged 
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -43,7 +42,7 @@ from attribution.data.dataset import (
     atomic_write_bytes,
 )
 from attribution.data.images import from_uint8, save_grid, to_uint8
-from attribution.metrics import average_precision, recall_at_k
+from attribution.metrics import average_precision, recall_at_k, standard_error
 
 SAMPLE_ID_BASE = 2_000_000  # synthesized images' sampling/draw ids: disjoint from the queries'
 
@@ -240,9 +239,8 @@ def evaluate_rankings(rankings: np.ndarray, positives: np.ndarray, kinds: np.nda
             continue
         ap = np.asarray(per["ap"])[sel]
         row = {f"recall@{k}": float(np.mean(np.asarray(per[k])[sel])) for k in ks}
-        row.update({"mAP": float(ap.mean()),
-                    "mAP_stderr": float(ap.std(ddof=1) / math.sqrt(len(ap))) if len(ap) > 1
-                    else 0.0, "queries": int(sel.sum())})
+        row.update({"mAP": float(ap.mean()), "mAP_stderr": standard_error(ap),
+                    "queries": int(sel.sum())})
         out[kind] = row
     return out
 
@@ -295,12 +293,10 @@ def teacher_scores(pipe, bench: Benchmark, out: Path, progress: bool = True) -> 
     from attribution.generator.model import build_codec, build_scheduler, load_unet
     from attribution.generator.text_cache import TextTable
     from attribution.generator.train import encode_world
-    from attribution.teacher.fisher import load_fisher
     from attribution.teacher.params import select_parameters
-    from attribution.teacher.run import _settings
+    from attribution.teacher.run import _settings, load_preconditioner
     from attribution.teacher.scorer import AbUScorer, Query
     from attribution.teacher.scoring import CandidateSet, candidate_losses
-    from attribution.teacher.unlearn import DiagonalPreconditioner, EKFACPreconditioner
 
     cfg, tc = pipe.cfg, pipe.cfg.teacher
     wanted = [(qi, c) for c in bench.concepts if c["split"] == "test"
@@ -323,11 +319,9 @@ def teacher_scores(pipe, bench: Benchmark, out: Path, progress: bool = True) -> 
         ex_rows = first + torch.arange(len(ex_z) * n_caps).view(len(ex_z), n_caps)
         pool = CandidateSet(torch.cat([encode_world(codec, bench.world), ex_z]),
                             torch.cat([table.rows, ex_rows]), pool_table)
-        tensors = load_fisher(pipe.dir("fisher"), manifest["weights_sha256"], tc.fisher,
-                              tc.params)
-        gain = tc.gain if tc.gain is not None else float(bench.n_items)
-        precond = (DiagonalPreconditioner if tc.fisher == "diagonal" else EKFACPreconditioner)(
-            tensors, gain, tc.damping)
+        # the base generator's Fisher, gain N = the training set (not the pool)
+        precond = load_preconditioner(tc, pipe.dir("fisher"), manifest["weights_sha256"],
+                                      bench.n_items)
         s = _settings(cfg)
         everything = torch.arange(len(pool))
         by_concept: dict[int, list[int]] = {}

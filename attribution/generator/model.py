@@ -179,8 +179,8 @@ def load_unet_weights(gen_cfg, codec: nn.Module, path: str | Path) -> UNet2DCond
     return unet.eval()
 
 
-SCHEDULE_KEYS = {"num_train_timesteps": "num_train_timesteps", "beta_start": "beta_start",
-                 "beta_end": "beta_end", "beta_schedule": "beta_schedule"}
+# the same names in our generator config and in a diffusers scheduler_config.json
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
 
 
 def load_pretrained_unet(gen_cfg, codec: nn.Module, path: str | Path) -> UNet2DConditionModel:
@@ -203,8 +203,8 @@ def load_pretrained_unet(gen_cfg, codec: nn.Module, path: str | Path) -> UNet2DC
     sched = root / "scheduler" / "scheduler_config.json"
     if sched.is_file():
         theirs = json.loads(sched.read_text())
-        bad = {ours: (getattr(gen_cfg, ours), theirs[k]) for k, ours in SCHEDULE_KEYS.items()
-               if k in theirs and getattr(gen_cfg, ours) != theirs[k]}
+        bad = {k: (getattr(gen_cfg, k), theirs[k]) for k in SCHEDULE_KEYS
+               if k in theirs and getattr(gen_cfg, k) != theirs[k]}
         if bad:
             raise DataFileError(f"{sched} disagrees with the generator's schedule: "
                                 + ", ".join(f"generator.{k}={a!r} vs {b!r}"

@@ -118,6 +118,15 @@ def _scorer_base_losses(cfg, out: Path, scorer: AbUScorer, rank: int, world_size
                        barrier)
 
 
+def load_preconditioner(tc, fisher_dir: Path, generator_sha256: str, n_items: int):
+    """The configured Fisher (checked against the generator) as the unlearning step's
+    preconditioner, scaled by ``teacher.gain`` (default N = ``n_items``)."""
+    tensors = load_fisher(fisher_dir, generator_sha256, tc.fisher, tc.params)
+    gain = tc.gain if tc.gain is not None else float(n_items)
+    kind = DiagonalPreconditioner if tc.fisher == "diagonal" else EKFACPreconditioner
+    return kind(tensors, gain, tc.damping)
+
+
 def build_scorer(cfg, world_dir, text_dir, gen_dir, fisher_dir, out: Path,
                  eager_base: bool = True):
     """(scorer, candidates).  ``eager_base=False`` leaves ``scorer.base`` None: the teacher's
@@ -125,12 +134,7 @@ def build_scorer(cfg, world_dir, text_dir, gen_dir, fisher_dir, out: Path,
     tc = cfg.teacher
     out.mkdir(parents=True, exist_ok=True)
     unet, manifest, alphas, cands = load_world_model(cfg, world_dir, text_dir, gen_dir)
-    tensors = load_fisher(fisher_dir, manifest["weights_sha256"], tc.fisher, tc.params)
-    gain = tc.gain if tc.gain is not None else float(len(cands))
-    if tc.fisher == "diagonal":
-        precond = DiagonalPreconditioner(tensors, gain, tc.damping)
-    else:
-        precond = EKFACPreconditioner(tensors, gain, tc.damping)
+    precond = load_preconditioner(tc, fisher_dir, manifest["weights_sha256"], len(cands))
     params = select_parameters(unet, tc.params)
     base = base_losses(cfg, unet, alphas, cands, out) if eager_base else None
     return AbUScorer(unet, alphas, cands, params, precond, base, _settings(cfg)), cands
