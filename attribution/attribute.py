@@ -5,18 +5,20 @@ One feature extraction + one head forward + one inner-product search over the sa
 
 from __future__ import annotations
 
-import json
+import struct
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from attribution import retrieval
-from attribution.data.dataset import CaptionedImageSet, DataFileError
+from attribution.data.dataset import CaptionedImageSet, DataFileError, read_manifest
 from attribution.data.images import center_crop_resize, save_grid
 from attribution.features.extractors import build_extractor
+from attribution.files import load_weights, read_json
 from attribution.student.head import EmbeddingHead
 
 SHARE_POOL = 1000  # items the share of influence is normalized over (the rest count as zero)
@@ -27,14 +29,24 @@ def load_head(student_dir: Path) -> EmbeddingHead:
     if not meta_path.is_file() or not weights.is_file():
         raise DataFileError(f"trained student missing in {student_dir} (head.json, head.pt): "
                             "run the student stage first")
-    meta = json.loads(meta_path.read_text())
-    head = EmbeddingHead(meta["dims"], meta["dropout"], meta["layernorm"])
-    head.load_state_dict(torch.load(weights, map_location="cpu"))
+    hint = "rerun `attribution student CONFIG` (delete the folder first)"
+    meta = read_json(meta_path, "student head description", hint)
+    state = load_weights(weights, "student head weights", hint)
+    try:
+        head = EmbeddingHead(meta["dims"], meta["dropout"], meta["layernorm"])
+        head.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise DataFileError(f"student head files in {student_dir} do not fit together ({err}). "
+                            f"To rebuild them, {hint}.") from err
     return head.eval()
 
 
 def deployed(pipe):
-    """What answering a query needs: (world, head, faiss index, feature extractor)."""
+    """What answering a query needs: (world, head, faiss index, feature extractor); every
+    stage file it reads is verified against its stage's record first."""
+    for stage in ("world", "toyclip", "features", "student"):
+        pipe.finished(stage)  # verifies a finished stage's files (the student's own stage
+        # measures its throughput with this before it has finished)
     world = CaptionedImageSet(pipe.dir("world"), verify=False)
     head = load_head(pipe.dir("student"))
     index = retrieval.load_index(pipe.dir("student") / "index.faiss", pipe.cfg.student.rerank)
@@ -45,12 +57,52 @@ def deployed(pipe):
     return world, head, index, extractor
 
 
-def read_image(path: str | Path, size: int) -> torch.Tensor:
-    """A PNG/JPEG as float (1, 3, size, size) in [-1, 1] (center-cropped square, resized)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"query image not found: {path}")
-    with Image.open(path) as img:
-        return center_crop_resize(img, size)[None]
+MAX_PIXELS = 100_000_000  # larger images are refused before decoding (decompression bombs)
+
+
+def read_image(path: str | Path, size: int, notices: list[str] | None = None) -> torch.Tensor:
+    """A PNG/JPEG/... as float (1, 3, size, size) in [-1, 1] (center-cropped square, resized).
+
+    Anything that is not a complete, decodable image is one :class:`DataFileError`; images that
+    are valid but unusual (alpha, grayscale or palette, smaller or far larger than ``size``,
+    not square) are converted, and each conversion appends a one-line notice to ``notices``."""
+    path = Path(path)
+    notes = [] if notices is None else notices
+    if not path.is_file():
+        raise DataFileError(f"query image not found: {path}")
+    if path.stat().st_size == 0:
+        raise DataFileError(f"query image is an empty file: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > MAX_PIXELS:
+                    raise DataFileError(f"query image {path} claims {w}x{h} pixels, more than "
+                                        f"the {MAX_PIXELS:,} this command decodes")
+                img.load()  # decodes now: a truncated or garbled file fails here
+                if "A" in img.mode or img.mode == "P" and "transparency" in img.info:
+                    notes.append(f"note: {path.name} has an alpha channel; it was dropped "
+                                 "(colours kept as stored)")
+                elif img.mode != "RGB":
+                    notes.append(f"note: {path.name} is {img.mode} (not RGB); converted to RGB")
+                if w != h:
+                    notes.append(f"note: {path.name} is {w}x{h}; its center square was used")
+                if min(w, h) < size:
+                    notes.append(f"note: {path.name} is smaller ({min(w, h)} px) than the "
+                                 f"model's {size} px; upsampled")
+                elif min(w, h) > 8 * size:
+                    notes.append(f"note: {path.name} ({w}x{h}) was downsampled to {size}x{size}")
+                return center_crop_resize(img, size)[None]
+    except DataFileError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as err:
+        raise DataFileError(f"query image is not a readable image: {path} ({err})") from err
+    except (OSError, ValueError, SyntaxError, struct.error, EOFError) as err:
+        raise DataFileError(f"query image cannot be decoded (truncated, corrupt or an "
+                            f"unsupported kind): {path} "
+                            f"({err.__class__.__name__}: {err})") from err
 
 
 @torch.no_grad()
@@ -68,9 +120,26 @@ def attribute(pipe, image: str | Path, prompt: str, k: int = 10,
     """
     from attribution.abc.benchmark import load_calibrator
 
+    if not isinstance(k, int) or k < 1:
+        raise DataFileError(f"-k must be a positive number of training items, got {k}")
+    if not str(prompt).strip():
+        raise DataFileError("--prompt must not be empty: the student reads the prompt too")
+    if grid_path is not None:
+        grid_path = Path(grid_path)
+        if not grid_path.parent.is_dir():
+            raise DataFileError(f"--grid {grid_path}: the folder {grid_path.parent} does not "
+                                "exist (it is not created for you)")
+        if grid_path.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+            raise DataFileError(f"--grid {grid_path}: give a .png (or .jpg) file name")
+    notices: list[str] = []
+    pipe.verified_dir("student")  # a deployed student is a finished one
+    # the image is checked before any model is loaded
+    x = read_image(image, read_manifest(pipe.verified_dir("world"))["image_size"], notices)
     world, head, index, extractor = deployed(pipe)
+    if k > int(index.ntotal):
+        notices.append(f"note: -k {k} exceeds the {index.ntotal} training items; showing all")
+        k = int(index.ntotal)
     calibrator = load_calibrator(pipe, "student")
-    x = read_image(image, world.manifest["image_size"])
     start = time.perf_counter()
     emb = head.embed(extractor.extract(x, [prompt]))
     n = min(int(index.ntotal), max(k, SHARE_POOL)) if calibrator is not None else k
@@ -85,12 +154,13 @@ def attribute(pipe, image: str | Path, prompt: str, k: int = 10,
         save_grid(np.stack([q] + [np.asarray(world.images[i]) for i in ids]), grid_path,
                   ncol=k + 1)
     return {"ids": ids, "scores": scores, "captions": [world.captions[i][0] for i in ids],
-            "shares": shares, "share_pool": n, "seconds": seconds}
+            "shares": shares, "share_pool": n, "seconds": seconds, "notices": notices}
 
 
 def format_attribution(res: dict) -> str:
     shares = res.get("shares")
-    lines = [f"{'rank':>4}  {'item':>6}  {'score':>7}  " + ("share   " if shares else "")
+    lines = list(res.get("notices", []))
+    lines += [f"{'rank':>4}  {'item':>6}  {'score':>7}  " + ("share   " if shares else "")
              + "caption"]
     for r, (i, s, c) in enumerate(zip(res["ids"], res["scores"], res["captions"]), 1):
         share = f"{100 * shares[r - 1]:5.1f} %  " if shares else ""

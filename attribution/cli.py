@@ -150,10 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "attribute":
             from attribution.attribute import attribute, format_attribution
 
-            res = attribute(Pipeline(cfg), args.image, args.prompt, args.k, args.grid)
+            res = attribute(Pipeline(cfg, config_path=args.config), args.image, args.prompt,
+                            args.k, args.grid)
             print(format_attribution(res))
             return 0
-        pipe = Pipeline(cfg, progress=not args.no_progress)
+        pipe = Pipeline(cfg, progress=not args.no_progress, config_path=args.config)
         if args.command == "counterfactual":
             from attribution.counterfactual import format_counterfactual, run_counterfactual
             from attribution.figures import counterfactual_figure
@@ -198,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
             FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished files are kept; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

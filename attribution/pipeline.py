@@ -19,6 +19,7 @@ import numpy as np
 from attribution.abc.benchmark import stage_sections as abc_sections
 from attribution.config import config_hash, save_config, to_dict
 from attribution.data.dataset import atomic_write_bytes, read_manifest
+from attribution.files import DataFileError, read_json, record_files, verify_files
 
 DEPENDS = {
     "world": [],
@@ -46,6 +47,12 @@ STUDENT_EXECUTION_ONLY = {"num_workers", "logger", "devices", "num_nodes", "stra
 # adding them kept every existing cache valid.
 ADDED_LATER = {"world": {"root"}, "generator": {"weights", "pretrained"}}
 ORDER = list(DEPENDS)
+# The command that (re)builds each stage: named in every error about a stage's files.
+COMMAND = {"world": "world", "text": "text", "generator": "train-generator",
+           "queries": "queries", "fidelity": "fidelity", "fisher": "teacher fisher",
+           "teacher": "teacher score", "toyclip": "toyclip", "features": "features",
+           "student": "student", "baselines": "run", "customize": "customize",
+           "abc_teacher": "abc", "abc": "abc"}
 # A pre-encoded world (world.kind=encoded) holds latents and token states, not images: the
 # stages that look at images cannot run on it (at MSCOCO scale the student reads the released
 # features: data.source=released).
@@ -79,9 +86,12 @@ def _fmt(v) -> str:
 class Pipeline:
     """Runs stages in dependency order with caching; see the module docstring."""
 
-    def __init__(self, cfg, progress: bool = True, echo: Callable[[str], None] = print):
+    def __init__(self, cfg, progress: bool = True, echo: Callable[[str], None] = print,
+                 config_path: str | None = None):
         self.cfg, self.progress, self.echo = cfg, progress, echo
         self.root = Path(cfg.output_root) / cfg.name
+        self.config_path = config_path or "CONFIG"  # how errors spell the rebuild command
+        self._verified: set[str] = set()
 
     def _sections(self, stage: str) -> list:
         c = self.cfg
@@ -228,19 +238,50 @@ class Pipeline:
             f.stat().st_size for f in world.rglob("*.png"))
         return sum(f.stat().st_size for f in files) + data
 
+    def rebuild_hint(self, stage: str) -> str:
+        return (f"delete the folder {self.dir(stage)} and rerun `attribution {COMMAND[stage]} "
+                f"{self.config_path}` (other stages' results are kept)")
+
+    def finished(self, stage: str) -> dict | None:
+        """A finished stage's ``stage.json`` with every recorded file verified (once per
+        pipeline); None when the stage has not finished."""
+        marker = self.dir(stage) / "stage.json"
+        if not marker.is_file():
+            return None
+        info = read_json(marker, f"The {stage} stage's completion record",
+                         self.rebuild_hint(stage))
+        if not isinstance(info, dict) or not isinstance(info.get("summary"), dict):
+            raise DataFileError(f"The {stage} stage's completion record is not one this "
+                                f"project writes: {marker}. To rebuild it, "
+                                f"{self.rebuild_hint(stage)}.")
+        if stage not in self._verified:
+            # records made before files were recorded ("files" absent) cannot be checked
+            verify_files(self.dir(stage), info.get("files", {}), self.rebuild_hint(stage))
+            self._verified.add(stage)
+        return info
+
+    def verified_dir(self, stage: str) -> Path:
+        """The folder of a finished, verified stage (for readers outside :meth:`run`)."""
+        if self.finished(stage) is None:
+            raise DataFileError(f"The {stage} stage has not finished for this config "
+                                f"({self.dir(stage)}): run `attribution {COMMAND[stage]} "
+                                f"{self.config_path}` first")
+        return self.dir(stage)
+
     def run_stage(self, stage: str) -> StageResult:
         out = self.dir(stage)
-        marker = out / "stage.json"
-        if marker.is_file():
-            info = json.loads(marker.read_text())
-            return StageResult(stage, out, info["summary"], True, info["seconds"])
+        info = self.finished(stage)
+        if info is not None:
+            return StageResult(stage, out, info["summary"], True, info.get("seconds", 0.0))
         out.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, out / "config.yaml")
         start = time.time()
         summary = getattr(self, f"_stage_{stage}")(out)
         seconds = time.time() - start
-        info = {"stage": stage, "key": self.key(stage), "seconds": seconds, "summary": summary}
-        atomic_write_bytes(marker, json.dumps(info, indent=2).encode())
+        info = {"stage": stage, "key": self.key(stage), "seconds": seconds, "summary": summary,
+                "files": record_files(out)}
+        atomic_write_bytes(out / "stage.json", json.dumps(info, indent=2).encode())
+        self._verified.add(stage)
         return StageResult(stage, out, summary, False, seconds)
 
     # ------------------------------------------------------------------------------ stages

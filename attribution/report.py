@@ -43,10 +43,9 @@ def _stage_rows(pipe) -> list[str]:
     from attribution.pipeline import ORDER
 
     for stage in ORDER:
-        marker = pipe.dir(stage) / "stage.json"
-        if not marker.is_file():
+        info = pipe.finished(stage)  # read and verified (None: not run for this config)
+        if info is None:
             continue
-        info = json.loads(marker.read_text())
         figs = ", ".join(f"{k}={_f(v)}" for k, v in info["summary"].items()
                          if isinstance(v, int | float) and not isinstance(v, bool))[:160]
         rows.append(f"| {stage} | {info['seconds']:.1f} | {figs} | `{pipe.dir(stage).name}` |")

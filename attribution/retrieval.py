@@ -104,13 +104,18 @@ def save_rerank_vectors(emb: np.ndarray, path: str | Path) -> None:
 def load_index(path: str | Path, rerank: int = 0):
     """Load an index; with ``rerank`` > 0 and ``<path stem>.vectors.npy`` beside it, wrap it in
     :class:`Reranked` over those vectors (memory-mapped)."""
+    from attribution.files import DataFileError, load_npy
+
     path = Path(path)
     if not path.is_file():
-        from attribution.data.dataset import DataFileError
-
         raise DataFileError(f"faiss index missing: {path}")
-    index = _faiss().read_index(str(path))
+    try:
+        index = _faiss().read_index(str(path))
+    except RuntimeError as err:  # faiss reports a truncated or foreign file this way
+        raise DataFileError(f"faiss index is corrupt: {path} ({str(err).splitlines()[0]}). "
+                            "To rebuild it, rerun `attribution student CONFIG` (delete the "
+                            "student folder first)") from err
     vectors = path.with_suffix(".vectors.npy")
     if rerank > 0 and vectors.is_file():
-        return Reranked(index, np.load(vectors, mmap_mode="r"), rerank)
+        return Reranked(index, load_npy(vectors, "Re-ranking vectors", mmap=True), rerank)
     return index

@@ -113,7 +113,11 @@ def test_wandb_offline_logging_and_m_bound(student_run, tmp_path, monkeypatch):
                       tmp_path / "wb", progress=False)
     assert list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert m["student.mAP@5"] >= 0
-    too_many = smoke_config(student_run.cfg.output_root, f"student.m={cfg.teacher.k + 1}")
+    # refused at load now (before any stage runs); the data module keeps its own guard for
+    # released rankings, whose K the config cannot know
+    with pytest.raises(ValueError, match="student.m=51 exceeds .*teacher.k=50"):
+        smoke_config(student_run.cfg.output_root, f"student.m={cfg.teacher.k + 1}")
+    from attribution.student.data import PairPlan
+
     with pytest.raises(ValueError, match="M=51 of K=50"):
-        train_student(too_many, student_run.dir("features"), student_run.dir("teacher"),
-                      tmp_path / "m", progress=False)
+        PairPlan(np.zeros((2, 50), np.int64), 200, 16, 0.1, 51, 0)

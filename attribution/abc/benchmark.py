@@ -42,6 +42,7 @@ from attribution.data.dataset import (
     atomic_write_bytes,
 )
 from attribution.data.images import from_uint8, save_grid, to_uint8
+from attribution.files import load_npy, read_json
 from attribution.metrics import average_precision, recall_at_k, standard_error
 
 SAMPLE_ID_BASE = 2_000_000  # synthesized images' sampling/draw ids: disjoint from the queries'
@@ -282,7 +283,8 @@ def run_abc_teacher(pipe, out: Path, progress: bool = True) -> dict:
 
 
 def load_teacher_scores(folder: Path) -> dict[int, np.ndarray]:
-    return {int(f.stem): np.load(f) for f in sorted((Path(folder) / "teacher").glob("*.npy"))}
+    return {int(f.stem): load_npy(f, "Customization teacher scores")
+            for f in sorted((Path(folder) / "teacher").glob("*.npy")) if f.stem.isdigit()}
 
 
 def teacher_scores(pipe, bench: Benchmark, out: Path, progress: bool = True) -> dict[int, np.ndarray]:
@@ -346,7 +348,9 @@ def teacher_scores(pipe, bench: Benchmark, out: Path, progress: bool = True) -> 
                     np.save(out / "teacher" / f"{qi}.npy", r["influence"].numpy())
                     bar.update(1)
         bar.close()
-    return {int(qi): np.load(out / "teacher" / f"{qi}.npy") for qi, _ in wanted}
+    return {int(qi): load_npy(out / "teacher" / f"{qi}.npy", "Customization teacher scores",
+                              rebuild="delete it; rerunning `attribution abc CONFIG` recomputes it")
+            for qi, _ in wanted}
 
 
 def run_abc(pipe, out: Path, progress: bool = True) -> dict:
@@ -478,10 +482,9 @@ def format_abc(summary: dict) -> str:
 def load_calibrator(pipe, method: str = "student") -> Calibrator | None:
     """The soft-attribution calibrator the ``abc`` stage fit for ``method`` (None when that stage
     has not run for this config)."""
-    path = pipe.dir("abc") / "calibration.json"
-    if not path.is_file():
+    if pipe.finished("abc") is None:  # verifies the stage's files when it has finished
         return None
-    cal = json.loads(path.read_text()).get(method)
+    cal = read_json(pipe.dir("abc") / "calibration.json", "Calibration").get(method)
     return None if cal is None else Calibrator(cal["tau"], cal["offset"])
 
 

@@ -18,6 +18,7 @@ from attribution.callbacks import map_at_ks, rank_all
 from attribution.config import derive, to_dict
 from attribution.data.dataset import CaptionedImageSet, atomic_save_npy, atomic_write_bytes
 from attribution.data.queries import QuerySet
+from attribution.files import DataFileError, load_npy
 from attribution.teacher.evaluate import planted_known_answers
 
 
@@ -73,8 +74,13 @@ def _dtrak(pipe, out: Path, teacher_rank: np.ndarray, ks: list[int], progress: b
                                            bc.dtrak_proj_dim, bc.dtrak_damping,
                                            bc.dtrak_batch_size, cfg.seed))
     cache = out / "dtrak_train_features.npy"  # the expensive, query-independent part
-    if cache.is_file():
-        phi = torch.from_numpy(np.load(cache))
+    if cache.is_file():  # written by this unfinished stage: its shape is all we can check
+        phi = torch.from_numpy(load_npy(cache, "D-TRAK feature cache", rebuild=(
+            "delete it; rerunning the baselines recomputes it")))
+        if phi.shape[0] != len(cands) or not torch.isfinite(phi).all():
+            raise DataFileError(f"D-TRAK feature cache {cache} has {phi.shape[0]} rows (or "
+                                f"non-finite values), expected {len(cands)}: delete it; "
+                                "rerunning the baselines recomputes it")
     else:
         phi = dt.featurize_all(cands.view(torch.arange(len(cands))),
                                cands.table.lookup(cands.rows[:, 0]), 0, progress)

@@ -13,10 +13,7 @@ An item is ``{"image": float (3, H, W) in [-1, 1], "captions": list[str], "index
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -24,42 +21,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from attribution.files import (  # noqa: F401  (re-exported: older imports name them here)
+    DataFileError,
+    atomic_save_npy,
+    atomic_save_npz,
+    atomic_write_bytes,
+    read_json,
+    sha256_file,
+)
+
 FILES = ("images.npy", "captions.json", "attributes.json")
-
-
-class DataFileError(RuntimeError):
-    """A dataset file is missing, corrupt, or does not match its manifest."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file + rename, so a kill never leaves a half-written file behind."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: ranks may race
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
-    """``np.savez`` into memory, then :func:`atomic_write_bytes`."""
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
 
 
 def write_world(
@@ -84,13 +55,11 @@ def write_world(
 
 
 def read_manifest(root: Path) -> dict:
-    path = Path(root) / "manifest.json"
-    if not path.is_file():
-        raise DataFileError(f"World manifest missing: {path} (was the world stage run?)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataFileError(f"World manifest is corrupt: {path}: {err}") from err
+    manifest = read_json(Path(root) / "manifest.json", "World manifest",
+                         "rerun `attribution world CONFIG` (delete the folder first)")
+    if not isinstance(manifest, dict):
+        raise DataFileError(f"World manifest is not a mapping: {Path(root) / 'manifest.json'}")
+    return manifest
 
 
 class CaptionedImageSet(Dataset):

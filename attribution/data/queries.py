@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from attribution.data.dataset import DataFileError, atomic_save_npy, atomic_write_bytes
+from attribution.files import load_npy, read_json
 
 
 def write_query_set(root: Path, images: np.ndarray, captions: list[str], latents: np.ndarray,
@@ -38,6 +39,9 @@ def write_query_set(root: Path, images: np.ndarray, captions: list[str], latents
     atomic_write_bytes(root / "manifest.json", json.dumps(dict(meta or {}, n=n), indent=2).encode())
 
 
+_HINT = "rerun `attribution queries CONFIG` (delete the folder first)"
+
+
 class QuerySet:
     """A query folder in the released layout; checks every file it needs on open.
 
@@ -55,22 +59,21 @@ class QuerySet:
         lat_path = self.root / "latents.npy"
         if not lat_path.is_file():
             raise DataFileError(f"Query latents missing: {lat_path}")
-        try:
-            self.latents = np.load(lat_path)
-        except (ValueError, OSError) as err:
-            raise DataFileError(f"Query latents corrupt: {lat_path}: {err}") from err
+        self.latents = load_npy(lat_path, "Query latents", rebuild=_HINT)
         if self.latents.shape[0] != len(self.captions):
             raise DataFileError(f"{lat_path} has {self.latents.shape[0]} rows but "
                                 f"{cap_path} has {len(self.captions)} captions")
         emb_path = self.root / "text_embeddings.npy"
-        self.text_embeddings = np.load(emb_path) if emb_path.is_file() else None
+        self.text_embeddings = (load_npy(emb_path, "Query text embeddings", rebuild=_HINT)
+                                if emb_path.is_file() else None)
         if need_embeddings and self.text_embeddings is None:
             raise DataFileError(f"Query text embeddings missing: {emb_path}")
         if self.text_embeddings is not None and self.text_embeddings.shape[0] != len(self):
             raise DataFileError(f"{emb_path} has {self.text_embeddings.shape[0]} rows, "
                                 f"expected {len(self)}")
         attr_path = self.root / "attributes.json"
-        self.attributes = json.loads(attr_path.read_text()) if attr_path.is_file() else None
+        self.attributes = (read_json(attr_path, "Query attributes", _HINT)
+                           if attr_path.is_file() else None)
 
     def __len__(self) -> int:
         return len(self.captions)

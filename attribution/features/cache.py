@@ -20,6 +20,7 @@ from attribution.data.dataset import (
 )
 from attribution.data.images import from_uint8
 from attribution.data.queries import QuerySet
+from attribution.files import load_npy, read_json
 
 
 class StaleFeatureCache(DataFileError):
@@ -31,11 +32,13 @@ def extract_all(extractor, world: CaptionedImageSet, queries: dict[str, QuerySet
     """Extract and write item and query features; returns the manifest."""
     out.mkdir(parents=True, exist_ok=True)
     items = extractor.extract(world.all_images(), [c[0] for c in world.captions], batch_size)
+    _finite(items.numpy(), extractor, "items")
     atomic_save_npy(out / "items.npy", items.numpy().astype(np.float32))
     counts = {"items": len(world)}
     for split, qs in queries.items():
         imgs = from_uint8(np.stack([qs.image(i) for i in range(len(qs))]))
         feats = extractor.extract(imgs, qs.captions, batch_size)
+        _finite(feats.numpy(), extractor, f"query_{split}")
         atomic_save_npy(out / f"query_{split}.npy", feats.numpy().astype(np.float32))
         counts[f"query_{split}"] = len(qs)
     manifest = {"extractor": extractor.describe(), "dim": extractor.dim, "counts": counts,
@@ -44,28 +47,37 @@ def extract_all(extractor, world: CaptionedImageSet, queries: dict[str, QuerySet
     return manifest
 
 
+def _finite(feats: np.ndarray, extractor, what: str) -> None:
+    bad = np.flatnonzero(~np.isfinite(feats).all(1))
+    if len(bad):
+        raise FloatingPointError(f"the {extractor.describe().get('name', '?')} extractor gave "
+                                 f"non-finite features for {what} rows {bad[:5].tolist()}: "
+                                 "its weights or inputs are broken; nothing was cached")
+
+
 def load_features(folder: Path, expect_items: int | None = None,
                   expect_name: str | None = None) -> dict[str, np.ndarray]:
     """Memory-map a feature folder; refuse a stale or mismatched one with a clear error."""
     folder = Path(folder)
-    mpath = folder / "manifest.json"
-    if not mpath.is_file():
-        raise DataFileError(f"Feature manifest missing: {mpath}")
-    manifest = json.loads(mpath.read_text())
-    if expect_name is not None and manifest["extractor"]["name"] != expect_name:
-        raise StaleFeatureCache(f"{folder} holds '{manifest['extractor']['name']}' features, "
-                                f"expected '{expect_name}'")
+    hint = "rerun `attribution features CONFIG` (delete the features folder first)"
+    manifest = read_json(folder / "manifest.json", "Feature manifest", hint)
+    try:
+        counts, dim, name = dict(manifest["counts"]), int(manifest["dim"]), \
+            manifest["extractor"]["name"]
+    except (KeyError, TypeError, ValueError) as err:
+        raise DataFileError(f"Feature manifest {folder / 'manifest.json'} lacks {err}. "
+                            f"To rebuild it, {hint}.") from err
+    if expect_name is not None and name != expect_name:
+        raise StaleFeatureCache(f"{folder} holds '{name}' features, expected '{expect_name}'")
     out = {}
-    for key, n in manifest["counts"].items():
+    for key, n in counts.items():
         path = folder / f"{key}.npy"
-        if not path.is_file():
-            raise DataFileError(f"Feature file missing: {path}")
-        arr = np.load(path, mmap_mode="r")
-        if arr.shape != (n, manifest["dim"]):
-            raise StaleFeatureCache(f"{path} has shape {arr.shape}, manifest says "
-                                    f"{(n, manifest['dim'])}: the cache is stale, delete it")
+        arr = load_npy(path, "Feature file", mmap=True, rebuild=hint)
+        if arr.shape != (n, dim) or arr.dtype != np.float32:
+            raise StaleFeatureCache(f"{path} is {arr.dtype} {arr.shape}, its manifest says "
+                                    f"float32 {(n, dim)}. To rebuild it, {hint}.")
         out[key] = arr
-    if expect_items is not None and manifest["counts"]["items"] != expect_items:
+    if expect_items is not None and counts.get("items") != expect_items:
         raise StaleFeatureCache(f"{folder} has features for {manifest['counts']['items']} items, "
                                 f"the training set has {expect_items}")
     return out
@@ -84,11 +96,8 @@ def load_released_features(feats_root: Path, space: str) -> dict[str, np.ndarray
         raise DataFileError("Released feature files missing: " + ", ".join(missing))
     out = {}
     for key, name in RELEASED_FILES.items():
-        try:
-            arr = np.load(folder / name, mmap_mode="r")
-        except (ValueError, OSError) as err:
-            raise DataFileError(f"Released feature file unreadable: {folder / name}: {err}") from err
-        if arr.ndim != 2 or arr.dtype.kind != "f":
+        arr = load_npy(folder / name, "Released feature file", mmap=True)
+        if arr.ndim != 2 or arr.dtype.kind != "f" or 0 in arr.shape:
             raise DataFileError(f"{folder / name} must be a 2-D float array, got "
                                 f"{arr.dtype} {arr.shape}")
         out[key] = arr

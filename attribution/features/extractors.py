@@ -25,10 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attribution.config import FEATURE_EXTRACTORS
+
 REGISTRY: dict[str, Callable[..., FeatureExtractor]] = {}
 
 
 def register(name: str):
+    # config.py declares the names so that a config is checked at load without importing torch
+    if name not in FEATURE_EXTRACTORS:
+        raise ValueError(f"extractor {name!r} must be listed in config.FEATURE_EXTRACTORS")
+
     def deco(builder):
         REGISTRY[name] = builder
         return builder

@@ -72,12 +72,16 @@ def train_toyclip(world: CaptionedImageSet, out: Path, steps: int, batch_size: i
 
 
 def load_toyclip(folder: Path):
-    folder = Path(folder)
-    for name in ("toyclip.pt", "toyclip.json"):
-        if not (folder / name).is_file():
-            from attribution.data.dataset import DataFileError
+    from attribution.files import DataFileError, load_weights, read_json
 
-            raise DataFileError(f"toy CLIP file missing: {folder / name}")
-    model = build_toyclip(json.loads((folder / "toyclip.json").read_text()))
-    model.load_state_dict(torch.load(folder / "toyclip.pt", map_location="cpu"))
+    folder = Path(folder)
+    hint = "rerun `attribution toyclip CONFIG` (delete the folder first)"
+    config = read_json(folder / "toyclip.json", "toy CLIP config", hint)
+    state = load_weights(folder / "toyclip.pt", "toy CLIP weights", hint)
+    try:
+        model = build_toyclip(config)
+        model.load_state_dict(state)
+    except (KeyError, TypeError, RuntimeError) as err:
+        raise DataFileError(f"toy CLIP files in {folder} do not fit together ({err}). "
+                            f"To rebuild them, {hint}.") from err
     return model.eval().requires_grad_(False)

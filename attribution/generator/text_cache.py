@@ -14,6 +14,9 @@ import numpy as np
 import torch
 
 from attribution.data.dataset import DataFileError, atomic_save_npy, atomic_write_bytes
+from attribution.files import load_npy, read_json
+
+_HINT = "rerun `attribution text CONFIG` (delete the folder first)"
 
 
 class TextTable:
@@ -65,18 +68,23 @@ class TextTable:
         root = Path(root)
         pointer = root / "manifest.json"
         if pointer.is_file():
-            meta = json.loads(pointer.read_text())
-            if "encoded_root" in meta:  # a pre-encoded world's token states, memory-mapped
+            meta = read_json(pointer, "Text-embedding cache manifest", _HINT)
+            if isinstance(meta, dict) and "encoded_root" in meta:  # a pre-encoded world's token states, memory-mapped
                 from attribution.data.encoded import EncodedWorld
 
                 return EncodedWorld(meta["encoded_root"]).table()
         for name in ("manifest.json", "embeddings.npy", "caption_rows.npy", "texts.json"):
             if not (root / name).is_file():
                 raise DataFileError(f"Text-embedding cache file missing: {root / name}")
-        meta = json.loads((root / "manifest.json").read_text())
-        emb = torch.from_numpy(np.load(root / "embeddings.npy"))
-        if list(emb.shape) != meta["shape"]:
-            raise DataFileError(f"Text-embedding cache is corrupt: {root / 'embeddings.npy'}")
-        rows = torch.from_numpy(np.load(root / "caption_rows.npy").astype(np.int64))
-        texts = json.loads((root / "texts.json").read_text())
-        return cls(emb, rows, texts, meta["source"])
+        meta = read_json(root / "manifest.json", "Text-embedding cache manifest", _HINT)
+        emb = torch.from_numpy(load_npy(root / "embeddings.npy", "Text embeddings", rebuild=_HINT))
+        if not isinstance(meta, dict) or list(emb.shape) != meta.get("shape"):
+            raise DataFileError(f"Text-embedding cache is corrupt: {root / 'embeddings.npy'} "
+                                f"does not match its manifest. To rebuild it, {_HINT}.")
+        rows = load_npy(root / "caption_rows.npy", "Caption rows", rebuild=_HINT)
+        texts = read_json(root / "texts.json", "Caption texts", _HINT)
+        if rows.dtype.kind not in "iu" or rows.ndim != 2 or (
+                rows.size and not 0 <= rows.min() <= rows.max() < len(emb)):
+            raise DataFileError(f"Caption rows {root / 'caption_rows.npy'} do not index the "
+                                f"{len(emb)} embeddings. To rebuild them, {_HINT}.")
+        return cls(emb, torch.from_numpy(rows.astype(np.int64)), texts, meta.get("source", ""))

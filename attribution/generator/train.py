@@ -55,15 +55,34 @@ def world_latents(codec, world_dir: Path) -> tuple[torch.Tensor, dict]:
     return latents, manifest
 
 
-def _check_checkpoint(path: Path) -> None:
-    """Fail clearly (naming the file) on a checkpoint that cannot be resumed from."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise DataFileError(f"Training checkpoint is corrupt: {path} ({err.__class__.__name__}). "
-                            "Delete it to restart this stage from scratch.") from err
-    if "state_dict" not in state or "loops" not in state:
-        raise DataFileError(f"Training checkpoint is not a Lightning checkpoint: {path}")
+def resume_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest readable checkpoint to resume from: ``last.ckpt``, else ``latest.ckpt`` (the
+    same epoch's copy ModelCheckpoint keeps beside it), else None when there is none.
+
+    Each is read with ``weights_only=True`` (tensors and plain containers: a file planted in a
+    shared run folder runs no code).  When every checkpoint present is unreadable, one
+    DataFileError names them; a corrupt ``last.ckpt`` beside an intact ``latest.ckpt`` is
+    reported and passed over."""
+    present = [p for p in (ckpt_dir / "last.ckpt", ckpt_dir / "latest.ckpt") if p.is_file()]
+    problems = []
+    for path in present:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or "state_dict" not in state or "loops" not in state:
+                raise ValueError("not a Lightning training checkpoint")
+        except Exception as err:  # torch raises many types for truncated / foreign files
+            problems.append(f"{path} ({err.__class__.__name__}: {str(err).splitlines()[0]})"
+                            if str(err) else f"{path} ({err.__class__.__name__})")
+            continue
+        if problems:
+            log.warning("passed over unreadable checkpoint %s; resuming from %s",
+                        problems[0], path)
+        return path
+    if problems:
+        raise DataFileError("No readable training checkpoint to resume from: "
+                            + "; ".join(problems) + f". Delete {ckpt_dir} to restart this "
+                            "stage from scratch.")
+    return None
 
 
 def accelerator_for(device: str) -> str:
@@ -121,11 +140,9 @@ def train_generator(cfg, world_dir: Path, text_dir: Path, out_dir: Path,
         enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10,
         num_sanity_val_steps=0, deterministic=False,
     )
-    last = ckpt_dir / "last.ckpt"
-    if last.is_file():
-        _check_checkpoint(last)
+    resume = resume_checkpoint(ckpt_dir)
     start = time.time()
-    trainer.fit(module, loader, ckpt_path=str(last) if last.is_file() else None)
+    trainer.fit(module, loader, ckpt_path=str(resume) if resume else None, weights_only=True)
     seconds = time.time() - start
     final_loss = float(trainer.callback_metrics.get("train/loss", torch.tensor(float("nan"))))
     meta = {"config": to_dict(gcfg), "world": manifest["sha256"], "text_source": table.source,

@@ -11,7 +11,6 @@ worker count.  Memory is O(Q·K) (the rank matrix), never a dense Q × N array.
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from attribution.data.dataset import DataFileError
+from attribution.files import safe_pickle_load
 from attribution.generator.module import seeded_generator
 
 
@@ -39,27 +39,42 @@ def load_rankings(folder: str | Path, n_items: int) -> Rankings:
     out = {}
     for split in ("train", "test"):
         path = folder / f"influence_{split}.pkl"
-        if not path.is_file():
-            raise DataFileError(f"Teacher rankings missing: {path}")
+        # a pickle from a user's folder may hold code: only arrays and containers are admitted
+        data = safe_pickle_load(path, "Teacher rankings")
         try:
-            with open(path, "rb") as f:
-                data = pickle.load(f)
-            rank = np.asarray(data["random"]["rank"])
-        except (pickle.UnpicklingError, KeyError, EOFError, TypeError) as err:
-            raise DataFileError(f"Teacher rankings file is corrupt or not in the released "
-                                f"layout ({{'random': {{'rank': ...}}}}): {path}: {err}") from err
-        validate_ranks(rank, n_items, str(path))
-        out[split] = rank.astype(np.int64)
+            rank = data["random"]["rank"]
+        except (KeyError, TypeError, IndexError) as err:
+            raise DataFileError(f"Teacher rankings file is not in the released layout "
+                                f"({{'random': {{'rank': ...}}}}): {path}: no {err}") from err
+        out[split] = as_rank_array(rank, str(path))
+        validate_ranks(out[split], n_items, str(path))
     if out["test"].shape[1] != n_items:
         raise DataFileError(f"test rankings rank {out['test'].shape[1]} items, but there are "
                             f"{n_items} training items: test queries need full-set rankings")
     return Rankings(out["train"], out["test"])
 
 
+def as_rank_array(rank, source: str) -> np.ndarray:
+    """Item ids as int64; refuses ragged rows, non-numbers and fractional values (a float
+    rank in [0, 1) would otherwise be cast to all zeros and train silently)."""
+    try:
+        arr = np.asarray(rank)
+    except ValueError as err:  # ragged nested lists
+        raise DataFileError(f"{source}: rankings must be a rectangular array of item ids "
+                            f"(rows of equal length): {err}") from err
+    if arr.dtype.kind in "iu":
+        return arr.astype(np.int64)
+    if arr.dtype.kind == "f" and arr.size and np.isfinite(arr).all() and (arr == np.round(arr)).all():
+        return arr.astype(np.int64)
+    raise DataFileError(f"{source}: rankings must hold whole-number item ids, got "
+                        f"{arr.dtype} values" + (f" such as {arr.flat[0]!r}" if arr.size else
+                                                 " (empty)"))
+
+
 def validate_ranks(rank: np.ndarray, n_items: int, source: str, k: int | None = None) -> None:
-    if rank.ndim != 2:
-        raise DataFileError(f"{source}: rankings must be 2-D (queries, candidates), "
-                            f"got shape {rank.shape}")
+    if rank.ndim != 2 or 0 in rank.shape:
+        raise DataFileError(f"{source}: rankings must be 2-D (queries, candidates) and "
+                            f"non-empty, got shape {rank.shape}")
     if rank.size and (rank.min() < 0 or rank.max() >= n_items):
         raise DataFileError(f"{source}: ranking ids must be in [0, {n_items}), found "
                             f"[{rank.min()}, {rank.max()}]")

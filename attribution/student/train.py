@@ -36,8 +36,12 @@ def _checked_features(folder: Path, space: str, released: bool = False) -> dict[
         t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
         bad = (~torch.isfinite(t)).any(1).nonzero().flatten()
         if len(bad):
-            raise FloatingPointError(f"{space} features '{key}' have non-finite rows "
-                                     f"{bad[:5].tolist()} ({folder})")
+            from attribution.features.cache import RELEASED_FILES
+
+            path = (Path(folder) / space / RELEASED_FILES[key] if released
+                    else Path(folder) / f"{key}.npy")
+            raise FloatingPointError(f"{space} features have non-finite rows "
+                                     f"{bad[:5].tolist()} in {path}")
         out[key] = t
     return out
 

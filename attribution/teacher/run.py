@@ -20,6 +20,7 @@ from attribution.data.dataset import (
     read_manifest,
 )
 from attribution.data.queries import QuerySet
+from attribution.files import load_npy
 from attribution.generator.model import build_codec, build_scheduler, load_unet
 from attribution.generator.text_cache import TextTable
 from attribution.generator.train import accelerator_for, world_latents
@@ -38,6 +39,18 @@ from attribution.teacher.scoring import CandidateSet, candidate_losses
 from attribution.teacher.shards import ShardStore, write_merged
 from attribution.teacher.unlearn import DiagonalPreconditioner, EKFACPreconditioner
 
+# Files of an unfinished teacher stage (kept so a killed run resumes): on a bad one, say how.
+PARTIAL = "delete it; rerunning the teacher recomputes only this part"
+
+
+def _checked_losses(path: Path, n: int) -> np.ndarray:
+    """A cached share of base losses L_j(θ0): float (n, views), finite, or a DataFileError."""
+    losses = load_npy(path, "Cached base losses", rebuild=PARTIAL)
+    if (losses.ndim not in (1, 2) or losses.shape[0] != n or losses.dtype.kind != "f"
+            or not np.isfinite(losses).all()):
+        raise DataFileError(f"Cached base losses {path} are {losses.dtype} {losses.shape} "
+                            f"(expected {n} rows of finite floats): {PARTIAL}")
+    return losses
 
 def load_world_model(cfg, world_dir: Path, text_dir: Path, gen_dir: Path):
     """(unet, generator manifest, alphas_cumprod, CandidateSet) for a trained generator."""
@@ -90,7 +103,7 @@ def base_losses(cfg, unet, alphas, cands: CandidateSet, out: Path, rank: int = 0
                       "seed": s.seed})
     path, key_path = out / "base_losses.npy", out / "base_losses.json"
     if path.is_file() and key_path.is_file() and key_path.read_text() == key:
-        return torch.from_numpy(np.load(path))
+        return torch.from_numpy(_checked_losses(path, len(cands)))
     device = next(unet.parameters()).device
     shares = np.array_split(np.arange(len(cands)), world_size)
     part = out / f"base_losses.part{rank}of{world_size}.npy"
@@ -104,7 +117,8 @@ def base_losses(cfg, unet, alphas, cands: CandidateSet, out: Path, rank: int = 0
     if barrier is not None:
         barrier("base losses")
     losses = torch.from_numpy(np.concatenate(
-        [np.load(out / f"base_losses.part{r}of{world_size}.npy") for r in range(world_size)]))
+        [_checked_losses(out / f"base_losses.part{r}of{world_size}.npy", len(shares[r]))
+         for r in range(world_size)]))
     if rank == 0:
         atomic_save_npy(path, losses.numpy())
         atomic_write_bytes(key_path, key.encode())
@@ -146,7 +160,12 @@ def make_queries(cfg, queries_dir: Path, cands: CandidateSet, out: Path) -> list
           for split in ("train", "test")}
     cand_path = out / "candidates_train.npy"
     if cand_path.is_file():
-        knn = np.load(cand_path)
+        knn = load_npy(cand_path, "Stage-1 candidates", rebuild=PARTIAL)
+        if knn.shape != (len(qs["train"]), cfg.teacher.k) or knn.dtype.kind not in "iu" or (
+                knn.size and not 0 <= knn.min() <= knn.max() < len(cands)):
+            raise DataFileError(f"Stage-1 candidates {cand_path} are {knn.dtype} {knn.shape}, "
+                                f"expected ids of shape {(len(qs['train']), cfg.teacher.k)}: "
+                                f"{PARTIAL}")
     else:
         t = qs["train"]
         items = np.concatenate([curation.stage1_features(cfg.teacher.curation, z, cond)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from attribution.data.dataset import DataFileError, atomic_save_npz, atomic_write_bytes
+from attribution.files import load_npz
 
 
 class ShardStore:
@@ -52,11 +53,19 @@ class ShardStore:
 
     def read(self, split: str, query_id: int) -> tuple[np.ndarray, np.ndarray, dict]:
         path = self.path(split, query_id)
+        hint = ("delete it; rerunning the teacher (`attribution teacher score CONFIG`) scores "
+                "only the queries without a shard")
+        f = load_npz(path, "Teacher shard", rebuild=hint)
         try:
-            with np.load(path) as f:
-                return f["candidates"], f["influence"], json.loads(str(f["info"]))
-        except (OSError, ValueError, KeyError) as err:
-            raise DataFileError(f"Teacher shard missing or corrupt: {path}: {err}") from err
+            cands, infl, info = f["candidates"], f["influence"], json.loads(str(f["info"]))
+        except (KeyError, ValueError) as err:
+            raise DataFileError(f"Teacher shard {path} lacks {err}. To rebuild it, {hint}.") \
+                from err
+        if cands.shape != infl.shape or cands.ndim != 1 or not np.isfinite(infl).all():
+            raise DataFileError(f"Teacher shard {path} holds {cands.shape} candidates and "
+                                f"{infl.shape} influences (or non-finite ones). To rebuild it, "
+                                f"{hint}.")
+        return cands, infl, info
 
     def merge(self, split: str, n_queries: int) -> dict[str, np.ndarray | list]:
         """Stack every shard of a split; fails listing the missing query ids."""
