@@ -33,7 +33,8 @@ def load_head(student_dir: Path) -> EmbeddingHead:
     meta = read_json(meta_path, "student head description", hint)
     state = load_weights(weights, "student head weights", hint)
     try:
-        head = EmbeddingHead(meta["dims"], meta["dropout"], meta["layernorm"])
+        head = EmbeddingHead(meta["dims"], meta["dropout"], meta["layernorm"],
+                             kind=meta.get("kind", "mlp"))
         head.load_state_dict(state)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise DataFileError(f"student head files in {student_dir} do not fit together ({err}). "

@@ -37,29 +37,78 @@ def feature_baseline(item_feats, query_feats, teacher_rank, ks) -> dict[str, flo
     return map_at_ks(rank_all(qi, ii), teacher_rank, ks)
 
 
-class RankingMAPCallback(L.Callback):
-    """Logs ``val/mAP@k`` (+ ``_stderr``) for held-out queries after every training epoch, and
-    ``val/baseline_mAP@k`` (untuned features, same queries) once at the start."""
+def kset_map(query_emb: torch.Tensor, item_emb: torch.Tensor, ksets: np.ndarray,
+             k: int) -> tuple[float, float]:
+    """mAP@k of held-out TRAINING queries, within their K-sets (what released data offers).
 
-    def __init__(self, item_feats, query_feats, teacher_rank: np.ndarray, ks: list[int]):
-        self.item_feats, self.query_feats, self.rank, self.ks = (item_feats, query_feats,
-                                                                 teacher_rank, list(ks))
-        self.last: dict[str, float] = {}
-        self.baseline: dict[str, float] = {}
+    Args:
+        query_emb: float (V, D) embedded validation queries.
+        item_emb: float (N, D) embedded items (only the K-set rows are read).
+        ksets: int (V, K) each query's stage-1 candidates in the teacher's order, best first.
+        k: positives = the teacher's top-k of the K-set; the K candidates are ranked by
+            ``query_emb @ item_emb`` (ties by position in the K-set).
 
-    def evaluate(self, module) -> dict[str, float]:
-        return map_at_ks(rank_all(module.embed(self.query_feats), module.embed(self.item_feats)),
-                         self.rank, self.ks)
+    Returns:
+        (mAP, its standard error over queries).
+    """
+    with torch.no_grad():
+        scores = torch.einsum("vd,vkd->vk", query_emb,
+                              item_emb[torch.as_tensor(ksets)]).detach().numpy()
+    order = np.argsort(-scores, axis=1, kind="stable")
+    ranked = np.take_along_axis(ksets, order, 1)
+    return mean_average_precision(list(ranked), [set(r[:k].tolist()) for r in ksets])
+
+
+class ValidationCallback(L.Callback):
+    """Validation on held-out training queries: logs ``val/mAP@k`` (+ ``_stderr``) after every
+    epoch, keeps the best head's weights (the untrained head, "epoch 0", competes too) and stops
+    after ``patience`` epochs without a better figure.  The test queries are never read here.
+
+    Args:
+        item_feats: float (N, D) item features; query_feats: float (V, D) validation queries;
+        ksets: int (V, K) their teacher-ordered K-sets; k: positives per query.
+    """
+
+    def __init__(self, item_feats, query_feats, ksets: np.ndarray, k: int,
+                 patience: int | None = None):
+        self.items = torch.as_tensor(np.asarray(item_feats), dtype=torch.float32)
+        self.queries = torch.as_tensor(np.asarray(query_feats), dtype=torch.float32)
+        self.ksets, self.k, self.patience = np.asarray(ksets), k, patience
+        # only the K-set items are embedded at each evaluation
+        self.ids, inverse = np.unique(self.ksets, return_inverse=True)
+        self.local = inverse.reshape(self.ksets.shape)
+        self.best, self.best_epoch, self.best_state = -1.0, None, None
+        self.history: list[float] = []
+        self.wait = 0
+        self.baseline: tuple[float, float] = (float("nan"), float("nan"))
+        self.last: tuple[float, float] = (float("nan"), float("nan"))
+
+    def evaluate(self, embed) -> tuple[float, float]:
+        """(mAP@k, s.e.) with ``embed``: float (B, D) features -> (B, D') unit embeddings."""
+        return kset_map(embed(self.queries), embed(self.items[self.ids]), self.local, self.k)
+
+    def consider(self, module, epoch: int) -> None:
+        """Evaluate ``module`` as the head after ``epoch`` epochs; keep it if it is the best."""
+        self.last = self.evaluate(module.embed)
+        self.history.append(self.last[0])
+        if self.last[0] > self.best:
+            self.best, self.best_epoch, self.wait = self.last[0], epoch, 0
+            self.best_state = {k: v.detach().cpu().clone()
+                               for k, v in module.head.state_dict().items()}
+        else:
+            self.wait += 1
 
     def on_fit_start(self, trainer, module) -> None:
-        self.baseline = feature_baseline(self.item_feats, self.query_feats, self.rank, self.ks)
+        self.baseline = self.evaluate(lambda x: F.normalize(x, dim=-1))
+        self.consider(module, 0)
 
     def on_train_epoch_end(self, trainer, module) -> None:
-        self.last = self.evaluate(module)
-        for key, v in self.last.items():
-            module.log(f"val/{key}", v, prog_bar=key == f"mAP@{self.ks[0]}")
-        for key, v in self.baseline.items():
-            module.log(f"val/baseline_{key}", v)
+        self.consider(module, trainer.current_epoch + 1)
+        module.log(f"val/mAP@{self.k}", self.last[0], prog_bar=True)
+        module.log(f"val/mAP@{self.k}_stderr", self.last[1])
+        module.log(f"val/baseline_mAP@{self.k}", self.baseline[0])
+        if self.patience is not None and self.wait >= self.patience:
+            trainer.should_stop = True
 
 
 class ThroughputCallback(L.Callback):

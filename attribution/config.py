@@ -246,7 +246,10 @@ class FeaturesConfig:
 @dataclass
 class StudentConfig:
     feature: str = "toyclip_image+minilm"  # one of features.spaces (checked)
-    # head dims after the input
+    # mlp (reference: random init) | linear (D -> D from the identity) | residual (x + MLP(x),
+    # last layer zero): linear and residual rank exactly as the untuned features at step 0
+    head: str = opt("mlp", choices=["mlp", "linear", "residual"])
+    # head dims after the input (residual: the branch's hidden widths; linear: unused)
     hidden: list[int] = opt(factory=lambda: [512, 512, 512], ge=1, nonempty=True)
     dropout: float = opt(0.1, ge=0, lt=1)
     layernorm: bool = False
@@ -266,6 +269,14 @@ class StudentConfig:
     lr: float = opt(1e-3, gt=0)
     weight_decay: float = opt(0.0, ge=0)
     k_eval: list[int] = opt(factory=lambda: [10, 50, 100], ge=1, nonempty=True)
+    # Training queries held out for validation (never trained on): a fraction (< 1) or a count.
+    # Early stopping, the reported epoch and sweep winners are chosen on them; the test queries
+    # are read once, after training.  0 = no validation (the last epoch is reported).
+    val_queries: float = opt(0.1, ge=0)
+    k_val: int = opt(10, **POSITIVE)  # validation mAP@k_val within each query's K-set
+    patience: int | None = opt(None, **POSITIVE)  # stop after this many epochs without a better
+    # validation mAP (None = run every epoch); the best epoch is the one kept either way
+    max_minutes: float | None = opt(None, gt=0)  # time budget for training (None = none)
     num_workers: int = opt(0, ge=0)
     # wandb_offline | wandb (online, opt-in) | csv | none
     logger: str = opt("wandb_offline", choices=["wandb_offline", "wandb", "csv", "none"])
@@ -592,14 +603,29 @@ def _validate(cfg: DictConfig) -> None:
     if s.queries_per_batch % ranks:
         _fail(f"student.queries_per_batch={s.queries_per_batch} (the global batch) must be "
               f"divisible by student.devices x student.num_nodes = {ranks}")
+    if s.head == "linear" and s.layernorm:
+        _fail("student.layernorm is not offered for student.head=linear (it would change the "
+              "identity the linear head starts from)")
+    if s.val_queries >= 1 and s.val_queries != int(s.val_queries):
+        _fail(f"student.val_queries={s.val_queries}: a fraction below 1 or a whole count")
+    if s.patience is not None and s.val_queries == 0:
+        _fail("student.patience needs validation queries (student.val_queries > 0)")
     if s.m is not None and s.budget is not None:
         _fail("set student.m or student.budget, not both")
     if cfg.data.source == "toy":
         if s.m is not None and s.m > t.k:
             _fail(f"student.m={s.m} exceeds the teacher's candidates teacher.k={t.k}")
-        if s.n_queries is not None and s.n_queries > q.n_train:
-            _fail(f"student.n_queries={s.n_queries} exceeds queries.n_train={q.n_train}")
-        nq = s.n_queries or q.n_train
+        n_val = val_count(q.n_train, s.val_queries)
+        if n_val >= q.n_train:
+            _fail(f"student.val_queries={s.val_queries} holds out {n_val} of the "
+                  f"{q.n_train} training queries (queries.n_train): none would be left to train")
+        if s.k_val >= t.k:
+            _fail(f"student.k_val={s.k_val} must be below the teacher's candidates per query "
+                  f"teacher.k={t.k} (its top k_val of them are the validation positives)")
+        if s.n_queries is not None and s.n_queries > q.n_train - n_val:
+            _fail(f"student.n_queries={s.n_queries} exceeds the {q.n_train - n_val} training "
+                  f"queries left after student.val_queries={s.val_queries} are held out")
+        nq = s.n_queries or q.n_train - n_val
         if s.budget is not None and not 1 <= s.budget // nq <= t.k:
             _fail(f"student.budget={s.budget} over {nq} queries keeps {s.budget // nq} "
                   f"candidates per query, outside [1, teacher.k={t.k}]")
@@ -619,6 +645,16 @@ def _validate(cfg: DictConfig) -> None:
               f"got {a.calibration_concepts}")
     if a.teacher_images > a.images:
         _fail(f"abc.teacher_images={a.teacher_images} exceeds abc.images={a.images}")
+
+
+def val_count(n_train: int, val_queries: float) -> int:
+    """How many of ``n_train`` training queries ``student.val_queries`` holds out (a fraction
+    below 1 rounds to at least one query; a value >= 1 is a count)."""
+    if val_queries <= 0:
+        return 0
+    if val_queries < 1:
+        return max(1, round(n_train * val_queries))
+    return int(val_queries)
 
 
 def to_dict(cfg: Any) -> dict:

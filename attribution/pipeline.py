@@ -198,17 +198,31 @@ class Pipeline:
             atomic_write_bytes(self.root / "metrics.json", json.dumps(out, indent=2).encode())
             return out
         teacher = json.loads((self.dir("teacher") / "stage.json").read_text())["summary"]
-        out = {k: v for k, v in student.items() if k.startswith(("student.mAP", "baseline."))}
+        out = {k: v for k, v in student.items()
+               if k.startswith(("student.mAP", "student.val_mAP", "baseline."))}
         # Test queries are scored against the whole training set: that is a query's real cost.
         out["teacher.seconds_per_query"] = teacher["seconds_per_test_query"]
         out["teacher.seconds_per_train_query"] = teacher["seconds_per_train_query"]
         for name, r in teacher.get("known_answers", {}).items():
             out[f"teacher.{name}_recall@10"] = r["recall@10"]
         from attribution.attribute import student_test_ranks
-        from attribution.baselines.run import known_answer_recall
+        from attribution.baselines.run import known_answer_recall, map_by_type, query_types
 
-        for name, v in known_answer_recall(self, student_test_ranks(self)).items():
+        student_rank = student_test_ranks(self)
+        for name, v in known_answer_recall(self, student_rank).items():
             out[f"student.{name.replace(' ', '_')}"] = v
+        # every method's mAP on ordinary and on planted-concept test queries apart
+        types = query_types(self)
+        with np.load(self.dir("teacher") / "teacher_test.npz") as merged:
+            teacher_rank = merged["rank"]
+        ks = [k for k in self.cfg.student.k_eval if k <= teacher_rank.shape[1]]
+        ranked = {"student": student_rank}
+        if (self.dir("baselines") / "stage.json").is_file():
+            ranked.update({f"baseline.{p.stem[5:]}": np.load(p)
+                           for p in sorted(self.dir("baselines").glob("rank_*.npy"))})
+        for method, rank in ranked.items():
+            out.update({f"{method}.{k}": v
+                        for k, v in map_by_type(rank, teacher_rank, ks, types).items()})
         e2e = student.get("end_to_end", {})
         out["student.queries_per_second"] = e2e.get("queries_per_second", float("nan"))
         out["search.queries_per_second"] = e2e.get("search_queries_per_second", float("nan"))

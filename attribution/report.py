@@ -113,18 +113,26 @@ def write_report(pipe, sweeps_dir: str | Path = "sweeps") -> Path:
 def _methods_table(metrics: dict, k: int) -> list[str]:
     planted = sorted({key.split(".")[-1] for key in metrics
                       if key.startswith("baseline.") and key.endswith("_recall@10")})
+    types = [t for t in ("ordinary", "planted") if f"student.{t}.mAP@{k}" in metrics]
     L = ["## Methods on the same test queries", "",
-         f"| method | mAP@{k} (s.e.) | queries/s | storage | "
+         f"| method | mAP@{k} (s.e.) | " + "".join(f"{t} mAP@{k} | " for t in types)
+         + "queries/s | storage | "
          + " | ".join(p.replace("_recall@10", " recall@10") for p in planted) + " |",
-         "|---|---|---:|---:|" + "---:|" * len(planted)]
+         "|---|---|" + "---|" * len(types) + "---:|---:|" + "---:|" * len(planted)]
     for m in sorted(figures.methods_of_run(metrics, k), key=lambda m: -m["quality"]):
         prefix = m["key"] if m["key"] in ("student", "teacher") else f"baseline.{m['key']}"
         rec = [metrics.get(f"{prefix}.{p}") for p in planted]
-        L.append(f"| {m['method']} | {m['quality']:.3f} ({m['stderr']:.3f}) | {m['qps']:.4g} | "
-                 f"{figures._human(m['storage'])} | "
+        by_type = "".join(
+            "— | " if metrics.get(f"{prefix}.{t}.mAP@{k}") is None else
+            f"{metrics[f'{prefix}.{t}.mAP@{k}']:.3f} ({metrics[f'{prefix}.{t}.mAP@{k}_stderr']:.3f}) | "
+            for t in types)
+        L.append(f"| {m['method']} | {m['quality']:.3f} ({m['stderr']:.3f}) | {by_type}"
+                 f"{m['qps']:.4g} | {figures._human(m['storage'])} | "
                  + " | ".join("" if r is None else f"{r:.2f}" for r in rec) + " |")
     return L + ["", "Known-answer recall@10: the share of the planted items found in the top 10 "
-                "by the test queries that prompt the planted concept (chance = 10/N).", ""]
+                "by the test queries that prompt the planted concept (chance = 10/N). "
+                "*ordinary* / *planted*: the same mAP over the test queries whose prompt names "
+                "no planted concept / a planted concept.", ""]
 
 
 def _reference_table(metrics: dict, feature: str, ks: list[int]) -> list[str]:

@@ -67,7 +67,7 @@ def _cfg(tmp_path, root, *extra):
                               "student.k_eval=[10,50]", "student.hidden=[64,64]",
                               "student.epochs=15", "student.queries_per_batch=8",
                               "student.pairs_per_query=32", "student.logger=none",
-                              "student.num_workers=0", *extra])
+                              "student.num_workers=0", "student.val_queries=6", "student.k_val=10", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,8 @@ def test_coco_sweeps_run_on_the_fixture(released, tmp_path):
     table = run_sweep(ROOT / "sweeps" / "coco_loss.yaml",
                       [f"data.root={released}", "student.k_eval=[10,50]", "student.epochs=1",
                        "student.hidden=[32]", "student.logger=none", "student.num_workers=0",
-                       "student.queries_per_batch=8", "student.pairs_per_query=16"],
+                       "student.queries_per_batch=8", "student.pairs_per_query=16",
+                       "student.val_queries=6", "student.k_val=10"],
                       output_root=str(tmp_path), echo=lambda s: None)
     from attribution.figures import read_rows
 

@@ -72,9 +72,9 @@ def test_batches_do_not_depend_on_worker_count():
 
 def test_select_queries_budget():
     assert select_queries(100, 20, None, 400, 50) == (20, 20)
-    with pytest.raises(ValueError, match="either"):
+    with pytest.raises(DataFileError, match="either"):
         select_queries(100, 20, 5, 400, 50)
-    with pytest.raises(ValueError, match="only 100"):
+    with pytest.raises(DataFileError, match="only 100"):
         select_queries(100, 200, None, None, 50)
 
 

@@ -50,8 +50,15 @@ def test_run_metrics_json_keys_and_student_only_rerun(student_run):
     assert changed == ["student", "abc"]  # the benchmark scores the student too
 
 
-def test_checkpoint_roundtrip_gives_identical_embeddings(student_run):
-    d = student_run.dir("student")
+def test_checkpoint_roundtrip_gives_identical_embeddings(student_run, tmp_path):
+    from tests.conftest import smoke_config
+
+    # without validation queries the deployed head is the last epoch's, as last.ckpt holds it
+    cfg = smoke_config(student_run.cfg.output_root, "student.val_queries=0", "student.epochs=2",
+                       "student.logger=none")
+    d = tmp_path / "s"
+    train_student(cfg, student_run.dir("features"), student_run.dir("teacher"), d,
+                  progress=False)
     head = load_head(d)
     ckpt = torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     again = load_head(d)

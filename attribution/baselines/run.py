@@ -31,6 +31,29 @@ def known_answer_recall(pipe, rank: np.ndarray) -> dict:
     return {f"{name} recall@10": r["recall@10"] for name, r in known.items()}
 
 
+def query_types(pipe) -> dict[str, np.ndarray]:
+    """Boolean masks over the test queries: ``planted`` (the prompt names a planted concept,
+    whose known answers the teacher finds) and ``ordinary`` (all others); {} without planted
+    concepts or query attributes."""
+    planted = pipe.cfg.world.planted
+    attrs = QuerySet(pipe.dir("queries") / "query_test").attributes
+    if not planted or attrs is None:
+        return {}
+    mask = np.array([any(a.get(p.attribute) == p.value for p in planted) for a in attrs])
+    return {"ordinary": ~mask, "planted": mask}
+
+
+def map_by_type(rank: np.ndarray, teacher_rank: np.ndarray, ks: list[int],
+                types: dict[str, np.ndarray]) -> dict[str, float]:
+    """``{"<type>.mAP@k": ..., "<type>.mAP@k_stderr": ...}`` over each type's test queries."""
+    out = {}
+    for name, mask in types.items():
+        if mask.any():
+            out.update({f"{name}.{k}": v
+                        for k, v in map_at_ks(rank[mask], teacher_rank[mask], ks).items()})
+    return out
+
+
 def run_baselines(pipe, out: Path, progress: bool = True) -> dict:
     """Write ``baselines.json`` ({method: {mAP@k, mAP@k_stderr, queries_per_second,
     storage_bytes, <planted> recall@10}}) and each method's test rankings ``rank_<method>.npy``

@@ -194,13 +194,14 @@ def select_queries(n_available: int, n_queries: int | None, m: int | None,
     """Resolve (Q, M) from data-scaling settings; ``budget`` fixes Q × M."""
     q = n_available if n_queries is None else n_queries
     if q > n_available:
-        raise ValueError(f"asked for {q} training queries, only {n_available} have rankings")
+        raise DataFileError(f"student.n_queries={q}: only {n_available} training queries have "
+                            "rankings (after the validation queries are held out)")
     if budget is not None:
         if m is not None:
-            raise ValueError("set either student.m or student.budget, not both")
+            raise DataFileError("set either student.m or student.budget, not both")
         m = budget // q
         if not 1 <= m <= k:
-            raise ValueError(f"budget {budget} over {q} queries gives M={m}, outside [1, K={k}]")
+            raise DataFileError(f"budget {budget} over {q} queries gives M={m}, outside [1, K={k}]")
     return q, m
 
 

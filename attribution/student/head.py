@@ -1,49 +1,117 @@
-"""The shared MLP head and the pair score.
+"""The shared embedding head, its kinds (a name -> builder registry), and the pair score.
 
 Sign convention (explicit, and the same from the first step): a HIGHER score means MORE
 influential.  s(q, x) = α · cos(f(q), f(x)) + β with α = exp(log_α) > 0, so ranking by s is
 ranking by cos(f(q), f(x)) descending: retrieval is a plain maximum-inner-product search over
 L2-normalized embeddings.  (The reference trains "low score = influential" with α initialised
 to +1 and ranks ascending, which is right only once α has turned negative; SPEC §3.)
+
+Kinds (``student.head``):
+
+* ``mlp`` — the reference head: Linear → ReLU → Dropout → ... → Linear, random init.  At step 0
+  it ranks by a random projection of the features.
+* ``linear`` — one D → D linear map initialised to the identity: f(x) = W x + b, W₀ = I, b₀ = 0.
+* ``residual`` — f(x) = x + g(x), g an MLP (D → hidden... → D) whose LAST layer starts at zero.
+
+For ``linear`` and ``residual``, f = identity at step 0, so cos(f(q), f(x)) = cos(q, x): the
+untrained student ranks exactly as the untuned features do, and a feature direction that no
+training query exercises keeps its raw similarity instead of being thrown away.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
+def _mlp(dims: list[int], dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(dims) - 1):
+        layers.append(nn.Linear(dims[i], dims[i + 1]))
+        if i < len(dims) - 2:
+            layers += [nn.ReLU(), nn.Dropout(dropout)]
+    return nn.Sequential(*layers)
+
+
+def _build_mlp(dims: list[int], dropout: float) -> tuple[nn.Module, bool]:
+    return _mlp(dims, dropout), False
+
+
+def _build_linear(dims: list[int], dropout: float) -> tuple[nn.Module, bool]:
+    if len(dims) != 2 or dims[0] != dims[1]:
+        raise ValueError(f"a linear head maps D -> D (identity init), got dims {dims}")
+    lin = nn.Linear(dims[0], dims[0])
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(dims[0]))
+        lin.bias.zero_()
+    return lin, False
+
+
+def _build_residual(dims: list[int], dropout: float) -> tuple[nn.Module, bool]:
+    if dims[0] != dims[-1] or len(dims) < 2:
+        raise ValueError(f"a residual head maps D -> ... -> D, got dims {dims}")
+    branch = _mlp(dims, dropout)
+    with torch.no_grad():  # the branch starts at exactly zero: f = identity
+        branch[-1].weight.zero_()
+        branch[-1].bias.zero_()
+    return branch, True
+
+
+# name -> builder(dims, dropout) -> (network, residual?)
+HEADS: dict[str, Callable[[list[int], float], tuple[nn.Module, bool]]] = {
+    "mlp": _build_mlp, "linear": _build_linear, "residual": _build_residual}
+
+
+def head_dims(kind: str, in_dim: int, hidden: list[int]) -> list[int]:
+    """The head's layer widths [D_in, ..., D_out] for ``student.hidden`` (the layers after the
+    input): as given for ``mlp``; [D, D] for ``linear`` (hidden unused); [D, *hidden, D] for
+    ``residual`` (it must return to D to add the input)."""
+    if kind == "linear":
+        return [in_dim, in_dim]
+    if kind == "residual":
+        return [in_dim, *hidden, in_dim]
+    return [in_dim, *hidden]
+
+
 class EmbeddingHead(nn.Module):
-    """MLP f: (B, D_in) -> (B, D_out), shared by queries and training items.
+    """f: (B, D_in) -> (B, D_out), shared by queries and training items.
 
     Args:
-        dims: [D_in, h1, ..., D_out]; ReLU + dropout between layers, none after the last.
-        layernorm: LayerNorm on the input features (helps when blocks differ in scale).
+        dims: [D_in, h1, ..., D_out] (see :func:`head_dims`); ReLU + dropout between layers.
+        layernorm: LayerNorm on the input features (for ``residual``: on the branch's input only,
+            so the identity path stays exact).
+        kind: a :data:`HEADS` name.
     """
 
     def __init__(self, dims: list[int], dropout: float = 0.1, layernorm: bool = False,
-                 alpha_init: float = 1.0):
+                 alpha_init: float = 1.0, kind: str = "mlp"):
         super().__init__()
         if len(dims) < 2:
             raise ValueError("head dims need at least [D_in, D_out]")
-        layers: list[nn.Module] = [nn.LayerNorm(dims[0])] if layernorm else []
-        for i in range(len(dims) - 1):
-            layers.append(nn.Linear(dims[i], dims[i + 1]))
-            if i < len(dims) - 2:
-                layers += [nn.ReLU(), nn.Dropout(dropout)]
-        self.net = nn.Sequential(*layers)
+        if kind not in HEADS:
+            raise ValueError(f"unknown head kind {kind!r}; kinds are {sorted(HEADS)}")
+        net, self.residual = HEADS[kind](list(dims), dropout)
+        if layernorm:  # flat, so state-dict keys stay those of the reference layout
+            if not isinstance(net, nn.Sequential):
+                raise ValueError(f"layernorm is not offered for the {kind} head (it would "
+                                 "change the identity it starts from)")
+            net = nn.Sequential(nn.LayerNorm(dims[0]), *net)
+        self.net = net
         if alpha_init <= 0:
             raise ValueError("alpha_init must be positive (higher score = more influential)")
         self.log_alpha = nn.Parameter(torch.tensor(float(alpha_init)).log())
         self.beta = nn.Parameter(torch.zeros(()))
-        self.in_dim, self.out_dim = dims[0], dims[-1]
+        self.kind, self.in_dim, self.out_dim = kind, dims[0], dims[-1]
 
     def embed(self, feats: torch.Tensor) -> torch.Tensor:
         """L2-normalized embeddings (B, D_out): the vectors that go into the index."""
         if feats.shape[-1] != self.in_dim:
             raise ValueError(f"head expects {self.in_dim}-d features, got {feats.shape[-1]}")
-        return F.normalize(self.net(feats), dim=-1)
+        out = self.net(feats)
+        return F.normalize(feats + out if self.residual else out, dim=-1)
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -52,3 +120,8 @@ class EmbeddingHead(nn.Module):
     def score(self, eq: torch.Tensor, ex: torch.Tensor) -> torch.Tensor:
         """s = α·cos + β for embedded queries (B, D) and items (B, P, D) -> (B, P)."""
         return self.alpha * torch.einsum("bd,bpd->bp", eq, ex) + self.beta
+
+    def flops_per_row(self) -> int:
+        """Multiply-adds × 2 of one forward row through the linear layers (for FLOP/s)."""
+        return sum(2 * m.in_features * m.out_features for m in self.modules()
+                   if isinstance(m, nn.Linear))

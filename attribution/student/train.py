@@ -3,25 +3,31 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from attribution import retrieval
-from attribution.callbacks import RankingMAPCallback, ThroughputCallback
-from attribution.config import to_dict
+from attribution.callbacks import ThroughputCallback, ValidationCallback, map_at_ks, rank_all
+from attribution.config import to_dict, val_count
 from attribution.data.dataset import DataFileError, atomic_write_bytes
 from attribution.features.cache import load_features, load_released_features
+from attribution.generator.module import seeded_generator
 from attribution.generator.train import accelerator_for
 from attribution.student.data import PairDataModule, load_rankings, select_queries
-from attribution.student.head import EmbeddingHead
+from attribution.student.head import EmbeddingHead, head_dims
 from attribution.student.losses import build_loss
 from attribution.student.module import StudentModule
+
+log = logging.getLogger(__name__)
 
 
 def space_dir(features_dir: Path, space: str) -> Path:
@@ -65,10 +71,34 @@ def _logger(cfg, out: Path):
                        name=f"{cfg.name}-{cfg.student.feature}", config=to_dict(cfg))
 
 
+def split_validation(n_queries: int, val_queries: float, seed: int) -> tuple[np.ndarray,
+                                                                              np.ndarray]:
+    """(validation rows, training rows) of the ``n_queries`` teacher-ranked training queries.
+
+    The validation rows are a random subset drawn with the RUN's seed (not the student's, so
+    student seeds vary only the training); the training rows keep their original order, so
+    ``student.n_queries=Q`` (data scaling) takes the first Q of them and every Q shares one
+    validation set."""
+    n_val = val_count(n_queries, val_queries)
+    if n_val >= n_queries:
+        raise DataFileError(f"student.val_queries={val_queries} holds out {n_val} of the "
+                            f"{n_queries} ranked training queries: none left to train on")
+    perm = torch.randperm(n_queries, generator=seeded_generator(seed, 79)).numpy()
+    val = np.sort(perm[:n_val])
+    return val, np.setdiff1d(np.arange(n_queries), val)
+
+
+def evaluate_test(embed, feats: dict, test_rank: np.ndarray, ks: list[int]) -> dict:
+    """mAP@k (+ s.e.) on the test queries, whole training set ranked: read once, after
+    training, for the reported figures."""
+    return map_at_ks(rank_all(embed(feats["query_test"]), embed(feats["items"])), test_rank, ks)
+
+
 def train_student(cfg, features_dir: Path, teacher_dir: Path, out: Path,
                   progress: bool = True, released: bool = False) -> dict:
-    """Train the head on the teacher's rankings; evaluate mAP@k on the held-out test queries
-    (whole training set ranked) against the untuned features; save head, index and metrics.
+    """Train the head on the teacher's rankings of training queries; choose the epoch on
+    held-out training queries (validation); then evaluate mAP@k ONCE on the test queries (whole
+    training set ranked) against the untuned features; save head, index and metrics.
 
     ``released``: ``features_dir`` is a released ``feats/`` folder (``<space>/data_feats.npy``
     ...) instead of this project's feature cache."""
@@ -83,60 +113,91 @@ def train_student(cfg, features_dir: Path, teacher_dir: Path, out: Path,
         if feats[f"query_{split}"].shape[0] != r.shape[0]:
             raise DataFileError(f"{sc.feature} features have {feats[f'query_{split}'].shape[0]} "
                                 f"{split} queries but the teacher ranked {r.shape[0]}")
-    q, m = select_queries(ranks.train.shape[0], sc.n_queries, sc.m, sc.budget,
+    val_rows, train_rows = split_validation(ranks.train.shape[0], sc.val_queries, cfg.seed)
+    q, m = select_queries(len(train_rows), sc.n_queries, sc.m, sc.budget,
                           ranks.train.shape[1])
+    train_rows = train_rows[:q]
     seed = cfg.seed if sc.seed is None else sc.seed
     L.seed_everything(seed, workers=True, verbose=False)
-    dm = PairDataModule(ranks.train[:q], n_items, sc.queries_per_batch, sc.pairs_per_query,
-                        sc.p_outside, m, seed, sc.num_workers)
-    head = EmbeddingHead([feats["items"].shape[1], *sc.hidden], sc.dropout, sc.layernorm,
-                         sc.alpha_init)
+    dm = PairDataModule(ranks.train[train_rows], n_items, sc.queries_per_batch,
+                        sc.pairs_per_query, sc.p_outside, m, seed, sc.num_workers)
+    head = EmbeddingHead(head_dims(sc.head, feats["items"].shape[1], list(sc.hidden)),
+                         sc.dropout, sc.layernorm, sc.alpha_init, sc.head)
     loss = build_loss(sc.loss, n_bins=sc.ordinal_bins,
                       target_temperature=sc.listwise_temperature)
-    module = StudentModule(head, loss, feats["items"], feats["query_train"][:q], sc.lr,
+    module = StudentModule(head, loss, feats["items"], feats["query_train"][train_rows], sc.lr,
                            sc.weight_decay)
     ks = [k for k in sc.k_eval if k <= n_items]
-    mapcb = RankingMAPCallback(feats["items"], feats["query_test"], ranks.test, ks)
+    k_val = sc.k_val
+    if k_val >= ranks.train.shape[1]:  # every candidate a positive: AP would be 1 always
+        k_val = max(1, ranks.train.shape[1] // 10)
+        log.warning("student.k_val=%d is not below the %d ranked candidates per training "
+                    "query; validating at mAP@%d instead", sc.k_val, ranks.train.shape[1],
+                    k_val)
+    callbacks: list = []
+    valcb = None
+    if len(val_rows):
+        valcb = ValidationCallback(feats["items"], feats["query_train"][val_rows],
+                                   ranks.train[val_rows], k_val, sc.patience)
+        callbacks.append(valcb)
     thr = ThroughputCallback(feats["items"], feats["query_test"])
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="best",
-                           monitor=f"val/mAP@{ks[0]}", mode="max", save_last=True,
-                           auto_insert_metric_name=False, enable_version_counter=False)
+                           monitor=f"val/mAP@{k_val}" if valcb else None, mode="max",
+                           save_last=True, auto_insert_metric_name=False,
+                           enable_version_counter=False)
     trainer = L.Trainer(max_epochs=sc.epochs, accelerator=accelerator_for(cfg.device),
                         devices=sc.devices, num_nodes=sc.num_nodes, strategy=sc.strategy,
                         use_distributed_sampler=False,  # PairDataModule shards global batches
-                        logger=_logger(cfg, out), callbacks=[mapcb, thr, ckpt],
+                        max_time=timedelta(minutes=sc.max_minutes) if sc.max_minutes else None,
+                        logger=_logger(cfg, out), callbacks=[*callbacks, thr, ckpt],
                         enable_progress_bar=progress, enable_model_summary=False,
                         log_every_n_steps=5, num_sanity_val_steps=0)
     start = time.time()
     trainer.fit(module, datamodule=dm)
     seconds = time.time() - start
+    epochs_run = int(trainer.current_epoch)
     if sc.devices * sc.num_nodes > 1:
         # with ddp_spawn only the weights come back to this process (not callback state), and
         # with ddp every rank runs on from here: measure in the process we are in
         module.to("cpu")
-        mapcb.on_fit_start(trainer, module)  # the untuned baseline
-        mapcb.last = mapcb.evaluate(module)
+        if valcb is not None and valcb.best_state is None:  # spawn: the last epoch's weights
+            valcb.baseline = valcb.evaluate(lambda x: F.normalize(x, dim=-1))
+            valcb.consider(module, epochs_run)
         thr.on_fit_end(trainer, module)
         if trainer.global_rank != 0:  # a ddp worker (torchrun / SLURM): rank 0 carries on
             sys.exit(0)
-    # Reported figures are the LAST epoch's (no selection on the test queries); best.ckpt is
-    # kept for users who validate elsewhere.
+    selected = epochs_run
+    if valcb is not None and valcb.best_state is not None:  # the best validation epoch
+        head.load_state_dict(valcb.best_state)
+        selected = int(valcb.best_epoch)
+    module.to("cpu")
+    # the test queries are read here, once, with the chosen head
+    test = evaluate_test(module.embed, feats, ranks.test, ks)
+    baseline = evaluate_test(lambda x: F.normalize(torch.as_tensor(np.asarray(x)), dim=-1),
+                             feats, ranks.test, ks)
     torch.save(head.state_dict(), out / "head.pt")
-    (out / "head.json").write_text(json.dumps({"dims": [head.in_dim, *sc.hidden],
-                                               "dropout": sc.dropout, "layernorm": sc.layernorm,
-                                               "feature": sc.feature}))
+    (out / "head.json").write_text(json.dumps({"kind": sc.head, "dims": head_dims(
+        sc.head, head.in_dim, list(sc.hidden)), "dropout": sc.dropout, "layernorm": sc.layernorm,
+        "feature": sc.feature}))
     item_emb = module.embed(feats["items"]).numpy()
     retrieval.save_index(retrieval.build_index(item_emb, sc.index), out / "index.faiss")
     if sc.index != "flat":  # what an approximate index re-ranks with at query time
         retrieval.save_rerank_vectors(item_emb, out / "index.vectors.npy")
-    metrics = {"feature": sc.feature, "loss": sc.loss, "train_queries": q,
+    metrics = {"feature": sc.feature, "loss": sc.loss, "head": sc.head, "train_queries": q,
+               "val_queries": int(len(val_rows)),
                "kept_per_query": m or ranks.train.shape[1], "seconds": seconds,
+               "epochs_run": epochs_run, "selected_epoch": selected,
                "alpha": float(head.alpha.detach()), "beta": float(head.beta.detach())}
-    metrics.update({f"student.{k}": v for k, v in mapcb.last.items()})
-    metrics.update({f"baseline.{sc.feature}.{k}": v for k, v in mapcb.baseline.items()})
+    if valcb is not None:
+        metrics[f"student.val_mAP@{k_val}"] = valcb.best if valcb.best_state is not None \
+            else valcb.last[0]
+        metrics[f"baseline.{sc.feature}.val_mAP@{k_val}"] = valcb.baseline[0]
+        metrics["val_history"] = valcb.history
+    metrics.update({f"student.{k}": v for k, v in test.items()})
+    metrics.update({f"baseline.{sc.feature}.{k}": v for k, v in baseline.items()})
     metrics.update({f"student.{k}": v for k, v in thr.results.items()})
     atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())
-    if trainer.logger:  # the flat names the sweep files optimize (student.mAP@k, ...)
+    if trainer.logger:  # the flat names the sweep files optimize (student.val_mAP@k, ...)
         trainer.logger.log_metrics({k: v for k, v in metrics.items()
                                     if isinstance(v, float | int) and not isinstance(v, bool)})
     return metrics
