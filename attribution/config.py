@@ -619,9 +619,6 @@ def _validate(cfg: DictConfig) -> None:
         if n_val >= q.n_train:
             _fail(f"student.val_queries={s.val_queries} holds out {n_val} of the "
                   f"{q.n_train} training queries (queries.n_train): none would be left to train")
-        if s.k_val >= t.k:
-            _fail(f"student.k_val={s.k_val} must be below the teacher's candidates per query "
-                  f"teacher.k={t.k} (its top k_val of them are the validation positives)")
         if s.n_queries is not None and s.n_queries > q.n_train - n_val:
             _fail(f"student.n_queries={s.n_queries} exceeds the {q.n_train - n_val} training "
                   f"queries left after student.val_queries={s.val_queries} are held out")
