@@ -397,12 +397,10 @@ def check_rules(node: Any, schema: type = None, path: str = "") -> None:
     for f in dataclasses.fields(schema):
         value = node[f.name] if isinstance(node, DictConfig) else getattr(node, f.name)
         key = f"{path}{f.name}"
-        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not
-                                    dataclasses.MISSING else None) and isinstance(value,
-                                                                                 DictConfig):
-            check_rules(value, f.default_factory, f"{key}.")
+        if dataclasses.is_dataclass(f.default_factory) and isinstance(value, DictConfig):
+            check_rules(value, f.default_factory, f"{key}.")  # a nested section
             continue
-        if key.endswith("planted"):
+        if f.name == "planted":
             for i, item in enumerate(value or []):
                 check_rules(item, PlantedConcept, f"{key}[{i}].")
             continue
@@ -552,15 +550,14 @@ def _validate(cfg: DictConfig) -> None:
         if bad:
             _fail(f"generator.unet.norm_num_groups={u.norm_num_groups} must divide every "
                   f"block_out_channels entry; it does not divide {bad}")
-    if not g.pretrained and w.kind != "encoded":  # an encoding's size is its own (checked)
-        n = len(u.block_out_channels)
-        size = w.image_size // 8 if g.codec == "vae" else w.image_size
-        if g.codec == "vae" and w.image_size % 8:
-            _fail(f"world.image_size={w.image_size} must be a multiple of 8 for the VAE codec")
-        if size % 2 ** (n - 1):
-            _fail(f"world.image_size={w.image_size} gives a {size}-pixel model input, which "
-                  f"{n} UNet blocks cannot halve {n - 1} times: use a multiple of "
-                  f"{2 ** (n - 1) * (8 if g.codec == 'vae' else 1)}")
+        if w.kind != "encoded":  # an encoding's size is its own (checked against it)
+            size = w.image_size // 8 if g.codec == "vae" else w.image_size
+            if g.codec == "vae" and w.image_size % 8:
+                _fail(f"world.image_size={w.image_size} must be a multiple of 8 for the VAE codec")
+            if size % 2 ** (n - 1):
+                _fail(f"world.image_size={w.image_size} gives a {size}-pixel model input, which "
+                      f"{n} UNet blocks cannot halve {n - 1} times: use a multiple of "
+                      f"{2 ** (n - 1) * (8 if g.codec == 'vae' else 1)}")
     if g.beta_end <= g.beta_start:
         _fail(f"generator.beta_end={g.beta_end} must exceed generator.beta_start={g.beta_start}")
     if cfg.queries.sampling.steps > g.num_train_timesteps:
