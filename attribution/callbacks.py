@@ -59,6 +59,22 @@ def kset_map(query_emb: torch.Tensor, item_emb: torch.Tensor, ksets: np.ndarray,
     return mean_average_precision(list(ranked), [set(r[:k].tolist()) for r in ksets])
 
 
+def fullset_kset_map(query_emb: torch.Tensor, item_emb: torch.Tensor, ksets: np.ndarray,
+                     k: int) -> tuple[float, float]:
+    """mAP@k of held-out TRAINING queries with the WHOLE training set ranked: positives are the
+    teacher's top-k of each query's K-set (all the released data says), ranked among all N items
+    by ``query_emb @ item_emb`` (ties by id).  Unlike :func:`kset_map` it also charges a head for
+    lifting items from outside the K-set above the positives, as the full-set test metric does;
+    it assumes stage 1 kept the teacher's top-k (the toy run measures that: curation recall).
+
+    Args:
+        query_emb: float (V, D); item_emb: float (N, D) every item embedded;
+        ksets: int (V, K) item ids in the teacher's order, best first.
+    """
+    return mean_average_precision(list(rank_all(query_emb.detach(), item_emb.detach())),
+                                  [set(r[:k].tolist()) for r in ksets])
+
+
 class ValidationCallback(L.Callback):
     """Validation on held-out training queries: logs ``val/mAP@k`` (+ ``_stderr``) after every
     epoch, keeps the best head's weights (the untrained head, "epoch 0", competes too) and stops
@@ -67,17 +83,22 @@ class ValidationCallback(L.Callback):
     Args:
         item_feats: float (N, D) item features; query_feats: float (V, D) validation queries;
         ksets: int (V, K) their teacher-ordered K-sets; k: positives per query.
+        scope: ``full`` ranks the positives among every item (:func:`fullset_kset_map`, the
+            default), ``kset`` only among the K-set (:func:`kset_map`).
     """
 
     def __init__(self, item_feats, query_feats, ksets: np.ndarray, k: int,
-                 patience: int | None = None):
+                 patience: int | None = None, scope: str = "full"):
+        if scope not in ("full", "kset"):
+            raise ValueError(f"validation scope must be 'full' or 'kset', got {scope!r}")
         self.items = torch.as_tensor(np.asarray(item_feats), dtype=torch.float32)
         self.queries = torch.as_tensor(np.asarray(query_feats), dtype=torch.float32)
         self.ksets, self.k, self.patience = np.asarray(ksets), k, patience
-        # only the K-set items are embedded at each evaluation
+        self.scope = scope
+        # kset: only the K-set items are embedded at each evaluation; full: every item
         self.ids, inverse = np.unique(self.ksets, return_inverse=True)
         self.local = inverse.reshape(self.ksets.shape)
-        self.best, self.best_epoch, self.best_state = -1.0, None, None
+        self.best, self.best_se, self.best_epoch, self.best_state = -1.0, 0.0, None, None
         self.history: list[float] = []
         self.wait = 0
         self.baseline: tuple[float, float] = (float("nan"), float("nan"))
@@ -85,6 +106,8 @@ class ValidationCallback(L.Callback):
 
     def evaluate(self, embed) -> tuple[float, float]:
         """(mAP@k, s.e.) with ``embed``: float (B, D) features -> (B, D') unit embeddings."""
+        if self.scope == "full":
+            return fullset_kset_map(embed(self.queries), embed(self.items), self.ksets, self.k)
         return kset_map(embed(self.queries), embed(self.items[self.ids]), self.local, self.k)
 
     def consider(self, module, epoch: int) -> None:
@@ -93,6 +116,7 @@ class ValidationCallback(L.Callback):
         self.history.append(self.last[0])
         if self.last[0] > self.best:
             self.best, self.best_epoch, self.wait = self.last[0], epoch, 0
+            self.best_se = self.last[1]
             self.best_state = {k: v.detach().cpu().clone()
                                for k, v in module.head.state_dict().items()}
         else:

@@ -226,6 +226,17 @@ class TeacherConfig:
 
 
 @dataclass
+class CeilingConfig:
+    """What the teacher's rankings are worth (attribution/teacher/ceiling.py): its agreement
+    with itself under fresh noise (teacher.self_mAP@k) and its stage-1 curation recall."""
+
+    enabled: bool = True
+    test_queries: int | None = opt(None, **POSITIVE)  # test queries rescored (None = all)
+    curation_queries: int = opt(8, ge=0)  # training queries scored over the whole set
+    seed_offset: int = opt(1, ge=1)  # the replicate's scoring seed is seed + seed_offset
+
+
+@dataclass
 class FeaturesConfig:
     # Feature spaces extracted for the student and the baselines ("a+b" concatenates); each
     # part one of FEATURE_EXTRACTORS (checked at load, for data.source=toy).
@@ -273,7 +284,10 @@ class StudentConfig:
     # Early stopping, the reported epoch and sweep winners are chosen on them; the test queries
     # are read once, after training.  0 = no validation (the last epoch is reported).
     val_queries: float = opt(0.1, ge=0)
-    k_val: int = opt(10, **POSITIVE)  # validation mAP@k_val within each query's K-set
+    k_val: int = opt(10, **POSITIVE)  # validation positives: the top k_val of the K-set
+    # full: rank them among every item (like the full-set test metric; it charges a head that
+    # lifts outside items above them) | kset: only among the K candidates
+    val_scope: str = opt("full", choices=["full", "kset"])
     patience: int | None = opt(None, **POSITIVE)  # stop after this many epochs without a better
     # validation mAP (None = run every epoch); the best epoch is the one kept either way
     max_minutes: float | None = opt(None, gt=0)  # time budget for training (None = none)
@@ -356,6 +370,7 @@ class Config:
     queries: QueriesConfig = field(default_factory=QueriesConfig)
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    ceiling: CeilingConfig = field(default_factory=CeilingConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)

@@ -207,6 +207,13 @@ def methods_of_run(metrics: dict, k: int) -> list[dict]:
         out.append({"method": "teacher AbU+ (reference)", "key": "teacher",
                     "qps": 1.0 / metrics["teacher.seconds_per_query"], "quality": 1.0,
                     "stderr": 0.0, "storage": metrics.get("teacher.storage_bytes", 0)})
+        if f"teacher.self_{m}" in metrics:  # the ceiling: the teacher under fresh noise
+            out.append({"method": "teacher AbU+, fresh noise (ceiling)",
+                        "key": "teacher_replicate",
+                        "qps": 1.0 / metrics["teacher.seconds_per_query"],
+                        "quality": metrics[f"teacher.self_{m}"],
+                        "stderr": metrics.get(f"teacher.self_{m}_stderr", 0.0),
+                        "storage": metrics.get("teacher.storage_bytes", 0)})
     return [o for o in out if o["qps"] and not math.isnan(_num(o["qps"]))]
 
 

@@ -29,6 +29,7 @@ DEPENDS = {
     "fidelity": ["generator"],
     "fisher": ["generator"],
     "teacher": ["fisher", "queries"],
+    "ceiling": ["teacher"],
     "toyclip": ["world"],
     "features": ["toyclip", "queries"],
     "student": ["features", "teacher"],
@@ -50,9 +51,9 @@ ORDER = list(DEPENDS)
 # The command that (re)builds each stage: named in every error about a stage's files.
 COMMAND = {"world": "world", "text": "text", "generator": "train-generator",
            "queries": "queries", "fidelity": "fidelity", "fisher": "teacher fisher",
-           "teacher": "teacher score", "toyclip": "toyclip", "features": "features",
-           "student": "student", "baselines": "run", "customize": "customize",
-           "abc_teacher": "abc", "abc": "abc"}
+           "teacher": "teacher score", "ceiling": "run", "toyclip": "toyclip",
+           "features": "features", "student": "student", "baselines": "run",
+           "customize": "customize", "abc_teacher": "abc", "abc": "abc"}
 # A pre-encoded world (world.kind=encoded) holds latents and token states, not images: the
 # stages that look at images cannot run on it (at MSCOCO scale the student reads the released
 # features: data.source=released).
@@ -105,6 +106,7 @@ class Pipeline:
                        c.seed],
             "teacher": [{k: v for k, v in to_dict(c.teacher).items()
                          if k not in EXECUTION_ONLY}, c.seed],
+            "ceiling": [c.ceiling, c.student.k_eval, c.seed],
             "toyclip": [{k: v for k, v in to_dict(c.features).items() if k.startswith("toyclip")},
                         c.seed],
             "features": [{k: v for k, v in to_dict(c.features).items()
@@ -139,6 +141,8 @@ class Pipeline:
         """Run ``stages`` (default: all) and what they depend on; return every stage's result."""
         kind = self.cfg.world.kind
         skip = {"toy": set(), "folder": {"fidelity"}, "encoded": NEEDS_IMAGES}[kind]
+        if not self.cfg.ceiling.enabled:
+            skip = skip | {"ceiling"}
         wanted = stages or [s for s in ORDER if (s not in OPTIONAL or self.cfg.abc.enabled)
                             and s not in skip]
         unknown = [s for s in wanted if s not in DEPENDS]
@@ -205,6 +209,9 @@ class Pipeline:
         out["teacher.seconds_per_train_query"] = teacher["seconds_per_train_query"]
         for name, r in teacher.get("known_answers", {}).items():
             out[f"teacher.{name}_recall@10"] = r["recall@10"]
+        ceiling = self.finished("ceiling") if self.cfg.ceiling.enabled else None
+        if ceiling is not None:  # the teacher against itself: every method's ceiling
+            out.update({f"teacher.{k}": v for k, v in ceiling["summary"].items()})
         from attribution.attribute import student_test_ranks
         from attribution.baselines.run import known_answer_recall, map_by_type, query_types
 
@@ -468,6 +475,13 @@ class Pipeline:
             dims[space] = extract_all(extractor, world, queries, space_dir(out, space),
                                       f.batch_size)["dim"]
         return {"spaces": len(dims), "dims": dims}
+
+    def _stage_ceiling(self, out: Path) -> dict:
+        from attribution.teacher.ceiling import run_ceiling
+
+        return run_ceiling(self.cfg, self.dir("world"), self.dir("text"), self.dir("generator"),
+                           self.dir("queries"), self.dir("fisher"), self.dir("teacher"), out,
+                           self.progress)
 
     def _stage_baselines(self, out: Path) -> dict:
         from attribution.baselines.run import run_baselines

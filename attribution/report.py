@@ -8,6 +8,7 @@ prompt fidelity, the paper's reference values beside ours (SPEC.md §5) and the 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -102,7 +103,7 @@ def write_report(pipe, sweeps_dir: str | Path = "sweeps") -> Path:
     if not pipe.released:
         L += _counterfactual(pipe, metrics, figdir)
         L += _abc(pipe)
-    L += _known_answers(pipe) + _fidelity(pipe)
+    L += _known_answers(pipe) + _curation(pipe) + _fidelity(pipe)
     L += ["## Config", "", "```yaml", OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))).rstrip(),
           "```", ""]
     path = root / "report.md"
@@ -129,6 +130,24 @@ def _methods_table(metrics: dict, k: int) -> list[str]:
         L.append(f"| {m['method']} | {m['quality']:.3f} ({m['stderr']:.3f}) | {by_type}"
                  f"{m['qps']:.4g} | {figures._human(m['storage'])} | "
                  + " | ".join("" if r is None else f"{r:.2f}" for r in rec) + " |")
+    ceiling = metrics.get(f"teacher.self_mAP@{k}")
+    if ceiling is not None:
+        se = metrics.get(f"teacher.self_mAP@{k}_stderr", 0.0)
+        near = [m["method"] for m in figures.methods_of_run(metrics, k)
+                if m["key"] not in ("teacher", "teacher_replicate")
+                and m["quality"] + 2 * math.hypot(m["stderr"], se) >= ceiling]
+        L += ["", f"**Ceiling.** The teacher rescored on "
+              f"{metrics.get('teacher.self_queries', '?')} test queries with fresh noise (new "
+              f"query draws and item noise) agrees with itself at mAP@{k} {ceiling:.3f} "
+              f"(s.e. {se:.3f}): no method can be expected above it. "
+              + (f"Within two standard errors of it: {', '.join(near)}." if near else
+                 "No method is within two standard errors of it.")]
+    recall = metrics.get("teacher.curation_recall@10")
+    if recall is not None:
+        L += ["", f"**Curation.** Of the teacher's full-set top 10 for "
+              f"{metrics.get('teacher.curation_queries', '?')} training queries scored over every "
+              f"item, {recall:.2f} (s.e. {metrics.get('teacher.curation_recall@10_stderr', 0):.2f})"
+              f" lies inside their stage-1 K-sets (`teacher.curation_recall@10`)."]
     return L + ["", "Known-answer recall@10: the share of the planted items found in the top 10 "
                 "by the test queries that prompt the planted concept (chance = 10/N). "
                 "*ordinary* / *planted*: the same mAP over the test queries whose prompt names "
@@ -207,6 +226,26 @@ def _known_answers(pipe) -> list[str]:
 
     return _json_section(pipe.dir("teacher") / "known_answers.json",
                          "Teacher known answers (planted concepts)", format_known_answers)
+
+
+def _curation(pipe) -> list[str]:
+    """Curation recall of every stage-1 space and K (from the ceiling stage's full-set scores of
+    training queries); the run's own choice in bold."""
+    path = pipe.dir("ceiling") / "curation.json"
+    if pipe.released or not pipe.cfg.ceiling.enabled or not path.is_file():
+        return []
+    chosen = (pipe.cfg.teacher.curation, pipe.cfg.teacher.k)
+    L = ["## Curation recall", "",
+         "Share of the teacher's full-set top 10 inside the stage-1 K-set, for training queries "
+         "scored over every item (`ceiling.curation_queries`); in bold this run's "
+         "`teacher.curation` and `teacher.k`.", "",
+         "| stage-1 space | K | recall@10 (s.e.) |", "|---|---:|---:|"]
+    for r in json.loads(path.read_text()):
+        cells = [r["space"], str(r["K"]), f"{r['recall@10']:.2f} ({r['recall@10_stderr']:.2f})"]
+        if (r["space"], r["K"]) == chosen:
+            cells = [f"**{c}**" for c in cells]
+        L.append("| " + " | ".join(cells) + " |")
+    return L + [""]
 
 
 def _fidelity(pipe) -> list[str]:

@@ -27,3 +27,18 @@ def pipeline_args(ap: argparse.ArgumentParser):
 def machine_line() -> str:
     return (f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads "
             f"{torch.get_num_threads()}, torch {torch.__version__}")
+
+
+def gemm_gflops(m: int, k: int, n: int, reps: int = 5) -> float:
+    """fp32 matrix-multiply probe: best GFLOP/s of (m x k) @ (k x n) over ``reps`` runs, on
+    the CPU with torch's threads (the yardstick for 'near the machine's peak')."""
+    import time
+
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    a @ b
+    best = 0.0
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * m * k * n / (time.perf_counter() - t))
+    return best / 1e9

@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 import torch
+from _common import gemm_gflops
 
 from attribution import retrieval
 
@@ -52,17 +53,6 @@ def memory_bandwidth_gbs(mb: int = 1024, reps: int = 5) -> float:
         t = time.perf_counter()
         a.sum()
         best = max(best, a.nbytes / (time.perf_counter() - t))
-    return best / 1e9
-
-
-def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = 0.0
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        best = max(best, 2 * n**3 / (time.perf_counter() - t))
     return best / 1e9
 
 
@@ -98,7 +88,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     d = args.dim
     centres = unit(rng.standard_normal((1000, d), dtype=np.float32))
-    bw, peak = memory_bandwidth_gbs(), matmul_peak_gflops()
+    bw, peak = memory_bandwidth_gbs(), gemm_gflops(2048, 2048, 2048)
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
           f"torch threads {torch.get_num_threads()}, faiss {retrieval._faiss().__version__}")
     print(f"measured: memory read bandwidth {bw:.1f} GB/s, fp32 matmul peak {peak:.0f} GFLOP/s")

@@ -167,7 +167,7 @@ def test_pipeline_trains_and_runs_the_teacher_on_an_encoded_world(encoded, tmp_p
     enc_dir, sd = encoded
     pipe = Pipeline(encoded_config(tmp_path, enc_dir, sd), progress=False, echo=lambda s: None)
     res = pipe.run()
-    assert list(res) == ["world", "text", "generator", "queries", "fisher", "teacher"]
+    assert list(res) == ["world", "text", "generator", "queries", "fisher", "teacher", "ceiling"]
     assert res["text"].summary["memory_mapped"] and res["world"].summary["items"] == 12
     assert res["generator"].summary["steps"] == 20 and pipe.cfg.name == "coco_generator"
     with np.load(pipe.dir("teacher") / "teacher_test.npz") as merged:

@@ -73,12 +73,12 @@ def test_two_process_ddp_student_equals_one_process(smoke_run, tmp_path):
     # and training did move them: the head as initialized (same seed) differs
     import lightning as L
 
-    from attribution.student.head import EmbeddingHead
+    from attribution.student.head import EmbeddingHead, head_dims
 
     sc = smoke_config(pipe.cfg.output_root, *common).student
     L.seed_everything(pipe.cfg.seed, verbose=False)
-    init = EmbeddingHead([a["net.0.weight"].shape[1], *sc.hidden], 0.0, sc.layernorm,
-                         sc.alpha_init).state_dict()
+    init = EmbeddingHead(head_dims(sc.head, a["net.0.weight"].shape[1], list(sc.hidden)), 0.0,
+                         sc.layernorm, sc.alpha_init, sc.head).state_dict()
     assert max(float((a[k] - init[k]).abs().max()) for k in a) > 1e-3
     for k in pipe.cfg.student.k_eval:
         assert outs["one"][f"student.mAP@{k}"] == pytest.approx(outs["two"][f"student.mAP@{k}"],

@@ -45,7 +45,7 @@ def test_run_metrics_json_keys_and_student_only_rerun(student_run):
         assert m[key] > 0
     assert m["speedup_vs_teacher"] == pytest.approx(
         m["teacher.seconds_per_query"] * m["student.queries_per_second"])
-    other = Pipeline(smoke_config(student_run.cfg.output_root, "student.loss=listwise"))
+    other = Pipeline(smoke_config(student_run.cfg.output_root, "student.loss=mse"))
     changed = [s for s in ORDER if other.dir(s) != student_run.dir(s)]
     assert changed == ["student", "abc"]  # the benchmark scores the student too
 

@@ -12,7 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attribution.callbacks import ValidationCallback, feature_baseline, kset_map, rank_all
+from attribution.callbacks import (
+    ValidationCallback,
+    feature_baseline,
+    fullset_kset_map,
+    kset_map,
+    rank_all,
+)
 from attribution.student.head import HEADS, EmbeddingHead, head_dims
 from attribution.student.train import space_dir, split_validation, train_student
 from tests.conftest import smoke_config
@@ -73,6 +79,28 @@ def test_kset_map_by_hand():
     items[3] = torch.tensor([0.0, 1.0])   # 4th (positive): precision 2/4
     m, _ = kset_map(q, items, np.array([[7, 3, 9, 1]]), 2)
     assert m == pytest.approx((1 / 2 + 2 / 4) / 2)
+
+
+def test_fullset_validation_charges_items_from_outside_the_kset():
+    # the same query and K-set as above, plus item 5 (OUTSIDE the K-set) ranked 2nd overall:
+    # among all items the positives 7, 3 sit at ranks 3 and 5 -> (1/3 + 2/5) / 2
+    q = torch.tensor([[1.0, 0.0]])
+    items = torch.zeros(10, 2)
+    items[9] = torch.tensor([1.0, 0.0])
+    items[5] = torch.tensor([0.9, 0.1])
+    items[7] = torch.tensor([0.8, 0.6])
+    items[1] = torch.tensor([0.6, 0.8])
+    items[3] = torch.tensor([0.0, 1.0])
+    items[[0, 2, 4, 6, 8]] = torch.tensor([-1.0, 0.0])  # the rest last
+    kset = np.array([[7, 3, 9, 1]])
+    full, _ = fullset_kset_map(q, items, kset, 2)
+    assert full == pytest.approx((1 / 3 + 2 / 5) / 2)
+    within, _ = kset_map(q, items, kset, 2)  # the K-set-only figure cannot see item 5
+    assert within == pytest.approx((1 / 2 + 2 / 4) / 2)
+    cb = ValidationCallback(items, q, kset, 2, scope="full")
+    assert cb.evaluate(lambda x: x)[0] == pytest.approx(full)
+    assert ValidationCallback(items, q, kset, 2, scope="kset").evaluate(
+        lambda x: x)[0] == pytest.approx(within)
 
 
 def test_split_is_fixed_disjoint_and_shared_across_data_scaling():
@@ -167,3 +195,19 @@ def test_head_kind_round_trips_through_the_deployed_student(student_inputs, tmp_
     assert head.kind == "residual" and head.residual and m["head"] == "residual"
     meta = json.loads((tmp_path / "r" / "head.json").read_text())
     assert meta["dims"][0] == meta["dims"][-1]
+
+
+def test_listwise_leaves_the_score_offset_untrained():
+    """A softmax over each query's candidates ignores a common shift of the scores: β's gradient
+    is rounding noise (Adam would turn it into full steps), so β is not in the optimizer."""
+    from attribution.student.head import EmbeddingHead
+    from attribution.student.losses import build_loss
+    from attribution.student.module import StudentModule
+
+    feats = torch.randn(20, 4)
+    for name, trained in (("listwise", False), ("ce", True)):
+        module = StudentModule(EmbeddingHead([4, 4], 0.0, kind="linear"), build_loss(name),
+                               feats, feats[:3])
+        params = module.configure_optimizers().param_groups[0]["params"]
+        assert any(p is module.head.beta for p in params) == trained
+        assert any(p is module.head.log_alpha for p in params)

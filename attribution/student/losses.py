@@ -36,6 +36,10 @@ def register(name: str):
 
 class RankingLoss(nn.Module):
     name = ""
+    # True when adding a constant to every score of a query leaves the loss unchanged: the score
+    # offset β then gets only rounding noise as gradient (which Adam would turn into full-size
+    # steps), so it is not trained
+    shift_invariant = False
 
     def forward(self, s: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -78,6 +82,8 @@ class OrdinalLoss(RankingLoss):
 
 @register("listwise")
 class ListwiseLoss(RankingLoss):
+    shift_invariant = True  # a softmax over each query's candidates
+
     def __init__(self, target_temperature: float = 0.1):
         super().__init__()
         self.tau = target_temperature

@@ -58,5 +58,7 @@ class StudentModule(L.LightningModule):
         return torch.cat(out)
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(list(self.head.parameters()) + list(self.loss_fn.parameters()),
+        params = [p for p in self.head.parameters()
+                  if not (self.loss_fn.shift_invariant and p is self.head.beta)]
+        return torch.optim.AdamW(params + list(self.loss_fn.parameters()),
                                  lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -129,7 +129,8 @@ def train_student(cfg, features_dir: Path, teacher_dir: Path, out: Path,
                            sc.weight_decay)
     ks = [k for k in sc.k_eval if k <= n_items]
     k_val = sc.k_val
-    if k_val >= ranks.train.shape[1]:  # every candidate a positive: AP would be 1 always
+    if k_val >= ranks.train.shape[1] and sc.val_scope == "kset":  # every candidate a
+        # positive: AP within the K-set would be 1 always (ranked among all N it is not)
         k_val = max(1, ranks.train.shape[1] // 10)
         log.warning("student.k_val=%d is not below the %d ranked candidates per training "
                     "query; validating at mAP@%d instead", sc.k_val, ranks.train.shape[1],
@@ -138,7 +139,7 @@ def train_student(cfg, features_dir: Path, teacher_dir: Path, out: Path,
     valcb = None
     if len(val_rows):
         valcb = ValidationCallback(feats["items"], feats["query_train"][val_rows],
-                                   ranks.train[val_rows], k_val, sc.patience)
+                                   ranks.train[val_rows], k_val, sc.patience, sc.val_scope)
         callbacks.append(valcb)
     thr = ThroughputCallback(feats["items"], feats["query_test"])
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="best",
@@ -184,13 +185,14 @@ def train_student(cfg, features_dir: Path, teacher_dir: Path, out: Path,
     if sc.index != "flat":  # what an approximate index re-ranks with at query time
         retrieval.save_rerank_vectors(item_emb, out / "index.vectors.npy")
     metrics = {"feature": sc.feature, "loss": sc.loss, "head": sc.head, "train_queries": q,
-               "val_queries": int(len(val_rows)),
+               "val_queries": int(len(val_rows)), "val_scope": sc.val_scope,
                "kept_per_query": m or ranks.train.shape[1], "seconds": seconds,
                "epochs_run": epochs_run, "selected_epoch": selected,
                "alpha": float(head.alpha.detach()), "beta": float(head.beta.detach())}
     if valcb is not None:
-        metrics[f"student.val_mAP@{k_val}"] = valcb.best if valcb.best_state is not None \
-            else valcb.last[0]
+        chosen = (valcb.best, valcb.best_se) if valcb.best_state is not None else valcb.last
+        metrics[f"student.val_mAP@{k_val}"] = chosen[0]
+        metrics[f"student.val_mAP@{k_val}_stderr"] = chosen[1]
         metrics[f"baseline.{sc.feature}.val_mAP@{k_val}"] = valcb.baseline[0]
         metrics["val_history"] = valcb.history
     metrics.update({f"student.{k}": v for k, v in test.items()})

@@ -1,0 +1,125 @@
+"""How far the teacher's rankings can be trusted: its agreement with itself, its curation recall.
+
+* **Self-agreement (the ceiling).**  The test queries are scored again with independent noise:
+  the scoring seed is ``seed + ceiling.seed_offset``, so the query's (t, ε) draws for the
+  unlearning step and the items' scoring noise are all fresh.  ``teacher.self_mAP@k`` is the mAP
+  of this replicate's full-set ranking against the teacher's own top-k, exactly as every method
+  is scored.  A student cannot be expected to agree with the teacher better than the teacher
+  agrees with itself; a method within a standard error of it has matched the teacher.
+* **Curation recall.**  Stage 1 keeps K neighbours per training query and the teacher ranks only
+  those.  A sample of training queries is scored over the whole training set with the teacher's
+  own noise (the same draws, so inside the K-set the scores equal the teacher's); the share of
+  the full-set top-k inside the K-set is ``teacher.curation_recall@k``.
+
+Each query's influences are one file (``replicate_test_<i>.npy`` / ``fullset_train_<i>.npy``),
+checked when read: a killed run resumes at the next query.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attribution.callbacks import map_at_ks
+from attribution.config import derive
+from attribution.files import DataFileError, atomic_save_npy, atomic_write_bytes, load_npy
+from attribution.metrics import standard_error
+from attribution.teacher import curation
+from attribution.teacher.run import build_scorer, make_queries
+from attribution.teacher.scorer import Query
+
+PARTIAL = "delete it; rerunning recomputes only this query"
+
+
+def _scores(scorer, queries: list[Query], out: Path, stem: str, n_items: int,
+            progress: bool) -> np.ndarray:
+    """float (Q, N) influences, one cached file per query."""
+    rows = []
+    for i, q in enumerate(queries):
+        path = out / f"{stem}_{q.query_id}.npy"
+        if path.is_file():
+            row = load_npy(path, "A ceiling query's influences", rebuild=PARTIAL)
+            if row.shape != (n_items,) or not np.isfinite(row).all():
+                raise DataFileError(f"{path} holds {row.dtype} {row.shape}, expected {n_items} "
+                                    f"finite influences: {PARTIAL}")
+        else:
+            row = scorer.score(q)["influence"].numpy().astype(np.float32)
+            atomic_save_npy(path, row)
+        if progress:
+            print(f"  ceiling {stem} {i + 1}/{len(queries)}", flush=True)
+        rows.append(row)
+    return np.stack(rows) if rows else np.zeros((0, n_items), np.float32)
+
+
+def curation_recall(full_scores: np.ndarray, ksets: np.ndarray, ks: list[int]) -> dict:
+    """Share of each query's full-set top-k (by ``full_scores``, (Q, N)) inside its K-set
+    (``ksets``, (Q, K) ids): mean and standard error over queries, per k."""
+    out = {}
+    order = np.argsort(-full_scores, axis=1, kind="stable")
+    for k in ks:
+        shares = [len(set(o[:k].tolist()) & set(s.tolist())) / k for o, s in zip(order, ksets)]
+        out[f"curation_recall@{k}"] = float(np.mean(shares)) if shares else float("nan")
+        out[f"curation_recall@{k}_stderr"] = standard_error(shares)
+    return out
+
+
+def run_ceiling(cfg, world_dir: Path, text_dir: Path, gen_dir: Path, queries_dir: Path,
+                fisher_dir: Path, teacher_dir: Path, out: Path, progress: bool = True) -> dict:
+    """Score the replicate and the full-set training sample; write ``ceiling.json``."""
+    cc = cfg.ceiling
+    out.mkdir(parents=True, exist_ok=True)
+    with np.load(teacher_dir / "teacher_test.npz") as merged:
+        teacher_rank = merged["rank"]
+    n_items = teacher_rank.shape[1]
+    ks = sorted({k for k in [*cfg.student.k_eval, 10] if k <= n_items})
+    summary: dict = {}
+    n_test = min(cc.test_queries or len(teacher_rank), len(teacher_rank))
+    if n_test:
+        fresh = derive(cfg, {"seed": cfg.seed + cc.seed_offset})  # new draws and item noise
+        scorer, cands = build_scorer(fresh, world_dir, text_dir, gen_dir, fisher_dir, out)
+        queries = [q for q in make_queries(cfg, queries_dir, cands, teacher_dir)
+                   if q.split == "test"][:n_test]
+        rep = _scores(scorer, queries, out, "replicate_test", n_items, progress)
+        rep_rank = np.argsort(-rep, axis=1, kind="stable")
+        summary.update({f"self_{k}": v
+                        for k, v in map_at_ks(rep_rank, teacher_rank[:n_test], ks).items()})
+        summary["self_queries"] = n_test
+        del scorer
+    ksets = np.load(teacher_dir / "candidates_train.npy")
+    n_train = min(cc.curation_queries, len(ksets))
+    if n_train:
+        # the teacher's own noise and base losses (its cached base_losses.npy is reused)
+        scorer, cands = build_scorer(cfg, world_dir, text_dir, gen_dir, fisher_dir, teacher_dir)
+        train = [q for q in make_queries(cfg, queries_dir, cands, teacher_dir)
+                 if q.split == "train"][:n_train]
+        full = [Query(q.split, q.query_id, q.z, q.cond, torch.arange(len(cands))) for q in train]
+        scores = _scores(scorer, full, out, "fullset_train", n_items, progress)
+        summary.update(curation_recall(scores, ksets[:n_train],
+                                       [k for k in ks if k <= ksets.shape[1]]))
+        summary["curation_queries"] = n_train
+        by_space = curation_alternatives(cands, train, scores, cfg.teacher.k)
+        atomic_write_bytes(out / "curation.json", json.dumps(by_space, indent=2).encode())
+    atomic_write_bytes(out / "ceiling.json", json.dumps(summary, indent=2).encode())
+    return summary
+
+
+def curation_alternatives(cands, train: list[Query], scores: np.ndarray, k_cfg: int,
+                          k: int = 10) -> list[dict]:
+    """Curation recall@k of every stage-1 space at K, 2K and 4K (within N), from the same
+    full-set scores (they do not depend on the curation): the evidence for choosing
+    ``teacher.curation`` and ``teacher.k`` on training queries."""
+    n = scores.shape[1]
+    rows = []
+    for space in curation.SPACES:
+        items = np.concatenate([curation.stage1_features(space, z, cond)
+                                for _, z, cond in cands.chunks()])
+        qf = np.concatenate([curation.stage1_features(space, q.z[None], q.cond[None])
+                             for q in train])
+        for big_k in sorted({min(k_cfg * f, n) for f in (1, 2, 4)}):
+            r = curation_recall(scores, curation.nearest_items(items, qf, big_k), [k])
+            rows.append({"space": space, "K": big_k, f"recall@{k}": r[f"curation_recall@{k}"],
+                         f"recall@{k}_stderr": r[f"curation_recall@{k}_stderr"]})
+    return rows

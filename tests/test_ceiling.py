@@ -1,0 +1,93 @@
+"""The teacher's ceiling (agreement with itself under fresh noise) and its curation recall."""
+
+import json
+
+import numpy as np
+import pytest
+
+from attribution.files import DataFileError
+from attribution.teacher.ceiling import _scores, curation_recall
+
+
+@pytest.fixture(scope="module")
+def ceiling_run(smoke_run):
+    smoke_run.run(["ceiling", "student"])
+    return smoke_run
+
+
+def test_curation_recall_known_answer():
+    scores = np.array([[9.0, 8, 7, 6, 5, 4], [1.0, 2, 3, 4, 5, 6]])
+    ksets = np.array([[0, 1, 5], [5, 4, 0]])
+    out = curation_recall(scores, ksets, [2, 3])
+    # query 0: top-2 {0, 1} both kept, top-3 {0, 1, 2}: 2 of 3; query 1: top-2 {5, 4}, top-3
+    # {5, 4, 3}: 2 of 3
+    assert out["curation_recall@2"] == pytest.approx(1.0)
+    assert out["curation_recall@3"] == pytest.approx(2 / 3)
+    assert out["curation_recall@3_stderr"] == pytest.approx(0.0)
+
+
+def test_full_set_scores_equal_the_teacher_inside_the_kset(ceiling_run):
+    """Same seed, same draws: the full-set rescoring of a training query reproduces the
+    teacher's own influences on its K-set (what makes the recall a statement about curation,
+    not about noise)."""
+    out = ceiling_run.dir("ceiling")
+    with np.load(ceiling_run.dir("teacher") / "teacher_train.npz") as t:
+        cands, influence, ids = t["candidates"], t["influence"], t["query_ids"]
+    summary = json.loads((out / "ceiling.json").read_text())
+    assert summary["curation_queries"] > 0
+    for row in range(summary["curation_queries"]):
+        full = np.load(out / f"fullset_train_{ids[row]}.npy")
+        np.testing.assert_allclose(full[cands[row]], influence[row], rtol=1e-4, atol=1e-7)
+
+
+def test_replicate_uses_fresh_noise_and_lands_in_the_metrics(ceiling_run):
+    out = ceiling_run.dir("ceiling")
+    with np.load(ceiling_run.dir("teacher") / "teacher_test.npz") as t:
+        influence = t["influence"]
+    rep = np.load(out / "replicate_test_0.npy")
+    assert rep.shape == influence[0].shape and not np.allclose(rep, influence[0])
+    m = ceiling_run.write_metrics()
+    k = ceiling_run.cfg.student.k_eval[0]
+    assert 0 < m[f"teacher.self_mAP@{k}"] <= 1 and m[f"teacher.self_mAP@{k}_stderr"] >= 0
+    assert 0 <= m["teacher.curation_recall@10"] <= 1
+    from attribution.report import write_report
+
+    report = write_report(ceiling_run).read_text()
+    assert "**Ceiling.**" in report and "fresh noise (ceiling)" in report
+    assert "## Curation recall" in report
+
+
+def test_curation_alternatives_reproduce_the_run_s_own_kset(ceiling_run):
+    """The alternatives table recomputes stage 1 for every space; for the run's own space and K
+    it must give the same recall as the teacher's stored K-sets."""
+    out = ceiling_run.dir("ceiling")
+    rows = json.loads((out / "curation.json").read_text())
+    tc = ceiling_run.cfg.teacher
+    assert {r["space"] for r in rows} == {"pixels", "text", "pixels+text"}
+    own = [r for r in rows if (r["space"], r["K"]) == (tc.curation, tc.k)]
+    summary = json.loads((out / "ceiling.json").read_text())
+    assert len(own) == 1 and own[0]["recall@10"] == pytest.approx(
+        summary["curation_recall@10"])
+    # a larger K can only keep more of the top 10
+    for space in ("pixels", "text", "pixels+text"):
+        recalls = [r["recall@10"] for r in sorted(rows, key=lambda r: r["K"])
+                   if r["space"] == space]
+        assert recalls == sorted(recalls)
+
+
+def test_a_corrupt_query_file_is_named_and_nothing_is_rescored(tmp_path):
+    class Never:
+        def score(self, q):
+            raise AssertionError("a cached query must not be rescored")
+
+    class Q:
+        query_id = 3
+
+    np.save(tmp_path / "replicate_test_3.npy", np.ones(5, np.float32))
+    assert _scores(Never(), [Q()], tmp_path, "replicate_test", 5, False).shape == (1, 5)
+    (tmp_path / "replicate_test_3.npy").write_bytes(b"garbage")
+    with pytest.raises(DataFileError, match="replicate_test_3.npy"):
+        _scores(Never(), [Q()], tmp_path, "replicate_test", 5, False)
+    np.save(tmp_path / "replicate_test_3.npy", np.full(5, np.nan, np.float32))
+    with pytest.raises(DataFileError, match="finite"):
+        _scores(Never(), [Q()], tmp_path, "replicate_test", 5, False)
