@@ -26,6 +26,7 @@ import torch
 from attribution.callbacks import map_at_ks
 from attribution.config import derive
 from attribution.files import DataFileError, atomic_save_npy, atomic_write_bytes, load_npy
+from attribution.generator.train import accelerator_for
 from attribution.metrics import standard_error
 from attribution.teacher import curation
 from attribution.teacher.run import build_scorer, make_queries
@@ -46,7 +47,7 @@ def _scores(scorer, queries: list[Query], out: Path, stem: str, n_items: int,
                 raise DataFileError(f"{path} holds {row.dtype} {row.shape}, expected {n_items} "
                                     f"finite influences: {PARTIAL}")
         else:
-            row = scorer.score(q)["influence"].numpy().astype(np.float32)
+            row = scorer.score(q)["influence"].detach().cpu().numpy().astype(np.float32)
             atomic_save_npy(path, row)
         if progress:
             print(f"  ceiling {stem} {i + 1}/{len(queries)}", flush=True)
@@ -71,6 +72,8 @@ def run_ceiling(cfg, world_dir: Path, text_dir: Path, gen_dir: Path, queries_dir
     """Score the replicate and the full-set training sample; write ``ceiling.json``."""
     cc = cfg.ceiling
     out.mkdir(parents=True, exist_ok=True)
+    # one device (cfg.device): the rescoring is a handful of queries, not split over ranks
+    device = "cuda" if accelerator_for(cfg.device) == "gpu" else "cpu"
     with np.load(teacher_dir / "teacher_test.npz") as merged:
         teacher_rank = merged["rank"]
     n_items = teacher_rank.shape[1]
@@ -79,7 +82,8 @@ def run_ceiling(cfg, world_dir: Path, text_dir: Path, gen_dir: Path, queries_dir
     n_test = min(cc.test_queries or len(teacher_rank), len(teacher_rank))
     if n_test:
         fresh = derive(cfg, {"seed": cfg.seed + cc.seed_offset})  # new draws and item noise
-        scorer, cands = build_scorer(fresh, world_dir, text_dir, gen_dir, fisher_dir, out)
+        scorer, cands = build_scorer(fresh, world_dir, text_dir, gen_dir, fisher_dir, out,
+                                     device=device)
         queries = [q for q in make_queries(cfg, queries_dir, cands, teacher_dir)
                    if q.split == "test"][:n_test]
         rep = _scores(scorer, queries, out, "replicate_test", n_items, progress)
@@ -92,7 +96,8 @@ def run_ceiling(cfg, world_dir: Path, text_dir: Path, gen_dir: Path, queries_dir
     n_train = min(cc.curation_queries, len(ksets))
     if n_train:
         # the teacher's own noise and base losses (its cached base_losses.npy is reused)
-        scorer, cands = build_scorer(cfg, world_dir, text_dir, gen_dir, fisher_dir, teacher_dir)
+        scorer, cands = build_scorer(cfg, world_dir, text_dir, gen_dir, fisher_dir, teacher_dir,
+                                     device=device)
         train = [q for q in make_queries(cfg, queries_dir, cands, teacher_dir)
                  if q.split == "train"][:n_train]
         full = [Query(q.split, q.query_id, q.z, q.cond, torch.arange(len(cands))) for q in train]

@@ -142,16 +142,18 @@ def load_preconditioner(tc, fisher_dir: Path, generator_sha256: str, n_items: in
 
 
 def build_scorer(cfg, world_dir, text_dir, gen_dir, fisher_dir, out: Path,
-                 eager_base: bool = True):
-    """(scorer, candidates).  ``eager_base=False`` leaves ``scorer.base`` None: the teacher's
-    Lightning module computes it on the device, split over the ranks (``base_losses``)."""
+                 eager_base: bool = True, device: str = "cpu"):
+    """(scorer, candidates) on ``device``.  ``eager_base=False`` leaves ``scorer.base`` None:
+    the teacher's Lightning module computes it on the device, split over the ranks
+    (``base_losses``)."""
     tc = cfg.teacher
     out.mkdir(parents=True, exist_ok=True)
     unet, manifest, alphas, cands = load_world_model(cfg, world_dir, text_dir, gen_dir)
+    unet = unet.to(device)
     precond = load_preconditioner(tc, fisher_dir, manifest["weights_sha256"], len(cands))
     params = select_parameters(unet, tc.params)
     base = base_losses(cfg, unet, alphas, cands, out) if eager_base else None
-    return AbUScorer(unet, alphas, cands, params, precond, base, _settings(cfg)), cands
+    return AbUScorer(unet, alphas, cands, params, precond, base, _settings(cfg), device), cands
 
 
 def make_queries(cfg, queries_dir: Path, cands: CandidateSet, out: Path) -> list[Query]:
