@@ -106,7 +106,7 @@ class Pipeline:
                        c.seed],
             "teacher": [{k: v for k, v in to_dict(c.teacher).items()
                          if k not in EXECUTION_ONLY}, c.seed],
-            "ceiling": [c.ceiling, c.student.k_eval, c.seed],
+            "ceiling": [c.ceiling, c.seed],
             "toyclip": [{k: v for k, v in to_dict(c.features).items() if k.startswith("toyclip")},
                         c.seed],
             "features": [{k: v for k, v in to_dict(c.features).items()
@@ -209,9 +209,6 @@ class Pipeline:
         out["teacher.seconds_per_train_query"] = teacher["seconds_per_train_query"]
         for name, r in teacher.get("known_answers", {}).items():
             out[f"teacher.{name}_recall@10"] = r["recall@10"]
-        ceiling = self.finished("ceiling") if self.cfg.ceiling.enabled else None
-        if ceiling is not None:  # the teacher against itself: every method's ceiling
-            out.update({f"teacher.{k}": v for k, v in ceiling["summary"].items()})
         from attribution.attribute import student_test_ranks
         from attribution.baselines.run import known_answer_recall, map_by_type, query_types
 
@@ -223,6 +220,14 @@ class Pipeline:
         with np.load(self.dir("teacher") / "teacher_test.npz") as merged:
             teacher_rank = merged["rank"]
         ks = [k for k in self.cfg.student.k_eval if k <= teacher_rank.shape[1]]
+        ceiling = self.finished("ceiling") if self.cfg.ceiling.enabled else None
+        if ceiling is not None:  # the teacher against itself: every method's ceiling
+            from attribution.teacher.ceiling import self_agreement
+
+            out.update({f"teacher.{k}": v for k, v in ceiling["summary"].items()})
+            out.update({f"teacher.{k}": v for k, v in self_agreement(
+                self.dir("ceiling"), teacher_rank, ks,
+                ceiling["summary"].get("self_queries", 0)).items()})
         ranked = {"student": student_rank}
         if (self.dir("baselines") / "stage.json").is_file():
             ranked.update({f"baseline.{p.stem[5:]}": np.load(p)

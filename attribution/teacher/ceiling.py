@@ -55,6 +55,20 @@ def _scores(scorer, queries: list[Query], out: Path, stem: str, n_items: int,
     return np.stack(rows) if rows else np.zeros((0, n_items), np.float32)
 
 
+def self_agreement(out: Path, teacher_rank: np.ndarray, ks: list[int],
+                   n_queries: int) -> dict:
+    """``self_mAP@k`` (+ ``_stderr``) of the stored replicate of the first ``n_queries`` test
+    queries against the teacher's ranking, at any k (read when metrics are written, so changing
+    ``student.k_eval`` never rescores)."""
+    if not n_queries:
+        return {}
+    rep = np.stack([load_npy(out / f"replicate_test_{i}.npy", "A ceiling query's influences",
+                             rebuild=PARTIAL) for i in range(n_queries)])
+    rep_rank = np.argsort(-rep, axis=1, kind="stable")
+    ks = [k for k in ks if k <= teacher_rank.shape[1]]
+    return {f"self_{k}": v for k, v in map_at_ks(rep_rank, teacher_rank[:n_queries], ks).items()}
+
+
 def curation_recall(full_scores: np.ndarray, ksets: np.ndarray, ks: list[int]) -> dict:
     """Share of each query's full-set top-k (by ``full_scores``, (Q, N)) inside its K-set
     (``ksets``, (Q, K) ids): mean and standard error over queries, per k."""
@@ -77,7 +91,6 @@ def run_ceiling(cfg, world_dir: Path, text_dir: Path, gen_dir: Path, queries_dir
     with np.load(teacher_dir / "teacher_test.npz") as merged:
         teacher_rank = merged["rank"]
     n_items = teacher_rank.shape[1]
-    ks = sorted({k for k in [*cfg.student.k_eval, 10] if k <= n_items})
     summary: dict = {}
     n_test = min(cc.test_queries or len(teacher_rank), len(teacher_rank))
     if n_test:
@@ -86,11 +99,9 @@ def run_ceiling(cfg, world_dir: Path, text_dir: Path, gen_dir: Path, queries_dir
                                      device=device)
         queries = [q for q in make_queries(cfg, queries_dir, cands, teacher_dir)
                    if q.split == "test"][:n_test]
-        rep = _scores(scorer, queries, out, "replicate_test", n_items, progress)
-        rep_rank = np.argsort(-rep, axis=1, kind="stable")
-        summary.update({f"self_{k}": v
-                        for k, v in map_at_ks(rep_rank, teacher_rank[:n_test], ks).items()})
+        _scores(scorer, queries, out, "replicate_test", n_items, progress)
         summary["self_queries"] = n_test
+        summary.update(self_agreement(out, teacher_rank, [10], n_test))
         del scorer
     ksets = np.load(teacher_dir / "candidates_train.npy")
     n_train = min(cc.curation_queries, len(ksets))
@@ -103,7 +114,7 @@ def run_ceiling(cfg, world_dir: Path, text_dir: Path, gen_dir: Path, queries_dir
         full = [Query(q.split, q.query_id, q.z, q.cond, torch.arange(len(cands))) for q in train]
         scores = _scores(scorer, full, out, "fullset_train", n_items, progress)
         summary.update(curation_recall(scores, ksets[:n_train],
-                                       [k for k in ks if k <= ksets.shape[1]]))
+                                       [k for k in (10, 50, 100) if k <= ksets.shape[1]]))
         summary["curation_queries"] = n_train
         by_space = curation_alternatives(cands, train, scores, cfg.teacher.k)
         atomic_write_bytes(out / "curation.json", json.dumps(by_space, indent=2).encode())
