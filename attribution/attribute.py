@@ -15,10 +15,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from attribution import retrieval
-from attribution.data.dataset import CaptionedImageSet, DataFileError, read_manifest
+from attribution.common.files import DataFileError, load_weights, read_json
+from attribution.data.dataset import CaptionedImageSet, read_manifest
 from attribution.data.images import center_crop_resize, save_grid
 from attribution.features.extractors import build_extractor
-from attribution.files import load_weights, read_json
 from attribution.student.head import EmbeddingHead
 
 SHARE_POOL = 1000  # items the share of influence is normalized over (the rest count as zero)

@@ -8,8 +8,9 @@ import logging
 import os
 import sys
 
+from attribution.common.files import DataFileError
 from attribution.config import ConfigError, load_config
-from attribution.data.dataset import CaptionedImageSet, DataFileError
+from attribution.data.dataset import CaptionedImageSet
 from attribution.data.queries import QuerySet
 from attribution.generator.text_encoder import TextEncoderError
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from attribution.common.files import atomic_write_bytes
 from attribution.config import ConfigError, derive
-from attribution.data.dataset import atomic_write_bytes
 from attribution.metrics import standard_error
 
 METHODS_HELP = ("teacher | student | random | dtrak | abu_diagonal | any features.spaces entry "
@@ -76,9 +76,9 @@ def run_counterfactual(pipe, methods: list[str], queries: list[int], k: int,
     ``steps``: retrain on a shorter schedule (cheaper); the reference is then the generator
     retrained on that same schedule with nothing removed, not the pipeline's generator."""
     from attribution.data.queries import QuerySet
+    from attribution.data.text_cache import TextTable
     from attribution.generator.model import build_scheduler, load_unet
     from attribution.generator.sampling import sample
-    from attribution.generator.text_cache import TextTable
     from attribution.generator.train import train_generator
     from attribution.teacher.scorer import query_loss
 

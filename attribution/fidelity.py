@@ -13,10 +13,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from attribution.common.files import atomic_write_bytes
+from attribution.common.seeds import seeded_generator
 from attribution.data import toy_world
-from attribution.data.dataset import CaptionedImageSet, atomic_write_bytes
+from attribution.data.dataset import CaptionedImageSet
 from attribution.data.images import save_grid
-from attribution.generator.module import seeded_generator
 
 
 class AttributeClassifier(nn.Module):

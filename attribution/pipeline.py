@@ -17,9 +17,15 @@ from pathlib import Path
 import numpy as np
 
 from attribution.abc.benchmark import stage_sections as abc_sections
+from attribution.common.files import (
+    DataFileError,
+    atomic_write_bytes,
+    read_json,
+    record_files,
+    verify_files,
+)
 from attribution.config import config_hash, save_config, to_dict
-from attribution.data.dataset import atomic_write_bytes, read_manifest
-from attribution.files import DataFileError, read_json, record_files, verify_files
+from attribution.data.dataset import read_manifest
 
 DEPENDS = {
     "world": [],
@@ -346,7 +352,7 @@ class Pipeline:
 
     def _stage_text(self, out: Path) -> dict:
         from attribution.data.dataset import CaptionedImageSet
-        from attribution.generator.text_cache import TextTable
+        from attribution.data.text_cache import TextTable
         from attribution.generator.text_encoder import load_text_encoder
 
         t = self.cfg.text_encoder

@@ -18,8 +18,8 @@ import torch
 from omegaconf import OmegaConf
 
 from attribution import figures
+from attribution.common.files import atomic_write_bytes
 from attribution.config import to_dict
-from attribution.data.dataset import atomic_write_bytes
 
 # The paper's MSCOCO numbers (SPEC.md §5) that have a counterpart in every run.
 PAPER_FEATURE_TUNING = {  # mAP@1000 before -> after tuning (Fig. 3 left)

@@ -104,7 +104,7 @@ def save_rerank_vectors(emb: np.ndarray, path: str | Path) -> None:
 def load_index(path: str | Path, rerank: int = 0):
     """Load an index; with ``rerank`` > 0 and ``<path stem>.vectors.npy`` beside it, wrap it in
     :class:`Reranked` over those vectors (memory-mapped)."""
-    from attribution.files import DataFileError, load_npy
+    from attribution.common.files import DataFileError, load_npy
 
     path = Path(path)
     if not path.is_file():

@@ -25,7 +25,7 @@ from attribution.abc.customize import (
     save_delta,
 )
 from attribution.abc.mapper import Mapper, train_mapper
-from attribution.data.dataset import DataFileError
+from attribution.common.files import DataFileError
 from attribution.generator.model import PixelCodec, build_scheduler, build_unet
 from attribution.teacher.params import select_parameters
 from tests.conftest import SMOKE, smoke_config

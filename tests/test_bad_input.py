@@ -536,7 +536,7 @@ def test_subprocess_exit_code_and_stderr(tmp_path, argv, named):
 
 # ------------------------------------------------------------------- generator checkpoints
 def test_corrupt_last_checkpoint_falls_back_to_latest(smoke_run, tmp_path, caplog):
-    from attribution.files import DataFileError
+    from attribution.common.files import DataFileError
     from attribution.generator.train import resume_checkpoint
 
     ckpts = tmp_path / "checkpoints"
@@ -554,7 +554,7 @@ def test_checkpoint_that_would_run_code_is_refused(smoke_run, tmp_path):
     """A Lightning checkpoint is a pickle: a planted one must not execute on resume."""
     import torch
 
-    from attribution.files import DataFileError
+    from attribution.common.files import DataFileError
     from attribution.generator.train import resume_checkpoint
 
     marker = tmp_path / "pwned"
@@ -567,7 +567,7 @@ def test_checkpoint_that_would_run_code_is_refused(smoke_run, tmp_path):
 
 
 def test_safe_unpickler_admits_arrays_and_containers(tmp_path):
-    from attribution.files import safe_pickle_load
+    from attribution.common.files import safe_pickle_load
 
     payload = {"random": {"rank": np.arange(6).reshape(2, 3), "f": np.float32(1.5),
                           "list": [1, 2.0, "x", (3, None)], "o": np.array([1, "a"], object)}}

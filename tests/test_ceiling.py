@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from attribution.files import DataFileError
+from attribution.common.files import DataFileError
 from attribution.teacher.ceiling import _scores, curation_recall
 
 

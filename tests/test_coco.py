@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
+from attribution.common.files import DataFileError
 from attribution.data.coco import CocoCaptions, encode_coco
-from attribution.data.dataset import DataFileError
 from attribution.generator.model import PixelCodec, build_unet, load_unet_weights
 from tests.conftest import smoke_config
 

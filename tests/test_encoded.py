@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from attribution.common.files import DataFileError
 from attribution.config import ConfigError, load_config
-from attribution.data.dataset import DataFileError
 from tests.conftest import ROOT, smoke_config
 from tests.test_coco import tiny_sd_parts, write_coco
 
@@ -131,9 +131,10 @@ def test_flipped_view_is_the_stored_latent_of_the_mirrored_image(encoded):
 
 def test_generator_step_draws_views_and_captions_from_the_encoding(encoded):
     """One training step's loss equals a replay of its draws over the files."""
+    from attribution.common.seeds import seeded_generator
     from attribution.data.encoded import EncodedWorld
     from attribution.generator.model import VAECodec, build_scheduler, build_unet, denoising_loss
-    from attribution.generator.module import GeneratorModule, seeded_generator
+    from attribution.generator.module import GeneratorModule
 
     enc_dir, sd = encoded
     world = EncodedWorld(enc_dir)

@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 import torch
 
+from attribution.common.files import DataFileError
 from attribution.data import toy_world
-from attribution.data.dataset import CaptionedImageSet, DataFileError, write_world
+from attribution.data.dataset import CaptionedImageSet, write_world
 from attribution.data.queries import QuerySet, write_query_set
 from attribution.features.cache import StaleFeatureCache, extract_all, load_features
 from attribution.features.extractors import OpenClip, TimmImage, build_extractor

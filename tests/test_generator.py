@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from attribution.data.dataset import DataFileError
+from attribution.common.files import DataFileError
 from attribution.generator.model import (
     build_codec,
     build_scheduler,
@@ -41,7 +41,7 @@ def test_resume_equals_uninterrupted(smoke_run, tmp_path):
 def test_leave_out_shares_every_other_random_number(smoke_run, tmp_path):
     """Leave-K-out retraining drops the excluded draws from the full run's batches: excluding
     items no step draws reproduces the full run bit for bit; excluding one drawn item changes it."""
-    from attribution.generator.module import seeded_generator
+    from attribution.common.seeds import seeded_generator
 
     world, text = smoke_run.dir("world"), smoke_run.dir("text")
     cfg = smoke_config(tmp_path, "generator.train.steps=4", "generator.train.steps_per_epoch=4")

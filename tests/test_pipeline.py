@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from attribution.cli import main
-from attribution.data.dataset import DataFileError
+from attribution.common.files import DataFileError
 from attribution.data.queries import QuerySet
 from tests.conftest import SMOKE
 

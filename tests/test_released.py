@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from attribution.common.files import DataFileError
 from attribution.config import ConfigError, load_config
-from attribution.data.dataset import DataFileError
 from attribution.pipeline import Pipeline
 from tests.conftest import ROOT
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from attribution.common.files import DataFileError
 from attribution.data import toy_world
-from attribution.data.dataset import DataFileError
 from attribution.data.folder import read_image_caption_data
 from tests.conftest import smoke_config
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from attribution import retrieval
-from attribution.data.dataset import DataFileError
+from attribution.common.files import DataFileError
 from attribution.student.data import (
     EpochKeySampler,
     PairDataModule,

@@ -9,7 +9,7 @@ import torch
 
 from attribution.attribute import load_head
 from attribution.cli import main
-from attribution.data.dataset import DataFileError
+from attribution.common.files import DataFileError
 from attribution.student.train import space_dir, train_student
 from tests.conftest import SMOKE
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from attribution.data.dataset import DataFileError
+from attribution.common.files import DataFileError
 from attribution.generator.model import build_codec, build_scheduler, build_unet
 from attribution.pipeline import Pipeline
 from attribution.teacher import scorer as scorer_mod

@@ -3,8 +3,9 @@ import hashlib
 import numpy as np
 import pytest
 
+from attribution.common.files import DataFileError
 from attribution.data import toy_world
-from attribution.data.dataset import CaptionedImageSet, DataFileError, write_world
+from attribution.data.dataset import CaptionedImageSet, write_world
 
 PLANTED = [{"attribute": "shape", "value": "cross", "count": 5},
            {"attribute": "colour", "value": "pink", "count": 3}]

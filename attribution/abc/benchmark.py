@@ -34,15 +34,16 @@ from attribution.abc.customize import (
     save_delta,
 )
 from attribution.abc.mapper import train_mapper
-from attribution.config import to_dict
-from attribution.data.dataset import (
-    CaptionedImageSet,
+from attribution.common.files import (
     DataFileError,
     atomic_save_npz,
     atomic_write_bytes,
+    load_npy,
+    read_json,
 )
+from attribution.config import to_dict
+from attribution.data.dataset import CaptionedImageSet
 from attribution.data.images import from_uint8, save_grid, to_uint8
-from attribution.files import load_npy, read_json
 from attribution.metrics import average_precision, recall_at_k, standard_error
 
 SAMPLE_ID_BASE = 2_000_000  # synthesized images' sampling/draw ids: disjoint from the queries'
@@ -65,9 +66,9 @@ def _device(cfg) -> str:
 # ------------------------------------------------------------------------------ stage: customize
 def run_customize(pipe, out: Path, progress: bool = True) -> dict:
     """Customize one model per concept and synthesize its images (skips finished concepts)."""
+    from attribution.data.text_cache import TextTable
     from attribution.generator.model import build_codec, build_scheduler, load_unet
     from attribution.generator.sampling import sample
-    from attribution.generator.text_cache import TextTable
     from attribution.generator.text_encoder import load_text_encoder
     from attribution.generator.train import encode_world
 
@@ -292,8 +293,8 @@ def teacher_scores(pipe, bench: Benchmark, out: Path, progress: bool = True) -> 
     of each held-out concept, each unlearned from its own customized model (cached per query).
 
     The Fisher is the base generator's (the customized model differs in K/V only)."""
+    from attribution.data.text_cache import TextTable
     from attribution.generator.model import build_codec, build_scheduler, load_unet
-    from attribution.generator.text_cache import TextTable
     from attribution.generator.train import encode_world
     from attribution.teacher.params import select_parameters
     from attribution.teacher.run import _settings, load_preconditioner

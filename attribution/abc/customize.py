@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from attribution.common.seeds import seeded_generator
 from attribution.generator.model import denoising_loss
-from attribution.generator.module import seeded_generator
 from attribution.teacher.params import ParamSnapshot, select_parameters
 
 
@@ -148,7 +148,7 @@ def save_delta(path: Path, delta: dict[str, torch.Tensor], meta: dict[str, str])
 def load_delta(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    from attribution.data.dataset import DataFileError
+    from attribution.common.files import DataFileError
 
     try:
         return {n: d.float() for n, d in load_file(str(path)).items()}

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attribution.generator.module import seeded_generator
+from attribution.common.seeds import seeded_generator
 
 
 class Mapper(nn.Module):

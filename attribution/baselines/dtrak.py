@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from attribution.generator.module import seeded_generator
+from attribution.common.seeds import seeded_generator
 from attribution.teacher.params import select_parameters
 
 

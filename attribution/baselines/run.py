@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from attribution.callbacks import map_at_ks, rank_all
+from attribution.common.files import DataFileError, atomic_save_npy, atomic_write_bytes, load_npy
 from attribution.config import derive, to_dict
-from attribution.data.dataset import CaptionedImageSet, atomic_save_npy, atomic_write_bytes
+from attribution.data.dataset import CaptionedImageSet
 from attribution.data.queries import QuerySet
-from attribution.files import DataFileError, load_npy
 from attribution.teacher.evaluate import planted_known_answers
 
 

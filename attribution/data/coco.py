@@ -33,9 +33,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from attribution.data.dataset import DataFileError, atomic_write_bytes
+from attribution.common.files import DataFileError, atomic_write_bytes
+from attribution.common.seeds import seeded_generator
 from attribution.data.images import center_crop_resize
-from attribution.generator.module import seeded_generator
 
 
 class CocoCaptions(Dataset):
@@ -149,7 +149,7 @@ def encode_coco(dataset: CocoCaptions, vae, text_encoder, out: Path, scale: floa
 
 def _write_side_files(dataset: CocoCaptions, text_encoder, out: Path) -> None:
     """ids.json, captions.json and uncond.npy (each written once, atomically)."""
-    from attribution.data.dataset import atomic_save_npy
+    from attribution.common.files import atomic_save_npy
 
     if not (out / "ids.json").is_file():
         atomic_write_bytes(out / "ids.json", json.dumps(dataset.ids).encode())

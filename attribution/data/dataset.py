@@ -21,10 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from attribution.files import (  # noqa: F401  (re-exported: older imports name them here)
+from attribution.common.files import (
     DataFileError,
     atomic_save_npy,
-    atomic_save_npz,
     atomic_write_bytes,
     read_json,
     sha256_file,

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attribution.data.dataset import DataFileError
+from attribution.common.files import DataFileError
 
 FILES = ("manifest.json", "latents.npy", "text_embeddings.npy", "uncond.npy", "captions.json")
 
@@ -121,7 +121,7 @@ class EncodedWorld:
         return torch.from_numpy(np.array(self.latents, dtype=np.float32))  # a copy: writable
 
     def table(self):
-        from attribution.generator.text_cache import TextTable
+        from attribution.data.text_cache import TextTable
 
         n, c = self.states.shape[:2]
         rows = 1 + torch.arange(n * c, dtype=torch.long).view(n, c)

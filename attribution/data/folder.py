@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from attribution.data.dataset import DataFileError
+from attribution.common.files import DataFileError
 from attribution.data.images import square_resize
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp"}

@@ -16,8 +16,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from attribution.data.dataset import DataFileError, atomic_save_npy, atomic_write_bytes
-from attribution.files import load_npy, read_json
+from attribution.common.files import (
+    DataFileError,
+    atomic_save_npy,
+    atomic_write_bytes,
+    load_npy,
+    read_json,
+)
 
 
 def write_query_set(root: Path, images: np.ndarray, captions: list[str], latents: np.ndarray,

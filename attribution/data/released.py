@@ -17,8 +17,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from attribution.data.dataset import DataFileError
-from attribution.features.cache import RELEASED_FILES
+import numpy as np
+
+from attribution.common.files import DataFileError, load_npy
 
 ENV_ROOT = "ATTRIBUTION_DATA_ROOT"
 
@@ -49,3 +50,27 @@ def check_released(root: Path, spaces: list[str]) -> None:
         raise DataFileError(f"released data under {root} is incomplete; missing "
                             f"{len(missing)} file(s):\n  {listing}\n(the layout is described in "
                             f"attribution/data/released.py and README 'Running at scale')")
+
+
+RELEASED_FILES = {"items": "data_feats.npy", "query_train": "train_query_feats.npy",
+                  "query_test": "test_query_feats.npy"}
+
+
+def load_released_features(feats_root: Path, space: str) -> dict[str, np.ndarray]:
+    """The released features of one space (SPEC §6): ``feats/<space>/data_feats.npy`` (training
+    items), ``train_query_feats.npy`` and ``test_query_feats.npy``, float32, memory-mapped."""
+    folder = Path(feats_root) / space
+    missing = [str(folder / f) for f in RELEASED_FILES.values() if not (folder / f).is_file()]
+    if missing:
+        raise DataFileError("Released feature files missing: " + ", ".join(missing))
+    out = {}
+    for key, name in RELEASED_FILES.items():
+        arr = load_npy(folder / name, "Released feature file", mmap=True)
+        if arr.ndim != 2 or arr.dtype.kind != "f" or 0 in arr.shape:
+            raise DataFileError(f"{folder / name} must be a 2-D float array, got "
+                                f"{arr.dtype} {arr.shape}")
+        out[key] = arr
+    dims = {k: a.shape[1] for k, a in out.items()}
+    if len(set(dims.values())) != 1:
+        raise DataFileError(f"Released '{space}' features disagree on the dimension: {dims}")
+    return out

@@ -12,15 +12,16 @@ from pathlib import Path
 
 import numpy as np
 
-from attribution.data.dataset import (
-    CaptionedImageSet,
+from attribution.common.files import (
     DataFileError,
     atomic_save_npy,
     atomic_write_bytes,
+    load_npy,
+    read_json,
 )
+from attribution.data.dataset import CaptionedImageSet
 from attribution.data.images import from_uint8
 from attribution.data.queries import QuerySet
-from attribution.files import load_npy, read_json
 
 
 class StaleFeatureCache(DataFileError):
@@ -80,28 +81,4 @@ def load_features(folder: Path, expect_items: int | None = None,
     if expect_items is not None and counts.get("items") != expect_items:
         raise StaleFeatureCache(f"{folder} has features for {manifest['counts']['items']} items, "
                                 f"the training set has {expect_items}")
-    return out
-
-
-RELEASED_FILES = {"items": "data_feats.npy", "query_train": "train_query_feats.npy",
-                  "query_test": "test_query_feats.npy"}
-
-
-def load_released_features(feats_root: Path, space: str) -> dict[str, np.ndarray]:
-    """The released features of one space (SPEC §6): ``feats/<space>/data_feats.npy`` (training
-    items), ``train_query_feats.npy`` and ``test_query_feats.npy``, float32, memory-mapped."""
-    folder = Path(feats_root) / space
-    missing = [str(folder / f) for f in RELEASED_FILES.values() if not (folder / f).is_file()]
-    if missing:
-        raise DataFileError("Released feature files missing: " + ", ".join(missing))
-    out = {}
-    for key, name in RELEASED_FILES.items():
-        arr = load_npy(folder / name, "Released feature file", mmap=True)
-        if arr.ndim != 2 or arr.dtype.kind != "f" or 0 in arr.shape:
-            raise DataFileError(f"{folder / name} must be a 2-D float array, got "
-                                f"{arr.dtype} {arr.shape}")
-        out[key] = arr
-    dims = {k: a.shape[1] for k, a in out.items()}
-    if len(set(dims.values())) != 1:
-        raise DataFileError(f"Released '{space}' features disagree on the dimension: {dims}")
     return out

@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from attribution.data.dataset import CaptionedImageSet, atomic_write_bytes
-from attribution.generator.module import seeded_generator
+from attribution.common.files import atomic_write_bytes
+from attribution.common.seeds import seeded_generator
+from attribution.data.dataset import CaptionedImageSet
 
 
 def toyclip_config(image_size: int, width: int, embed_dim: int) -> dict:
@@ -72,7 +73,7 @@ def train_toyclip(world: CaptionedImageSet, out: Path, steps: int, batch_size: i
 
 
 def load_toyclip(folder: Path):
-    from attribution.files import DataFileError, load_weights, read_json
+    from attribution.common.files import DataFileError, load_weights, read_json
 
     folder = Path(folder)
     hint = "rerun `attribution toyclip CONFIG` (delete the folder first)"

@@ -116,7 +116,7 @@ def denoising_loss(unet: nn.Module, alphas_cumprod: torch.Tensor, z: torch.Tenso
 
 def save_generator(path: Path, unet: UNet2DConditionModel, meta: dict) -> None:
     """Write the UNet weights (safetensors, via diffusers) and a manifest tying it to its config."""
-    from attribution.data.dataset import atomic_write_bytes, sha256_file
+    from attribution.common.files import atomic_write_bytes, sha256_file
 
     path.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(path / "unet", safe_serialization=True)
@@ -127,7 +127,7 @@ def save_generator(path: Path, unet: UNet2DConditionModel, meta: dict) -> None:
 
 def load_unet(path: Path) -> tuple[UNet2DConditionModel, dict]:
     """Load a UNet saved by :func:`save_generator`; checks the weights against the manifest."""
-    from attribution.data.dataset import DataFileError, sha256_file
+    from attribution.common.files import DataFileError, sha256_file
 
     path = Path(path)
     manifest_path = path / "generator.json"
@@ -147,7 +147,7 @@ def load_unet_weights(gen_cfg, codec: nn.Module, path: str | Path) -> UNet2DCond
     optionally under ``state_dict`` / ``module.``-prefixed, or a safetensors file).
 
     A file that does not fit the configured architecture fails naming the keys that differ."""
-    from attribution.data.dataset import DataFileError
+    from attribution.common.files import DataFileError
 
     path = Path(path)
     if not path.is_file():
@@ -187,7 +187,7 @@ def load_pretrained_unet(gen_cfg, codec: nn.Module, path: str | Path) -> UNet2DC
     """The UNet of a diffusers pipeline folder (``unet/``) or of a UNet folder, with its own
     architecture.  Checked against this run: latent channels of the codec, and the pipeline's
     scheduler config (``scheduler/``) against generator.num_train_timesteps / beta_*."""
-    from attribution.data.dataset import DataFileError
+    from attribution.common.files import DataFileError
 
     root = Path(path).expanduser()
     folder = root / "unet" if (root / "unet").is_dir() else root

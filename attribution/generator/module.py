@@ -15,16 +15,9 @@ import lightning as L
 import torch
 from torch.utils.data import Dataset
 
+from attribution.common.seeds import seeded_generator
+from attribution.data.text_cache import TextTable
 from attribution.generator.model import denoising_loss
-from attribution.generator.text_cache import TextTable
-
-
-def seeded_generator(*keys: int) -> torch.Generator:
-    """A CPU generator whose seed is a fixed function of integer keys (no Python hash())."""
-    seed = 0
-    for k in keys:
-        seed = (seed * 1_000_003 + int(k) + 1) % (2**63 - 1)
-    return torch.Generator().manual_seed(seed)
 
 
 class StepDataset(Dataset):

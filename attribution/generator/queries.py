@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from attribution.common.devices import torch_device
 from attribution.config import to_dict
 from attribution.data import toy_world
 from attribution.data.images import save_grid, to_uint8
@@ -71,7 +71,7 @@ def generate_prompted(cfg, gen_dir: Path, attrs: list[dict[str, str]], sample_of
     uncond = enc.encode([""])[0]
     codec = build_codec(cfg.generator, manifest["image_size"])
     sc = cfg.queries.sampling
-    device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
+    device = torch_device(cfg.device)
     z = sample(unet, build_scheduler(cfg.generator), cond, uncond,
                list(range(sample_offset, sample_offset + len(attrs))),
                (codec.channels, codec.size, codec.size), seed=sc.seed, sampler=sc.sampler,

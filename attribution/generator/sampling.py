@@ -10,7 +10,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from tqdm.auto import tqdm
 
-from attribution.generator.module import seeded_generator
+from attribution.common.seeds import seeded_generator
 
 
 def make_sampler(train_scheduler: DDPMScheduler, kind: str, steps: int):

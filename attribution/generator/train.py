@@ -12,11 +12,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
+from attribution.common.devices import accelerator_for
+from attribution.common.files import DataFileError
 from attribution.config import to_dict
-from attribution.data.dataset import CaptionedImageSet, DataFileError, read_manifest
+from attribution.data.dataset import CaptionedImageSet, read_manifest
+from attribution.data.text_cache import TextTable
 from attribution.generator.model import build_codec, build_scheduler, build_unet, save_generator
 from attribution.generator.module import GeneratorModule, StepDataset
-from attribution.generator.text_cache import TextTable
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +85,6 @@ def resume_checkpoint(ckpt_dir: Path) -> Path | None:
                             + "; ".join(problems) + f". Delete {ckpt_dir} to restart this "
                             "stage from scratch.")
     return None
-
-
-def accelerator_for(device: str) -> str:
-    if device == "auto":
-        return "gpu" if torch.cuda.is_available() else "cpu"
-    return "gpu" if device == "cuda" else "cpu"
 
 
 def train_generator(cfg, world_dir: Path, text_dir: Path, out_dir: Path,

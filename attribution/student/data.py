@@ -19,9 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from attribution.data.dataset import DataFileError
-from attribution.files import safe_pickle_load
-from attribution.generator.module import seeded_generator
+from attribution.common.files import DataFileError, safe_pickle_load
+from attribution.common.seeds import seeded_generator
 
 
 @dataclass

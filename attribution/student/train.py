@@ -17,11 +17,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from attribution import retrieval
 from attribution.callbacks import ThroughputCallback, ValidationCallback, map_at_ks, rank_all
+from attribution.common.devices import accelerator_for
+from attribution.common.files import DataFileError, atomic_write_bytes
+from attribution.common.seeds import seeded_generator
 from attribution.config import to_dict, val_count
-from attribution.data.dataset import DataFileError, atomic_write_bytes
-from attribution.features.cache import load_features, load_released_features
-from attribution.generator.module import seeded_generator
-from attribution.generator.train import accelerator_for
+from attribution.data.released import RELEASED_FILES, load_released_features
+from attribution.features.cache import load_features
 from attribution.student.data import PairDataModule, load_rankings, select_queries
 from attribution.student.head import EmbeddingHead, head_dims
 from attribution.student.losses import build_loss
@@ -42,7 +43,6 @@ def _checked_features(folder: Path, space: str, released: bool = False) -> dict[
         t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
         bad = (~torch.isfinite(t)).any(1).nonzero().flatten()
         if len(bad):
-            from attribution.features.cache import RELEASED_FILES
 
             path = (Path(folder) / space / RELEASED_FILES[key] if released
                     else Path(folder) / f"{key}.npy")

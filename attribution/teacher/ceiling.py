@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from attribution.callbacks import map_at_ks
+from attribution.common.devices import torch_device
+from attribution.common.files import DataFileError, atomic_save_npy, atomic_write_bytes, load_npy
 from attribution.config import derive
-from attribution.files import DataFileError, atomic_save_npy, atomic_write_bytes, load_npy
-from attribution.generator.train import accelerator_for
 from attribution.metrics import standard_error
 from attribution.teacher import curation
 from attribution.teacher.run import build_scorer, make_queries
@@ -87,7 +87,7 @@ def run_ceiling(cfg, world_dir: Path, text_dir: Path, gen_dir: Path, queries_dir
     cc = cfg.ceiling
     out.mkdir(parents=True, exist_ok=True)
     # one device (cfg.device): the rescoring is a handful of queries, not split over ranks
-    device = "cuda" if accelerator_for(cfg.device) == "gpu" else "cpu"
+    device = torch_device(cfg.device)
     with np.load(teacher_dir / "teacher_test.npz") as merged:
         teacher_rank = merged["rank"]
     n_items = teacher_rank.shape[1]

@@ -23,9 +23,9 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from attribution.data.dataset import DataFileError, atomic_write_bytes
+from attribution.common.files import DataFileError, atomic_write_bytes
+from attribution.common.seeds import seeded_generator
 from attribution.generator.model import add_noise, denoising_loss
-from attribution.generator.module import seeded_generator
 from attribution.teacher.scoring import CandidateSet
 
 

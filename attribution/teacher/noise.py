@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from attribution.generator.module import seeded_generator
+from attribution.common.seeds import seeded_generator
 
 
 def item_noise(keys: torch.Tensor, shape: tuple[int, ...], seed: int) -> torch.Tensor:

@@ -12,18 +12,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from attribution.common.devices import accelerator_for
+from attribution.common.files import DataFileError, atomic_save_npy, atomic_write_bytes, load_npy
 from attribution.config import to_dict
-from attribution.data.dataset import (
-    DataFileError,
-    atomic_save_npy,
-    atomic_write_bytes,
-    read_manifest,
-)
+from attribution.data.dataset import read_manifest
 from attribution.data.queries import QuerySet
-from attribution.files import load_npy
+from attribution.data.text_cache import TextTable
 from attribution.generator.model import build_codec, build_scheduler, load_unet
-from attribution.generator.text_cache import TextTable
-from attribution.generator.train import accelerator_for, world_latents
+from attribution.generator.train import world_latents
 from attribution.teacher import curation
 from attribution.teacher.fisher import (
     FisherDraws,

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from attribution.data.text_cache import TextTable
 from attribution.generator.model import denoising_loss
-from attribution.generator.text_cache import TextTable
 from attribution.teacher.noise import item_noise
 
 

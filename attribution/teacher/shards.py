@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attribution.data.dataset import DataFileError, atomic_save_npz, atomic_write_bytes
-from attribution.files import load_npz
+from attribution.common.files import DataFileError, atomic_save_npz, atomic_write_bytes, load_npz
 
 
 class ShardStore:

@@ -13,8 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attribution.data.dataset import DataFileError, atomic_save_npy, atomic_write_bytes
-from attribution.files import load_npy, read_json
+from attribution.common.files import (
+    DataFileError,
+    atomic_save_npy,
+    atomic_write_bytes,
+    load_npy,
+    read_json,
+)
 
 _HINT = "rerun `attribution text CONFIG` (delete the folder first)"
 
