@@ -151,17 +151,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "attribute":
             from attribution.attribute import attribute, format_attribution
 
-            res = attribute(Pipeline(cfg, config_path=args.config), args.image, args.prompt,
-                            args.k, args.grid)
+            pipe = Pipeline(cfg, config_path=args.config)
+            res = attribute(cfg, pipe.deployment_dirs(), args.image, args.prompt, args.k,
+                            args.grid, calibrator=pipe.calibrator("student"))
             print(format_attribution(res))
             return 0
         pipe = Pipeline(cfg, progress=not args.no_progress, config_path=args.config)
         if args.command == "counterfactual":
-            from attribution.counterfactual import format_counterfactual, run_counterfactual
+            from attribution.counterfactual import format_counterfactual
             from attribution.figures import counterfactual_figure
 
-            out = run_counterfactual(pipe, args.methods, args.queries, args.k,
-                                     progress=not args.no_progress, steps=args.steps)
+            out = pipe.run_counterfactual(args.methods, args.queries, args.k,
+                                          progress=not args.no_progress, steps=args.steps)
             result = json.loads((out / "counterfactual.json").read_text())
             metrics = json.loads((pipe.root / "metrics.json").read_text())
             print(format_counterfactual(result))
@@ -186,10 +187,12 @@ def main(argv: list[str] | None = None) -> int:
             print("prompt fidelity (generated samples, uniform prompts):")
             print(format_fidelity(res))
         if "abc" in results:
-            from attribution.abc.benchmark import format_abc
+            from attribution.abc.format import format_abc
+            from attribution.figures import abc_figure
 
-            print(format_abc(json.loads((results["abc"].dir / "abc.json").read_text())))
-            print(f"figure: {results['abc'].dir / 'abc.png'}")
+            summary = json.loads((results["abc"].dir / "abc.json").read_text())
+            print(format_abc(summary))
+            print(f"figure: {abc_figure(summary, pipe.root / 'figures' / 'abc.png')}")
         if "teacher" in results:
             from attribution.teacher.evaluate import format_known_answers
 

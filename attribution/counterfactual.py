@@ -1,4 +1,4 @@
-"""Leave-K-out counterfactual evaluation (SPEC §4): does removing a method's top-K matter?
+"""Leave-K-out counterfactual evaluation (docs/method.md §4): does removing a method's top-K matter?
 
 For every method and test query: retrain the generator from scratch without the method's top-K
 training items (same seed, same schedule; every random choice of a step is a function of
@@ -25,17 +25,23 @@ import torch
 
 from attribution.common.files import atomic_write_bytes
 from attribution.config import ConfigError, derive
+from attribution.data.queries import QuerySet
+from attribution.data.text_cache import TextTable
+from attribution.generator.model import build_scheduler, load_unet
+from attribution.generator.sampling import sample
+from attribution.generator.train import train_generator
 from attribution.metrics import standard_error
+from attribution.student.deploy import Dirs, student_test_ranks
+from attribution.teacher.scorer import query_loss
 
 METHODS_HELP = ("teacher | student | random | dtrak | abu_diagonal | any features.spaces entry "
                 "(raw similarity)")
 
 
-def method_ranks(pipe, methods: list[str]) -> dict[str, np.ndarray]:
-    """Test-query rankings (Q_test, N), most influential first, for each named method."""
-    from attribution.attribute import student_test_ranks
-
-    with np.load(pipe.dir("teacher") / "teacher_test.npz") as merged:
+def method_ranks(cfg, dirs: Dirs, methods: list[str]) -> dict[str, np.ndarray]:
+    """Test-query rankings (Q_test, N), most influential first, for each named method (from the
+    finished teacher, student and baselines folders)."""
+    with np.load(dirs["teacher"] / "teacher_test.npz") as merged:
         teacher = merged["rank"]
     q, n = teacher.shape
     out = {}
@@ -43,12 +49,12 @@ def method_ranks(pipe, methods: list[str]) -> dict[str, np.ndarray]:
         if m == "teacher":
             out[m] = teacher
         elif m == "random":
-            out[m] = np.stack([np.random.default_rng([pipe.cfg.seed, 97, i]).permutation(n)
+            out[m] = np.stack([np.random.default_rng([cfg.seed, 97, i]).permutation(n)
                                for i in range(q)])
         elif m == "student":
-            out[m] = student_test_ranks(pipe)
+            out[m] = student_test_ranks(cfg, dirs["features"], dirs["student"])
         else:
-            path = pipe.dir("baselines") / f"rank_{m}.npy"
+            path = dirs["baselines"] / f"rank_{m}.npy"
             if not path.is_file():
                 raise ConfigError(f"unknown method {m!r} or its baseline was not run ({path}); "
                                  f"methods: {METHODS_HELP}")
@@ -56,44 +62,29 @@ def method_ranks(pipe, methods: list[str]) -> dict[str, np.ndarray]:
     return out
 
 
-def counterfactual_dir(pipe) -> Path:
-    """Where this run's counterfactuals live (tied to its student and baselines)."""
-    from attribution.config import config_hash
-
-    return pipe.root / f"counterfactual-{config_hash('cf', pipe.key('baselines'), pipe.key('student'))}"
-
-
 def _removal_key(items: np.ndarray) -> str:
     return hashlib.sha256(",".join(map(str, sorted(items.tolist()))).encode()).hexdigest()[:12]
 
 
-def run_counterfactual(pipe, methods: list[str], queries: list[int], k: int,
-                       progress: bool = True, echo=print, steps: int | None = None) -> Path:
+def run_counterfactual(cfg, dirs: Dirs, out: Path, methods: list[str], queries: list[int],
+                       k: int, progress: bool = True, echo=print,
+                       steps: int | None = None) -> Path:
     """Retrain without each method's top-``k`` for each test query; write ``counterfactual.json``
     (per method: mean ΔLoss and image distance with standard errors over queries, per-query
-    rows) under ``runs/<name>/counterfactual-<key>/``; return that folder.
+    rows) in ``out``; return it.  ``dirs``: the finished world, text, generator, queries,
+    features, teacher, student and baselines folders.
 
     ``steps``: retrain on a shorter schedule (cheaper); the reference is then the generator
     retrained on that same schedule with nothing removed, not the pipeline's generator."""
-    from attribution.data.queries import QuerySet
-    from attribution.data.text_cache import TextTable
-    from attribution.generator.model import build_scheduler, load_unet
-    from attribution.generator.sampling import sample
-    from attribution.generator.train import train_generator
-    from attribution.teacher.scorer import query_loss
-
-    cfg = pipe.cfg
-    pipe.run(["student", "baselines"])
-    ranks = method_ranks(pipe, methods)
+    ranks = method_ranks(cfg, dirs, methods)
     n_test = next(iter(ranks.values())).shape[0]
     if len(set(queries)) != len(queries):
         raise ConfigError(f"test queries {queries} repeat an id")
     bad = [q for q in queries if not 0 <= q < n_test]
     if bad:
         raise ConfigError(f"test queries {bad} out of range (there are {n_test})")
-    out = counterfactual_dir(pipe)
     out.mkdir(parents=True, exist_ok=True)
-    qs = QuerySet(pipe.dir("queries") / "query_test", need_embeddings=True)
+    qs = QuerySet(dirs["queries"] / "query_test", need_embeddings=True)
     alphas = build_scheduler(cfg.generator).alphas_cumprod
     train_cfg = cfg
     if steps is not None:
@@ -104,14 +95,14 @@ def run_counterfactual(pipe, methods: list[str], queries: list[int], k: int,
         gdir = out / "generators" / (tag + _removal_key(removed))
         if not (gdir / "generator.json").is_file():
             echo(f"[counterfactual] {label}: retraining without {len(removed)} items -> {gdir}")
-            train_generator(train_cfg, pipe.dir("world"), pipe.dir("text"), gdir, progress,
+            train_generator(train_cfg, dirs["world"], dirs["text"], gdir, progress,
                             exclude=removed.tolist())
         return gdir
 
-    ref_dir = pipe.dir("generator") if steps is None else generator_without(
+    ref_dir = dirs["generator"] if steps is None else generator_without(
         np.zeros(0, dtype=np.int64), "reference")
     base_unet, _ = load_unet(ref_dir)
-    uncond = TextTable.load(pipe.dir("text")).lookup(torch.tensor([0]))[0]
+    uncond = TextTable.load(dirs["text"]).lookup(torch.tensor([0]))[0]
     sc = cfg.queries.sampling
     draws = cfg.teacher.query_draws
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from attribution.common.files import atomic_write_bytes
 from attribution.common.seeds import seeded_generator
+from attribution.config import ConfigError
 from attribution.data import toy_world
 from attribution.data.dataset import CaptionedImageSet
 from attribution.data.images import save_grid
@@ -108,3 +109,13 @@ def format_fidelity(result: dict) -> str:
         lines.append(f"{a:<12}{r['accuracy']:>10.3f}{r['chance']:>9.3f}"
                      f"{r['classifier_accuracy_on_real']:>13.3f}")
     return "\n".join(lines)
+
+
+def run_fidelity(cfg, inputs, out: Path, progress: bool = True) -> dict:
+    """Stage ``fidelity``: prompt fidelity of the generator (``inputs["generator"]``) on the toy
+    world (``inputs["world"]``, whose ground-truth attributes it reads)."""
+    if cfg.world.kind != "toy":
+        raise ConfigError("prompt fidelity reads the toy world's ground-truth attributes; "
+                          f"world.kind={cfg.world.kind} has none")
+    res = prompt_fidelity(cfg, inputs["world"], inputs["generator"], out, progress)
+    return {f"{a}_acc": r["accuracy"] for a, r in res["attributes"].items()}

@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from attribution.metrics import standard_error  # noqa: E402
-from attribution.sweeps import load_sweep  # noqa: E402
+from attribution.sweep_spec import load_sweep  # noqa: E402
 
 SEED_KEY = "student.seed"
 METHOD_NAMES = {"dtrak": "D-TRAK", "abu_diagonal": "AbU (diagonal Fisher)"}

@@ -1,22 +1,25 @@
-"""Stages of the main job and their cache.
+"""The main job's scheduler: stages in dependency order, each cached by its settings, resumable.
 
 Each stage writes into ``runs/<name>/<stage>-<key>/`` where ``key`` hashes the config sections the
-stage reads plus the keys of the stages it depends on.  A finished stage leaves ``stage.json``;
-rerunning with the same settings reuses it, a changed setting gets a new folder (old results stay),
+stage reads plus the keys of the stages it depends on.  A finished stage leaves ``stage.json``
+(its summary and the size + sha256 of every file it wrote); rerunning with the same settings
+reuses it after checking those files, a changed setting gets a new folder (old results stay),
 and an interrupted stage resumes inside its folder (the generator from ``last.ckpt``).
+
+A stage is a plain function ``run(cfg, inputs, out, progress) -> summary`` in its own package
+(``STAGES``): ``inputs`` maps every stage it depends on, directly or not, to that stage's
+finished folder.  This module only orders, caches and resumes; it runs no stage body itself.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from attribution.abc.benchmark import stage_sections as abc_sections
 from attribution.common.files import (
     DataFileError,
     atomic_write_bytes,
@@ -24,8 +27,7 @@ from attribution.common.files import (
     record_files,
     verify_files,
 )
-from attribution.config import config_hash, save_config, to_dict
-from attribution.data.dataset import read_manifest
+from attribution.config import ConfigError, config_hash, derive, save_config, to_dict
 
 DEPENDS = {
     "world": [],
@@ -67,8 +69,47 @@ NEEDS_IMAGES = {"fidelity", "toyclip", "features", "student", "baselines", "cust
                 "abc_teacher", "abc"}
 
 
+# Where each stage's body lives: "module:function", imported when the stage runs (so commands that
+# run no stage, like `attribution config`, stay fast).
+STAGES = {
+    "world": "attribution.data.stage:run_world",
+    "text": "attribution.generator.stages:run_text",
+    "generator": "attribution.generator.stages:run_generator",
+    "queries": "attribution.generator.stages:run_queries",
+    "fidelity": "attribution.fidelity:run_fidelity",
+    "fisher": "attribution.teacher.stages:run_fisher",
+    "teacher": "attribution.teacher.stages:run_teacher",
+    "ceiling": "attribution.teacher.stages:run_ceiling",
+    "toyclip": "attribution.features.stage:run_toyclip",
+    "features": "attribution.features.stage:run_features",
+    "student": "attribution.student.stage:run_student",
+    "baselines": "attribution.baselines.run:run_baselines",
+    "customize": "attribution.abc.customize_stage:run_customize",
+    "abc_teacher": "attribution.abc.stages:run_abc_teacher",
+    "abc": "attribution.abc.stages:run_abc",
+}
+# What of the `abc` section the customize stage reads (the rest, but teacher_images, is abc's).
+CUSTOMIZE_KEYS = ("n_train", "n_test", "exemplars", "images", "steps", "lr", "batch_size",
+                  "prior_weight", "prior_batch_size", "params")
+
+
 def _unset_dropped(section, keys: set[str]) -> dict:
     return {k: v for k, v in to_dict(section).items() if not (k in keys and v is None)}
+
+
+def _abc_sections(cfg) -> tuple[dict, dict]:
+    """(what the customize stage reads, what the abc stage reads) of the ``abc`` section."""
+    d = to_dict(cfg.abc)
+    d["spaces"] = d["spaces"] or list(cfg.features.spaces)
+    d.pop("enabled")
+    custom = {k: d.pop(k) for k in CUSTOMIZE_KEYS}
+    d.pop("teacher_images")  # the abc_teacher stage's
+    return custom, d
+
+
+def stage_function(stage: str) -> Callable:
+    module, name = STAGES[stage].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 @dataclass
@@ -92,6 +133,8 @@ def _fmt(v) -> str:
 
 class Pipeline:
     """Runs stages in dependency order with caching; see the module docstring."""
+
+    order = ORDER
 
     def __init__(self, cfg, progress: bool = True, echo: Callable[[str], None] = print,
                  config_path: str | None = None):
@@ -122,10 +165,10 @@ class Pipeline:
                          "seed": c.seed if c.student.seed is None else c.student.seed}, c.seed,
                         *([str(self.released_root())] if self.released else [])],
             "baselines": [c.baselines, c.student.k_eval, c.seed],
-            "customize": [abc_sections(c)[0], c.queries.sampling, c.seed],
+            "customize": [_abc_sections(c)[0], c.queries.sampling, c.seed],
             "abc_teacher": [{k: v for k, v in to_dict(c.teacher).items()
                              if k not in EXECUTION_ONLY}, c.abc.teacher_images, c.seed],
-            "abc": [abc_sections(c)[1], c.seed],
+            "abc": [_abc_sections(c)[1], c.seed],
         }[stage]
 
     @property
@@ -136,12 +179,36 @@ class Pipeline:
     def depends(self, stage: str) -> list[str]:
         return [] if self.released and stage == "student" else DEPENDS[stage]
 
+    def ancestors(self, stage: str) -> list[str]:
+        """Every stage ``stage`` depends on, directly or not, in run order."""
+        seen: list[str] = []
+
+        def add(s):
+            for d in self.depends(s):
+                add(d)
+                if d not in seen:
+                    seen.append(d)
+
+        add(stage)
+        return seen
+
     def key(self, stage: str) -> str:
         upstream = [self.key(d) for d in self.depends(stage)]
         return config_hash(stage, *self._sections(stage), *upstream)
 
     def dir(self, stage: str) -> Path:
         return self.root / f"{stage}-{self.key(stage)}"
+
+    def dirs(self) -> dict[str, Path]:
+        """Every stage's folder for this config (finished or not)."""
+        return {s: self.dir(s) for s in ORDER}
+
+    def inputs(self, stage: str) -> dict[str, Path]:
+        """What a stage function receives: the folders of every stage it depends on."""
+        inputs = {s: self.dir(s) for s in self.ancestors(stage)}
+        if stage == "student" and self.released:
+            inputs["released"] = self.released_root()
+        return inputs
 
     def run(self, stages: list[str] | None = None) -> dict[str, StageResult]:
         """Run ``stages`` (default: all) and what they depend on; return every stage's result."""
@@ -155,8 +222,6 @@ class Pipeline:
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}; stages are {ORDER}")
         if kind == "encoded" and not self.released and set(wanted) & NEEDS_IMAGES:
-            from attribution.config import ConfigError
-
             raise ConfigError(
                 f"world.kind=encoded has latents and token states but no images, so it cannot "
                 f"run {sorted(set(wanted) & NEEDS_IMAGES)}; it runs world, text, generator, "
@@ -164,21 +229,12 @@ class Pipeline:
                 "(data.source=released) or use world.kind=folder over the images")
         if self.released:
             if stages and set(stages) - {"student"}:
-                from attribution.config import ConfigError
-
                 raise ConfigError(f"data.source=released runs only the student stage (features "
                                   f"and rankings come from the data root), not {stages}")
             wanted = ["student"]
         needed: list[str] = []
-
-        def add(s):
-            for d in self.depends(s):
-                add(d)
-            if s not in needed:
-                needed.append(s)
-
         for s in wanted:
-            add(s)
+            needed += [a for a in [*self.ancestors(s), s] if a not in needed]
         self.root.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.root / "config.yaml")
         results = {}
@@ -199,76 +255,13 @@ class Pipeline:
 
     def write_metrics(self) -> dict:
         """``runs/<name>/metrics.json``: the headline figures of the run, flat keys."""
-        student = json.loads((self.dir("student") / "metrics.json").read_text())
-        if self.released:  # no generator, teacher or extractor here: the student's own figures
-            out = {k: v for k, v in student.items() if k.startswith(("student.", "baseline."))}
-            # features come precomputed: a query's cost here is the head + the search
-            out["student.queries_per_second"] = student.get(
-                "student.head_search_queries_per_second", float("nan"))
-            atomic_write_bytes(self.root / "metrics.json", json.dumps(out, indent=2).encode())
-            return out
-        teacher = json.loads((self.dir("teacher") / "stage.json").read_text())["summary"]
-        out = {k: v for k, v in student.items()
-               if k.startswith(("student.mAP", "student.val_mAP", "baseline."))}
-        # Test queries are scored against the whole training set: that is a query's real cost.
-        out["teacher.seconds_per_query"] = teacher["seconds_per_test_query"]
-        out["teacher.seconds_per_train_query"] = teacher["seconds_per_train_query"]
-        for name, r in teacher.get("known_answers", {}).items():
-            out[f"teacher.{name}_recall@10"] = r["recall@10"]
-        from attribution.attribute import student_test_ranks
-        from attribution.baselines.run import known_answer_recall, map_by_type, query_types
+        from attribution.evaluation import write_metrics
 
-        student_rank = student_test_ranks(self)
-        for name, v in known_answer_recall(self, student_rank).items():
-            out[f"student.{name.replace(' ', '_')}"] = v
-        # every method's mAP on ordinary and on planted-concept test queries apart
-        types = query_types(self)
-        with np.load(self.dir("teacher") / "teacher_test.npz") as merged:
-            teacher_rank = merged["rank"]
-        ks = [k for k in self.cfg.student.k_eval if k <= teacher_rank.shape[1]]
-        ceiling = self.finished("ceiling") if self.cfg.ceiling.enabled else None
-        if ceiling is not None:  # the teacher against itself: every method's ceiling
-            from attribution.teacher.ceiling import self_agreement
-
-            out.update({f"teacher.{k}": v for k, v in ceiling["summary"].items()})
-            out.update({f"teacher.{k}": v for k, v in self_agreement(
-                self.dir("ceiling"), teacher_rank, ks,
-                ceiling["summary"].get("self_queries", 0)).items()})
-        ranked = {"student": student_rank}
-        if (self.dir("baselines") / "stage.json").is_file():
-            ranked.update({f"baseline.{p.stem[5:]}": np.load(p)
-                           for p in sorted(self.dir("baselines").glob("rank_*.npy"))})
-        for method, rank in ranked.items():
-            out.update({f"{method}.{k}": v
-                        for k, v in map_by_type(rank, teacher_rank, ks, types).items()})
-        e2e = student.get("end_to_end", {})
-        out["student.queries_per_second"] = e2e.get("queries_per_second", float("nan"))
-        out["search.queries_per_second"] = e2e.get("search_queries_per_second", float("nan"))
-        out["speedup_vs_teacher"] = out["teacher.seconds_per_query"] * out[
-            "student.queries_per_second"]
-        feature = self.cfg.student.feature
-        out[f"baseline.{feature}.queries_per_second"] = e2e.get("baseline_queries_per_second",
-                                                               float("nan"))
-        out["student.storage_bytes"] = e2e.get("storage_bytes", 0)
-        out[f"baseline.{feature}.storage_bytes"] = e2e.get("baseline_storage_bytes", 0)
-        out["teacher.storage_bytes"] = self.teacher_storage_bytes()
-        out["n_items"] = e2e.get("n_items", 0)
-        base = self.dir("baselines") / "baselines.json"
-        if (self.dir("baselines") / "stage.json").is_file():
-            for method, r in json.loads(base.read_text()).items():
-                for k, v in r.items():
-                    out.setdefault(f"baseline.{method}.{k.replace(' ', '_')}", v)
-        atomic_write_bytes(self.root / "metrics.json", json.dumps(out, indent=2).encode())
-        return out
-
-    def teacher_storage_bytes(self) -> int:
-        """What the teacher keeps to answer a query: generator weights, Fisher, training data."""
-        files = [f for d in (self.dir("generator") / "unet", self.dir("fisher"))
-                 for f in d.rglob("*.safetensors")]
-        world = self.dir("world")
-        data = sum(f.stat().st_size for f in world.rglob("*.np[yz]")) or sum(
-            f.stat().st_size for f in world.rglob("*.png"))
-        return sum(f.stat().st_size for f in files) + data
+        finished = {s: info["summary"] for s in ("student", "teacher", "ceiling", "baselines")
+                    if not (self.released and s != "student")
+                    and (s != "ceiling" or self.cfg.ceiling.enabled)
+                    and (info := self.finished(s)) is not None}
+        return write_metrics(self.cfg, self.dirs(), finished, self.root / "metrics.json")
 
     def rebuild_hint(self, stage: str) -> str:
         return (f"delete the folder {self.dir(stage)} and rerun `attribution {COMMAND[stage]} "
@@ -305,10 +298,15 @@ class Pipeline:
         info = self.finished(stage)
         if info is not None:
             return StageResult(stage, out, info["summary"], True, info.get("seconds", 0.0))
+        for s in self.ancestors(stage):  # what the stage reads is verified before it runs
+            self.verified_dir(s)
+        inputs = self.inputs(stage)
+        if stage == "baselines" and self.cfg.baselines.abu_diagonal:
+            inputs.update(self._diagonal_teacher())
         out.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, out / "config.yaml")
         start = time.time()
-        summary = getattr(self, f"_stage_{stage}")(out)
+        summary = stage_function(stage)(self.cfg, inputs, out, self.progress)
         seconds = time.time() - start
         info = {"stage": stage, "key": self.key(stage), "seconds": seconds, "summary": summary,
                 "files": record_files(out)}
@@ -316,220 +314,38 @@ class Pipeline:
         self._verified.add(stage)
         return StageResult(stage, out, summary, False, seconds)
 
-    # ------------------------------------------------------------------------------ stages
-    def _stage_world(self, out: Path) -> dict:
-        from attribution.data import toy_world
-        from attribution.data.dataset import write_world
+    def _diagonal_teacher(self) -> dict[str, Path]:
+        """The AbU (diagonal Fisher) baseline is the teacher stage of the same config with
+        ``teacher.fisher=diagonal``: scheduled and cached like any stage, by a second pipeline."""
+        sub = Pipeline(derive(self.cfg, {"teacher": {"fisher": "diagonal"}}), self.progress,
+                       self.echo, self.config_path)
+        sub.run(["teacher"])
+        return {"abu_diagonal": sub.verified_dir("teacher"),
+                "abu_diagonal_fisher": sub.verified_dir("fisher")}
 
-        w = self.cfg.world
-        if w.kind == "encoded":  # validated and pointed at, not copied
-            from attribution.data.encoded import EncodedWorld
+    # ---------------------------------------------------------------- commands beyond `run`
+    def deployment_dirs(self) -> dict[str, Path]:
+        """The verified folders a deployed student answers from (``attribute``)."""
+        self.verified_dir("student")  # a deployed student is a finished one
+        return {s: self.verified_dir(s) for s in ("world", "toyclip", "features", "student")}
 
-            enc = EncodedWorld(w.root)
-            manifest = {"kind": "encoded", "encoded_root": str(enc.root.resolve()),
-                        "n_items": len(enc), "image_size": enc.manifest["image_size"],
-                        "captions_per_item": int(enc.states.shape[1]),
-                        "text_encoder": enc.manifest.get("text_encoder", ""),
-                        "scale": enc.manifest["scale"], "token_length": int(enc.states.shape[2]),
-                        "sha256": {"encoding": enc.fingerprint()}, "seed": self.cfg.seed}
-            atomic_write_bytes(out / "manifest.json", json.dumps(manifest, indent=2).encode())
-            return {"items": len(enc), "captions": len(enc) * manifest["captions_per_item"],
-                    "latents": list(enc.latents.shape[1:])}
-        if w.kind == "folder":
-            from attribution.data.folder import read_image_caption_data
+    def calibrator(self, method: str = "student"):
+        """The customization benchmark's soft-attribution calibrator, or None (not run)."""
+        if self.finished("abc") is None:
+            return None
+        from attribution.abc.calibration import load_calibrator
 
-            images, caps = read_image_caption_data(w.root, w.image_size, w.captions_per_item,
-                                                   w.n_items)
-            write_world(out, images, caps, [{} for _ in caps],
-                        {"config": to_dict(w), "seed": self.cfg.seed,
-                         "source": str(Path(w.root).expanduser().resolve())})
-            return {"items": len(caps), "captions": sum(len(c) for c in caps)}
-        images, caps, attrs = toy_world.generate_world(
-            w.n_items, w.image_size, w.captions_per_item, w.zipf,
-            [to_dict(p) for p in w.planted], self.cfg.seed)
-        write_world(out, images, caps, attrs, {"config": to_dict(w), "seed": self.cfg.seed})
-        return {"items": len(caps), "captions": sum(len(c) for c in caps)}
+        return load_calibrator(self.dir("abc"), method)
 
-    def _stage_text(self, out: Path) -> dict:
-        from attribution.data.dataset import CaptionedImageSet
-        from attribution.data.text_cache import TextTable
-        from attribution.generator.text_encoder import load_text_encoder
+    def counterfactual_dir(self) -> Path:
+        """Where this run's counterfactuals live (tied to its student and baselines)."""
+        return self.root / f"counterfactual-{config_hash('cf', self.key('baselines'), self.key('student'))}"
 
-        t = self.cfg.text_encoder
-        enc = load_text_encoder(t.name, t.weights, t.max_length)
-        world_manifest = read_manifest(self.dir("world"))
-        if world_manifest.get("kind") == "encoded":  # token states exist: point at them
-            from attribution.config import ConfigError
+    def run_counterfactual(self, methods: list[str], queries: list[int], k: int,
+                           progress: bool = True, echo=print, steps: int | None = None) -> Path:
+        """Leave-K-out (``counterfactual.py``) on this run's finished student and baselines."""
+        from attribution.counterfactual import run_counterfactual
 
-            if enc.source != world_manifest["text_encoder"]:
-                raise ConfigError(
-                    f"text_encoder ({enc.source}) is not the encoder the pre-encoded world was "
-                    f"made with ({world_manifest['text_encoder']}): queries would be encoded "
-                    "differently from the training captions")
-            if t.max_length != world_manifest["token_length"]:
-                raise ConfigError(f"text_encoder.max_length={t.max_length} but the pre-encoded "
-                                  f"captions have {world_manifest['token_length']} tokens")
-            root = world_manifest["encoded_root"]
-            atomic_write_bytes(out / "manifest.json", json.dumps(
-                {"encoded_root": root, "source": enc.source}, indent=2).encode())
-            table = TextTable.load(out)
-            return {"distinct_texts": int(table.embeddings.shape[0]),
-                    "dim": int(table.embeddings.shape[-1]), "memory_mapped": True}
-        world = CaptionedImageSet(self.dir("world"))
-        table = TextTable.build(enc, world.captions, t.batch_size)
-        table.save(out)
-        return {"distinct_texts": len(table.texts), "dim": int(table.embeddings.shape[-1])}
-
-    def _stage_generator(self, out: Path) -> dict:
-        from attribution.generator.train import train_generator
-
-        g = self.cfg.generator
-        if g.weights or g.pretrained:  # released / pretrained weights: load, check, save
-            from attribution.generator.model import (
-                build_codec,
-                load_pretrained_unet,
-                load_unet_weights,
-                save_generator,
-            )
-
-            world_manifest = read_manifest(self.dir("world"))
-            size = world_manifest["image_size"]
-            codec = build_codec(g, size)
-            source = g.weights or g.pretrained
-            unet = (load_unet_weights(g, codec, g.weights) if g.weights
-                    else load_pretrained_unet(g, codec, g.pretrained))
-            save_generator(out, unet, {"config": to_dict(g), "world": world_manifest["sha256"],
-                                       "source": str(Path(source).resolve()), "steps": 0,
-                                       "image_size": size, "excluded": []})
-            return {"loaded": str(source), "params": sum(p.numel() for p in unet.parameters())}
-
-        return train_generator(self.cfg, self.dir("world"), self.dir("text"), out, self.progress)
-
-    def _stage_queries(self, out: Path) -> dict:
-        from attribution.generator.queries import generate_queries
-
-        return generate_queries(self.cfg, self.dir("generator"), out, self.progress,
-                                self.dir("world"))
-
-    def _stage_fidelity(self, out: Path) -> dict:
-        from attribution.fidelity import prompt_fidelity
-
-        if self.cfg.world.kind != "toy":
-            from attribution.config import ConfigError
-
-            raise ConfigError("prompt fidelity reads the toy world's ground-truth attributes; "
-                              f"world.kind={self.cfg.world.kind} has none")
-
-        res = prompt_fidelity(self.cfg, self.dir("world"), self.dir("generator"), out,
-                              self.progress)
-        return {f"{a}_acc": r["accuracy"] for a, r in res["attributes"].items()}
-
-    def _stage_fisher(self, out: Path) -> dict:
-        from attribution.teacher.run import fit_fisher
-
-        return fit_fisher(self.cfg, self.dir("world"), self.dir("text"), self.dir("generator"),
-                          out, self.progress)
-
-    def _stage_teacher(self, out: Path) -> dict:
-        from attribution.data.dataset import CaptionedImageSet
-        from attribution.data.queries import QuerySet
-        from attribution.teacher.evaluate import planted_known_answers
-        from attribution.teacher.run import run_teacher
-
-        summary = run_teacher(self.cfg, self.dir("world"), self.dir("text"),
-                              self.dir("generator"), self.dir("queries"), self.dir("fisher"),
-                              out, self.progress)
-        if self.cfg.world.kind == "encoded":  # no attributes, so no planted known answers
-            return summary
-        test = QuerySet(self.dir("queries") / "query_test")
-        with np.load(out / "teacher_test.npz") as merged:  # written by run_teacher's merge
-            rank = merged["rank"]
-        known = planted_known_answers(CaptionedImageSet(self.dir("world")).attributes,
-                                      test.attributes, rank,
-                                      [to_dict(p) for p in self.cfg.world.planted])
-        atomic_write_bytes(out / "known_answers.json", json.dumps(known, indent=2).encode())
-        summary["known_answers"] = known
-        for name, r in known.items():
-            summary[f"{name} recall@10"] = r["recall@10"]
-            summary[f"{name} mrr"] = r["mrr"]
-        return summary
-
-    def feature_context(self, image_size: int) -> dict:
-        """What feature extractors are built from (see features.extractors.build_extractor)."""
-        f = self.cfg.features
-        return {"image_size": image_size, "toyclip_dir": self.dir("toyclip"),
-                "weights": to_dict(f.weights), "arch": to_dict(f.arch)}
-
-    def _stage_toyclip(self, out: Path) -> dict:
-        from attribution.data.dataset import CaptionedImageSet
-        from attribution.features.toyclip import train_toyclip
-
-        f = self.cfg.features
-        return train_toyclip(CaptionedImageSet(self.dir("world")), out, f.toyclip_steps,
-                             f.toyclip_batch_size, f.toyclip_lr, f.toyclip_width,
-                             f.toyclip_embed_dim, self.cfg.seed, self.progress)
-
-    def _stage_features(self, out: Path) -> dict:
-        from attribution.data.dataset import CaptionedImageSet
-        from attribution.data.queries import QuerySet
-        from attribution.features.cache import extract_all
-        from attribution.features.extractors import build_extractor
-        from attribution.student.train import space_dir
-
-        f = self.cfg.features
-        world = CaptionedImageSet(self.dir("world"))
-        queries = {s: QuerySet(self.dir("queries") / f"query_{s}") for s in ("train", "test")}
-        ctx = self.feature_context(world.manifest["image_size"])
-        dims = {}
-        for space in f.spaces:
-            extractor = build_extractor(space, ctx, f.l2_per_block)
-            dims[space] = extract_all(extractor, world, queries, space_dir(out, space),
-                                      f.batch_size)["dim"]
-        return {"spaces": len(dims), "dims": dims}
-
-    def _stage_ceiling(self, out: Path) -> dict:
-        from attribution.teacher.ceiling import run_ceiling
-
-        return run_ceiling(self.cfg, self.dir("world"), self.dir("text"), self.dir("generator"),
-                           self.dir("queries"), self.dir("fisher"), self.dir("teacher"), out,
-                           self.progress)
-
-    def _stage_baselines(self, out: Path) -> dict:
-        from attribution.baselines.run import run_baselines
-
-        return run_baselines(self, out, self.progress)
-
-    def _stage_customize(self, out: Path) -> dict:
-        from attribution.abc.benchmark import run_customize
-
-        return run_customize(self, out, self.progress)
-
-    def _stage_abc_teacher(self, out: Path) -> dict:
-        from attribution.abc.benchmark import run_abc_teacher
-
-        return run_abc_teacher(self, out, self.progress)
-
-    def _stage_abc(self, out: Path) -> dict:
-        from attribution.abc.benchmark import run_abc
-
-        return run_abc(self, out, self.progress)
-
-    def _stage_student(self, out: Path) -> dict:
-        from attribution.attribute import end_to_end_throughput
-        from attribution.student.train import train_student
-
-        if self.released:
-            from attribution.data.released import check_released
-
-            root = self.released_root()
-            check_released(root, [self.cfg.student.feature])
-            metrics = train_student(self.cfg, root / "feats", root, out, self.progress,
-                                    released=True)
-            atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())
-            return metrics
-
-        metrics = train_student(self.cfg, self.dir("features"), self.dir("teacher"), out,
-                                self.progress)
-        metrics["end_to_end"] = end_to_end_throughput(self)
-        atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())
-        return metrics
+        self.run(["student", "baselines"])
+        return run_counterfactual(self.cfg, self.dirs(), self.counterfactual_dir(), methods,
+                                  queries, k, progress, echo, steps)

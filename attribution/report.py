@@ -2,7 +2,7 @@
 
 Stage times and headline figures, the run's own figures (tuned vs untuned, quality vs
 throughput), every sweep figure whose results exist, the teacher's known answers, the generator's
-prompt fidelity, the paper's reference values beside ours (SPEC.md §5) and the resolved config.
+prompt fidelity, the paper's reference values beside ours (docs/method.md §5) and the resolved config.
 """
 
 from __future__ import annotations
@@ -18,10 +18,14 @@ import torch
 from omegaconf import OmegaConf
 
 from attribution import figures
+from attribution.abc.format import format_abc
 from attribution.common.files import atomic_write_bytes
 from attribution.config import to_dict
+from attribution.counterfactual import format_counterfactual
+from attribution.fidelity import format_fidelity
+from attribution.teacher.evaluate import format_known_answers
 
-# The paper's MSCOCO numbers (SPEC.md §5) that have a counterpart in every run.
+# The paper's MSCOCO numbers (docs/method.md §5) that have a counterpart in every run.
 PAPER_FEATURE_TUNING = {  # mAP@1000 before -> after tuning (Fig. 3 left)
     "dino": (0.456, 0.674), "clip_image": (0.333, 0.679), "clip_text": (0.329, 0.520),
     "dino+clip_text": (0.460, 0.724),
@@ -41,9 +45,7 @@ def _f(v, digits: int = 3) -> str:
 
 def _stage_rows(pipe) -> list[str]:
     rows = ["| stage | seconds (when computed) | key figures | folder |", "|---|---:|---|---|"]
-    from attribution.pipeline import ORDER
-
-    for stage in ORDER:
+    for stage in pipe.order:
         info = pipe.finished(stage)  # read and verified (None: not run for this config)
         if info is None:
             continue
@@ -102,7 +104,7 @@ def write_report(pipe, sweeps_dir: str | Path = "sweeps") -> Path:
               "then `attribution figures` (or rerun this command) adds their figures here.", ""]
     if not pipe.released:
         L += _counterfactual(pipe, metrics, figdir)
-        L += _abc(pipe)
+        L += _abc(pipe, figdir)
     L += _known_answers(pipe) + _curation(pipe) + _fidelity(pipe)
     L += ["## Config", "", "```yaml", OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))).rstrip(),
           "```", ""]
@@ -156,7 +158,7 @@ def _methods_table(metrics: dict, k: int) -> list[str]:
 
 def _reference_table(metrics: dict, feature: str, ks: list[int]) -> list[str]:
     k = ks[-1]
-    L = ["## Beside the paper (SPEC.md §5; MSCOCO on GPUs there, the toy world on this CPU here)",
+    L = ["## Beside the paper (docs/method.md §5; MSCOCO on GPUs there, the toy world on this CPU here)",
          "", "| what | paper | ours |", "|---|---|---|"]
     paper_space = TOY_COUNTERPART.get(feature, feature)
     if paper_space in PAPER_FEATURE_TUNING:
@@ -185,9 +187,7 @@ def _reference_table(metrics: dict, feature: str, ks: list[int]) -> list[str]:
 
 
 def _counterfactual(pipe, metrics: dict, figdir: Path) -> list[str]:
-    from attribution.counterfactual import counterfactual_dir, format_counterfactual
-
-    path = counterfactual_dir(pipe) / "counterfactual.json"
+    path = pipe.counterfactual_dir() / "counterfactual.json"
     if not path.is_file():
         return ["## Counterfactual (leave-K-out)", "",
                 "Not run yet: `attribution counterfactual CONFIG --methods teacher student dtrak "
@@ -199,16 +199,15 @@ def _counterfactual(pipe, metrics: dict, figdir: Path) -> list[str]:
             "", f"![counterfactual](figures/{fig.name})", ""]
 
 
-def _abc(pipe) -> list[str]:
-    from attribution.abc.benchmark import format_abc
-
+def _abc(pipe, figdir: Path) -> list[str]:
     path = pipe.dir("abc") / "abc.json"
     if not path.is_file():
         return ["## Customization benchmark (known answers)", "",
                 "Not run for this config: `attribution abc CONFIG` (or `abc.enabled=true`).", ""]
-    return ["## Customization benchmark (known answers)", "",
-            format_abc(json.loads(path.read_text())), "",
-            "![abc](" + os.path.relpath(pipe.dir("abc") / "abc.png", pipe.root) + ")", "",
+    summary = json.loads(path.read_text())
+    fig = figures.abc_figure(summary, figdir / "abc.png")
+    return ["## Customization benchmark (known answers)", "", format_abc(summary), "",
+            f"![abc](figures/{fig.name})", "",
             "![held-out concepts: exemplars, then synthesized images](" + os.path.relpath(
                 pipe.dir("customize") / "grid_test.png", pipe.root) + ")", ""]
 
@@ -222,8 +221,6 @@ def _json_section(path: Path, title: str, fmt, intro: str = "") -> list[str]:
 
 
 def _known_answers(pipe) -> list[str]:
-    from attribution.teacher.evaluate import format_known_answers
-
     return _json_section(pipe.dir("teacher") / "known_answers.json",
                          "Teacher known answers (planted concepts)", format_known_answers)
 
@@ -249,8 +246,6 @@ def _curation(pipe) -> list[str]:
 
 
 def _fidelity(pipe) -> list[str]:
-    from attribution.fidelity import format_fidelity
-
     path = pipe.dir("fidelity") / "fidelity.json"
     L = _json_section(path, "Generator prompt fidelity", format_fidelity,
                       "Samples for uniform random prompts, read by an attribute classifier "

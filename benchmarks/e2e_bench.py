@@ -26,8 +26,8 @@ import torch
 from _common import machine_line, pipeline_args
 
 from attribution import retrieval
-from attribution.attribute import _test_images, deployed
-from attribution.teacher.run import pipeline_scorer
+from attribution.student.deploy import deployed, test_images
+from attribution.teacher.run import teacher_scorer
 
 COCO_N = 118_287
 
@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=3, help="test queries timed per setting")
     args, cfg, pipe = pipeline_args(ap)
     pipe.run(["student"])
-    scorer, cands, tests = pipeline_scorer(pipe, "test")
+    scorer, cands, tests = teacher_scorer(pipe.cfg, pipe.dirs(), "test")
     tests = tests[: args.queries]
     n = len(cands)
     print(machine_line())
@@ -57,8 +57,9 @@ def main() -> None:
         teacher[m] = float(np.mean(times))
         print(f"{'teacher (unlearn + score N)':<34}{m:>9}{teacher[m]:>12.3f}"
               f"{1 / teacher[m]:>12.4f}", flush=True)
-    _, head, index, extractor = deployed(pipe)
-    images, captions = _test_images(pipe, 30)
+    d = deployed(pipe.cfg, pipe.dirs())
+    head, index, extractor = d.head, d.index, d.extractor
+    images, captions = test_images(pipe.dir("queries"), 30)
     items = np.asarray(index.reconstruct_n(0, index.ntotal))
     student = {}
     with torch.no_grad():

@@ -4,7 +4,7 @@ Usage:  python benchmarks/student_recovery.py [--maps linear nonlinear ignored]
             [--heads default linear mlp:768x4 residual:768] [--losses default ce mse]
             [--out runs/recovery] [--set key=value ...]
 
-For each hidden map it writes a synthetic set in the exact released layout (SPEC §6;
+For each hidden map it writes a synthetic set in the exact released layout (docs/method.md §6;
 ``attribution/data/released.py``) and trains the student through the real command,
 ``attribution run configs/experiment/coco_released.yaml data.root=<set> ...``, once per head
 kind and loss asked for ("default" = what the config ships).  Sizes (defaults): N = 20,000

@@ -15,7 +15,7 @@ import time
 import torch
 from _common import machine_line, pipeline_args
 
-from attribution.teacher.run import pipeline_scorer
+from attribution.teacher.run import teacher_scorer
 from attribution.teacher.scoring import candidate_losses
 
 
@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=300, help="candidates timed in both paths")
     args, cfg, pipe = pipeline_args(ap)
     pipe.run(["fisher", "queries"])
-    scorer, cands, queries = pipeline_scorer(pipe, "test")
+    scorer, cands, queries = teacher_scorer(pipe.cfg, pipe.dirs(), "test")
     tc = cfg.teacher
     per_item = tc.captions * len(tc.timesteps) * (2 if tc.flips else 1)
     n = min(args.items, len(cands))

@@ -18,7 +18,6 @@ from attribution.abc.calibration import (
 )
 from attribution.abc.customize import (
     Customized,
-    CustomizeSettings,
     Prior,
     customize,
     load_delta,
@@ -26,6 +25,7 @@ from attribution.abc.customize import (
 )
 from attribution.abc.mapper import Mapper, train_mapper
 from attribution.common.files import DataFileError
+from attribution.config import AbcConfig
 from attribution.generator.model import PixelCodec, build_scheduler, build_unet
 from attribution.teacher.params import select_parameters
 from tests.conftest import SMOKE, smoke_config
@@ -47,7 +47,7 @@ def test_customization_changes_only_kv_and_restores_exactly(tmp_path):
     z, cond = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 20, 384)
     prior = Prior(torch.randn(5, 3, 16, 16), torch.zeros(5, 2, dtype=torch.long),
                   lambda rows: torch.randn(*rows.shape, 20, 384, generator=torch.Generator()))
-    delta = customize(unet, alphas, z, cond, CustomizeSettings(steps=3, batch_size=2,
+    delta = customize(unet, alphas, z, cond, AbcConfig(steps=3, batch_size=2,
                                                                prior_batch_size=2), 0, prior)
     kv = select_parameters(unet, "cross_attn_kv")
     assert set(delta) == set(kv) and all(d.abs().sum() > 0 for d in delta.values())
@@ -62,8 +62,8 @@ def test_customization_changes_only_kv_and_restores_exactly(tmp_path):
                 assert torch.equal(inside[k], before[k]), k  # only K/V moved
     assert all(torch.equal(before[k], v) for k, v in _state(unet).items())
     # the same inputs give the same delta (draws keyed by seed, concept and step)
-    again = customize(unet, alphas, z, cond, CustomizeSettings(steps=3, batch_size=2), 0)
-    once = customize(unet, alphas, z, cond, CustomizeSettings(steps=3, batch_size=2), 0)
+    again = customize(unet, alphas, z, cond, AbcConfig(steps=3, batch_size=2), 0)
+    once = customize(unet, alphas, z, cond, AbcConfig(steps=3, batch_size=2), 0)
     assert all(torch.equal(again[k], once[k]) for k in again)
 
 
@@ -199,16 +199,19 @@ def test_abc_stage_on_smoke_run(abc_run):
     assert s["chance"]["recall@10"] == pytest.approx(10 / s["pool"])
     cal = json.loads((out / "calibration.json").read_text())
     assert set(cal) == set(s["methods"]) - {"teacher"}
-    assert (out / "abc.png").is_file() and (abc_run.dir("customize") / "grid_test.png").is_file()
+    # the report draws the figure from abc.json (the stage itself writes data only)
+    assert (abc_run.root / "figures" / "abc.png").is_file()
+    assert (abc_run.dir("customize") / "grid_test.png").is_file()
     assert len(list((abc_run.dir("customize") / "models").glob("*.safetensors"))) == \
         a.n_train + a.n_test
     report = (abc_run.root / "report.md").read_text()
     assert "Customization benchmark" in report and "| teacher | all |" in report
+    assert "](figures/abc.png)" in report
 
 
 def test_customize_resumes_per_concept(abc_run, tmp_path):
     """A concept whose outputs are gone is redone alone, and gives the same images."""
-    from attribution.abc.benchmark import run_customize
+    from attribution.abc.customize_stage import run_customize
 
     src = abc_run.dir("customize")
     import shutil
@@ -217,7 +220,7 @@ def test_customize_resumes_per_concept(abc_run, tmp_path):
     shutil.copytree(src, dst)
     (dst / "synth" / "001.npz").unlink()
     (dst / "models" / "001.safetensors").unlink()
-    res = run_customize(abc_run, dst, progress=False)
+    res = run_customize(abc_run.cfg, abc_run.inputs("customize"), dst, progress=False)
     assert res["customized_now"] == 1
     with np.load(src / "synth" / "001.npz") as a, np.load(dst / "synth" / "001.npz") as b:
         assert np.array_equal(a["images"], b["images"])

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from attribution.baselines.dtrak import DTRAK, DTRAKSettings, Projector, kernel_regression
+from attribution.baselines.dtrak import DTRAK, Projector, kernel_regression
+from attribution.config import BaselinesConfig
 from attribution.generator.model import add_noise, build_codec, build_scheduler, build_unet
 from attribution.teacher.params import select_parameters
 from tests.conftest import smoke_config
@@ -28,17 +29,17 @@ def _batch(n, cfg, seed=1):
 def test_dtrak_feature_equals_projected_autograd_gradient(tmp_path):
     """φ(x) = Pᵀ mean_t ∇θ‖ε_θ(x_t)‖², checked against a plain autograd loop."""
     cfg, unet, alphas = _tiny(tmp_path)
-    s = DTRAKSettings(timesteps=(100, 700), proj_dim=16)
+    s = BaselinesConfig(dtrak_timesteps=[100, 700], dtrak_proj_dim=16)
     dt = DTRAK(unet, alphas, s)
     z, cond = _batch(3, cfg)
     fast = dt.featurize(z, cond, torch.arange(3))
-    params = select_parameters(unet, s.params)
+    params = select_parameters(unet, s.dtrak_params)
     from attribution.baselines.dtrak import _noise
 
     for i in range(3):
-        acc = torch.zeros(s.proj_dim)
-        for t in s.timesteps:
-            eps = _noise(torch.tensor([i]), t, (3, 16, 16), s.seed, 0)
+        acc = torch.zeros(s.dtrak_proj_dim)
+        for t in s.dtrak_timesteps:
+            eps = _noise(torch.tensor([i]), t, (3, 16, 16), 0, 0)
             tt = torch.tensor([t])
             unet.zero_grad()
             for p in params.values():
@@ -46,7 +47,7 @@ def test_dtrak_feature_equals_projected_autograd_gradient(tmp_path):
             unet(add_noise(alphas, z[i : i + 1], eps, tt), tt, cond[i : i + 1]).sample.pow(
                 2).sum().backward()
             acc += dt.project({n: p.grad[None] for n, p in params.items()})[0]
-        torch.testing.assert_close(fast[i], acc / len(s.timesteps), rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(fast[i], acc / len(s.dtrak_timesteps), rtol=1e-3, atol=1e-5)
 
 
 def test_kernel_scores_match_the_formula():
@@ -63,7 +64,8 @@ def test_dtrak_finds_a_query_that_is_a_training_item(tmp_path):
     """Known answer: with d > N and small damping, kernel regression of an item's own feature
     recovers that item, so a query equal to training item j ranks j first."""
     cfg, unet, alphas = _tiny(tmp_path)
-    dt = DTRAK(unet, alphas, DTRAKSettings(timesteps=(300,), proj_dim=64, damping=1e-6))
+    dt = DTRAK(unet, alphas, BaselinesConfig(dtrak_timesteps=[300], dtrak_proj_dim=64,
+                                                dtrak_damping=1e-6))
     z, cond = _batch(12, cfg)
     phi = dt.featurize_all(z, cond)
     dt.fit(phi)
@@ -101,15 +103,15 @@ def test_baselines_stage_on_smoke_run(smoke_run):
 def test_counterfactual_leave_k_out_on_smoke(smoke_run):
     """Removing nothing reproduces the generator (ΔLoss 0, same image); removing the teacher's
     top-3 retrains without exactly those items."""
-    from attribution.counterfactual import format_counterfactual, run_counterfactual
+    from attribution.counterfactual import format_counterfactual
     from attribution.pipeline import Pipeline
 
     pipe = Pipeline(smoke_run.cfg, progress=False, echo=lambda s: None)
-    out = run_counterfactual(pipe, ["teacher"], [0], 0, progress=False, echo=lambda s: None)
+    out = pipe.run_counterfactual(["teacher"], [0], 0, progress=False, echo=lambda s: None)
     none = json.loads((out / "counterfactual.json").read_text())
     assert abs(none["rows"][0]["delta_loss"]) < 1e-5
     assert none["rows"][0]["image_distance"] < 1e-8
-    out = run_counterfactual(pipe, ["teacher", "random"], [0, 1], 3, progress=False,
+    out = pipe.run_counterfactual(["teacher", "random"], [0, 1], 3, progress=False,
                              echo=lambda s: None)
     res = json.loads((out / "counterfactual.json").read_text())
     with np.load(pipe.dir("teacher") / "teacher_test.npz") as merged:
@@ -121,9 +123,9 @@ def test_counterfactual_leave_k_out_on_smoke(smoke_run):
     assert set(res["methods"]) == {"teacher", "random"}
     assert "teacher" in format_counterfactual(res)
     with pytest.raises(ValueError, match="unknown method"):
-        run_counterfactual(pipe, ["nope"], [0], 3, progress=False)
+        pipe.run_counterfactual(["nope"], [0], 3, progress=False)
     # a shorter schedule compares against a reference retrained on that schedule
-    out = run_counterfactual(pipe, ["random"], [0], 0, progress=False, echo=lambda s: None,
+    out = pipe.run_counterfactual(["random"], [0], 0, progress=False, echo=lambda s: None,
                              steps=10)
     short = json.loads((out / "counterfactual.json").read_text())
     assert short["steps"] == 10 and abs(short["rows"][0]["delta_loss"]) < 1e-5

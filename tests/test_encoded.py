@@ -9,6 +9,7 @@ import torch
 
 from attribution.common.files import DataFileError
 from attribution.config import ConfigError, load_config
+from attribution.data.text_cache import encoded_table
 from tests.conftest import ROOT, smoke_config
 from tests.test_coco import tiny_sd_parts, write_coco
 
@@ -76,7 +77,7 @@ def test_token_states_are_read_by_row_from_the_memory_map(encoded):
     enc_dir, sd = encoded
     world = EncodedWorld(enc_dir)
     states = np.load(enc_dir / "text_embeddings.npy")
-    table = world.table()
+    table = encoded_table(world)
     assert table.rows.shape == (12, 5) and table.embeddings.shape == (61, 16, 24)
     rows = torch.tensor([[0, 1 + 3 * 5 + 2], [1 + 11 * 5 + 4, 1]])
     got = table.lookup(rows)
@@ -107,7 +108,7 @@ def test_flipped_view_is_the_stored_latent_of_the_mirrored_image(encoded):
 
     enc_dir, sd = encoded
     world = EncodedWorld(enc_dir)
-    cands = CandidateSet(world.latents_tensor(), world.table().rows, world.table())
+    cands = CandidateSet(world.latents_tensor(), encoded_table(world).rows, encoded_table(world))
     lat = np.load(enc_dir / "latents.npy")
     np.testing.assert_array_equal(cands.view(torch.tensor([4, 4]), torch.tensor([0, 1])).numpy(),
                                   lat[4])
@@ -142,7 +143,7 @@ def test_generator_step_draws_views_and_captions_from_the_encoding(encoded):
     torch.manual_seed(0)
     unet = build_unet(cfg.generator, VAECodec(str(sd / "vae"), 0.18215, 32))
     alphas = build_scheduler(cfg.generator).alphas_cumprod
-    module = GeneratorModule(unet, world.table(), world.latents_tensor(), alphas, batch_size=6,
+    module = GeneratorModule(unet, encoded_table(world), world.latents_tensor(), alphas, batch_size=6,
                              cfg_dropout=0.3, ema_decay=0, seed=5)
     with pytest.warns(UserWarning):  # self.log outside a Trainer
         loss = module.training_step(None, 0)

@@ -1,4 +1,4 @@
-"""The released-MSCOCO path, on small files in the exact released formats (SPEC §6)."""
+"""The released-MSCOCO path, on small files in the exact released formats (docs/method.md §6)."""
 
 import json
 import pickle

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from attribution.attribute import load_head
+from attribution.student.deploy import load_head
 from attribution.cli import main
 from attribution.common.files import DataFileError
-from attribution.student.train import space_dir, train_student
+from attribution.features.cache import space_dir
+from attribution.student.train import train_student
 from tests.conftest import SMOKE
 
 

@@ -19,8 +19,9 @@ from attribution.callbacks import (
     kset_map,
     rank_all,
 )
+from attribution.features.cache import space_dir
 from attribution.student.head import HEADS, EmbeddingHead, head_dims
-from attribution.student.train import space_dir, split_validation, train_student
+from attribution.student.train import split_validation, train_student
 from tests.conftest import smoke_config
 
 
@@ -188,7 +189,7 @@ def test_early_stopping_and_time_budget(student_inputs, tmp_path):
 
 
 def test_head_kind_round_trips_through_the_deployed_student(student_inputs, tmp_path):
-    from attribution.attribute import load_head
+    from attribution.student.deploy import load_head
 
     m = _train(student_inputs, tmp_path / "r", "student.epochs=2", "student.head=residual")
     head = load_head(tmp_path / "r")

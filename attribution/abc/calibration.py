@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from attribution.common.files import read_json
 
 
 @dataclass
@@ -109,3 +112,10 @@ def calibration_report(cal: Calibrator, scores: np.ndarray, positives: np.ndarra
               for b in range(bins) if (edges == b).any()) / len(conf)
     return {"nll": negative_log_likelihood(cal, scores, pos),
             "exemplar_mass": float((p * pos).sum(1).mean()), f"ece@{top}": float(ece)}
+
+
+def load_calibrator(abc_dir: Path, method: str = "student") -> Calibrator | None:
+    """The soft-attribution calibrator a finished (verified) ``abc`` stage fit for ``method``;
+    None when it fit none for that method."""
+    cal = read_json(Path(abc_dir) / "calibration.json", "Calibration").get(method)
+    return None if cal is None else Calibrator(cal["tau"], cal["offset"])

@@ -19,19 +19,9 @@ import torch
 from torch import nn
 
 from attribution.common.seeds import seeded_generator
+from attribution.config import AbcConfig
 from attribution.generator.model import denoising_loss
 from attribution.teacher.params import ParamSnapshot, select_parameters
-
-
-@dataclass
-class CustomizeSettings:
-    steps: int = 150
-    lr: float = 2e-3
-    batch_size: int = 16  # exemplar draws per step (with replacement, random caption and t)
-    prior_weight: float = 1.0  # 0 disables prior preservation
-    prior_batch_size: int = 16  # training items per step for prior preservation
-    params: str = "cross_attn_kv"
-    seed: int = 0
 
 
 @dataclass
@@ -48,8 +38,8 @@ class Prior:
 
 
 def customize(unet: nn.Module, alphas_cumprod: torch.Tensor, z: torch.Tensor,
-              cond: torch.Tensor, settings: CustomizeSettings, key: int,
-              prior: Prior | None = None) -> dict[str, torch.Tensor]:
+              cond: torch.Tensor, settings: AbcConfig, key: int,
+              prior: Prior | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
     """Fine-tune the K/V of ``unet`` on exemplars; return the delta and leave ``unet`` as it was.
 
     Args:
@@ -75,7 +65,7 @@ def customize(unet: nn.Module, alphas_cumprod: torch.Tensor, z: torch.Tensor,
     device = z.device
     try:
         for step in range(s.steps):
-            g = seeded_generator(s.seed, 31, key, step)
+            g = seeded_generator(seed, 31, key, step)
             i = torch.randint(len(z), (s.batch_size,), generator=g)
             c = torch.randint(cond.shape[1], (s.batch_size,), generator=g)
             t = torch.randint(len(alphas_cumprod), (s.batch_size,), generator=g)

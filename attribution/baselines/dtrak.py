@@ -17,23 +17,13 @@ computed once; a query costs ``len(timesteps)`` per-sample gradients, one projec
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from attribution.common.seeds import seeded_generator
+from attribution.config import BaselinesConfig
 from attribution.teacher.params import select_parameters
-
-
-@dataclass
-class DTRAKSettings:
-    params: str = "cross_attn_kv"
-    timesteps: tuple[int, ...] = (100, 300, 500, 700, 900)
-    proj_dim: int = 512
-    damping: float = 1e-3
-    batch_size: int = 64
-    seed: int = 0
 
 
 class Projector:
@@ -80,37 +70,38 @@ def kernel_regression(phi_train: torch.Tensor, damping: float) -> torch.Tensor:
 class DTRAK:
     """Featurizes items and queries; scores queries against the indexed training set."""
 
-    def __init__(self, unet: nn.Module, alphas_cumprod: torch.Tensor, settings: DTRAKSettings):
+    def __init__(self, unet: nn.Module, alphas_cumprod: torch.Tensor, bc: BaselinesConfig,
+                 seed: int = 0):
         self.unet = unet.eval()
-        self.s = settings
+        self.timesteps, self.proj_dim = tuple(bc.dtrak_timesteps), bc.dtrak_proj_dim
+        self.batch_size, self.damping, self.seed = bc.dtrak_batch_size, bc.dtrak_damping, seed
         self.alphas = alphas_cumprod
-        params = select_parameters(unet, settings.params)
+        params = select_parameters(unet, bc.dtrak_params)
         self.names = list(params)
         self.grad_fn = _output_norm_grads(unet, self.names, alphas_cumprod)
-        self.project = Projector({n: p.shape for n, p in params.items()}, settings.proj_dim,
-                                 settings.seed)
+        self.project = Projector({n: p.shape for n, p in params.items()}, bc.dtrak_proj_dim, seed)
         self.kernel_phi: torch.Tensor | None = None  # (d, N) = (ΦᵀΦ + λI)⁻¹ Φᵀ
 
     def featurize(self, z: torch.Tensor, cond: torch.Tensor, ids: torch.Tensor,
                   tag: int = 0) -> torch.Tensor:
         """φ for a batch: z (B, C, h, w), cond (B, L, D), ids (B,) seed each item's noise;
         ``tag`` separates the noise of training items (0) and queries (1).  -> (B, d)."""
-        acc = torch.zeros(len(z), self.s.proj_dim)
+        acc = torch.zeros(len(z), self.proj_dim)
         shape = tuple(z.shape[1:])
-        for t in self.s.timesteps:
-            eps = _noise(ids, t, shape, self.s.seed, tag)
+        for t in self.timesteps:
+            eps = _noise(ids, t, shape, self.seed, tag)
             tt = torch.full((len(z),), t, dtype=torch.long)
             acc += self.project(self.grad_fn(z, cond, tt, eps))
-        return acc / len(self.s.timesteps)
+        return acc / len(self.timesteps)
 
     def featurize_all(self, z: torch.Tensor, cond: torch.Tensor, tag: int = 0,
                       progress: bool = False) -> torch.Tensor:
         from tqdm import tqdm
 
         out = []
-        starts = range(0, len(z), self.s.batch_size)
+        starts = range(0, len(z), self.batch_size)
         for s in tqdm(starts, desc="D-TRAK features", disable=not progress, leave=False):
-            e = min(s + self.s.batch_size, len(z))
+            e = min(s + self.batch_size, len(z))
             out.append(self.featurize(z[s:e], cond[s:e], torch.arange(s, e), tag))
         phi = torch.cat(out)
         if not torch.isfinite(phi).all():
@@ -118,7 +109,7 @@ class DTRAK:
         return phi
 
     def fit(self, phi_train: torch.Tensor) -> None:
-        self.kernel_phi = kernel_regression(phi_train, self.s.damping)
+        self.kernel_phi = kernel_regression(phi_train, self.damping)
 
     def scores(self, phi_query: torch.Tensor) -> torch.Tensor:
         """(Q, d) -> (Q, N) scores, higher = more influential."""

@@ -11,7 +11,8 @@ generator, the Fisher and the teacher read it pre-encoded:
 - ``uncond.npy`` float16 (L, D): the empty prompt's token states (classifier-free guidance).
 - ``captions.json`` (N lists of captions), ``ids.json``, ``manifest.json`` (written last).
 
-``EncodedWorld.table()`` is a ``TextTable`` over the memory map: row 0 = the empty prompt,
+``text_cache.encoded_table(world)`` is a ``TextTable`` over the memory map: row 0 = the empty
+prompt,
 row 1 + n·n_captions + c = caption c of item n, so every consumer of a ``TextTable`` (the
 generator's training step, the teacher's candidate losses, the Fisher) works unchanged.
 """
@@ -119,14 +120,6 @@ class EncodedWorld:
     def latents_tensor(self) -> torch.Tensor:
         """float32 (N, 2, C, h, w), in memory."""
         return torch.from_numpy(np.array(self.latents, dtype=np.float32))  # a copy: writable
-
-    def table(self):
-        from attribution.data.text_cache import TextTable
-
-        n, c = self.states.shape[:2]
-        rows = 1 + torch.arange(n * c, dtype=torch.long).view(n, c)
-        return TextTable(ItemCaptionStates(self.states, self.uncond), rows, [""],
-                         self.manifest.get("text_encoder", ""))
 
 
 def encoded_root(world_dir: Path) -> Path | None:

@@ -1,4 +1,4 @@
-"""Query sets in the released layout (SPEC §6)::
+"""Query sets in the released layout (docs/method.md §6)::
 
     query_{train,test}/images/{i}.png   the generated image
     query_{train,test}/captions.txt     one prompt per line

@@ -1,4 +1,4 @@
-"""The released MSCOCO attribution data (SPEC §6): find it, check it, say what is missing.
+"""The released MSCOCO attribution data (docs/method.md §6): find it, check it, say what is missing.
 
 Layout under the data root (``data.root``, else the environment variable
 ``ATTRIBUTION_DATA_ROOT``)::
@@ -57,7 +57,7 @@ RELEASED_FILES = {"items": "data_feats.npy", "query_train": "train_query_feats.n
 
 
 def load_released_features(feats_root: Path, space: str) -> dict[str, np.ndarray]:
-    """The released features of one space (SPEC §6): ``feats/<space>/data_feats.npy`` (training
+    """The released features of one space (docs/method.md §6): ``feats/<space>/data_feats.npy`` (training
     items), ``train_query_feats.npy`` and ``test_query_feats.npy``, float32, memory-mapped."""
     folder = Path(feats_root) / space
     missing = [str(folder / f) for f in RELEASED_FILES.values() if not (folder / f).is_file()]

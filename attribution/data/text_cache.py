@@ -20,6 +20,7 @@ from attribution.common.files import (
     load_npy,
     read_json,
 )
+from attribution.data.encoded import EncodedWorld, ItemCaptionStates
 
 _HINT = "rerun `attribution text CONFIG` (delete the folder first)"
 
@@ -75,9 +76,7 @@ class TextTable:
         if pointer.is_file():
             meta = read_json(pointer, "Text-embedding cache manifest", _HINT)
             if isinstance(meta, dict) and "encoded_root" in meta:  # a pre-encoded world's token states, memory-mapped
-                from attribution.data.encoded import EncodedWorld
-
-                return EncodedWorld(meta["encoded_root"]).table()
+                return encoded_table(EncodedWorld(meta["encoded_root"]))
         for name in ("manifest.json", "embeddings.npy", "caption_rows.npy", "texts.json"):
             if not (root / name).is_file():
                 raise DataFileError(f"Text-embedding cache file missing: {root / name}")
@@ -93,3 +92,12 @@ class TextTable:
             raise DataFileError(f"Caption rows {root / 'caption_rows.npy'} do not index the "
                                 f"{len(emb)} embeddings. To rebuild them, {_HINT}.")
         return cls(emb, torch.from_numpy(rows.astype(np.int64)), texts, meta.get("source", ""))
+
+
+def encoded_table(world: EncodedWorld) -> TextTable:
+    """A pre-encoded world's caption token states as a table over its memory map: row 0 the
+    empty prompt, then item i's caption c at row 1 + i·C + c."""
+    n, c = world.states.shape[:2]
+    rows = 1 + torch.arange(n * c, dtype=torch.long).view(n, c)
+    return TextTable(ItemCaptionStates(world.states, world.uncond), rows, [""],
+                     world.manifest.get("text_encoder", ""))

@@ -82,3 +82,8 @@ def load_features(folder: Path, expect_items: int | None = None,
         raise StaleFeatureCache(f"{folder} has features for {manifest['counts']['items']} items, "
                                 f"the training set has {expect_items}")
     return out
+
+
+def space_dir(features_dir: Path, space: str) -> Path:
+    """The cache folder of one feature space inside a features stage's folder."""
+    return Path(features_dir) / space.replace("+", "__")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attribution.config import FEATURE_EXTRACTORS
+from attribution.config import FEATURE_EXTRACTORS, to_dict
 
 REGISTRY: dict[str, Callable[..., FeatureExtractor]] = {}
 
@@ -274,3 +274,10 @@ def build_extractor(space: str, ctx: dict, l2_per_block: bool = False) -> Featur
         raise ValueError(f"unknown feature extractor(s) {unknown}; known: {sorted(REGISTRY)}")
     parts = [REGISTRY[n](ctx) for n in names]
     return parts[0] if len(parts) == 1 else Concat(parts, l2_per_block)
+
+
+def feature_context(features_cfg, toyclip_dir: Path, image_size: int) -> dict:
+    """What :func:`build_extractor` builds from: the ``features`` config section, the toy CLIP's
+    folder and the world's image size."""
+    return {"image_size": image_size, "toyclip_dir": toyclip_dir,
+            "weights": to_dict(features_cfg.weights), "arch": to_dict(features_cfg.arch)}

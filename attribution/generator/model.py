@@ -102,7 +102,7 @@ def add_noise(alphas_cumprod: torch.Tensor, z: torch.Tensor, noise: torch.Tensor
 def denoising_loss(unet: nn.Module, alphas_cumprod: torch.Tensor, z: torch.Tensor,
                    cond: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
                    reduce: bool = True) -> torch.Tensor:
-    """ℓ(θ; z, c, t, ε) = mean ‖ε_θ(x_t, t, c) − ε‖² (SPEC §2).
+    """ℓ(θ; z, c, t, ε) = mean ‖ε_θ(x_t, t, c) − ε‖² (docs/method.md §2).
 
     Args:
         z: (B, C, h, w) model-space inputs; cond: (B, L, D) token states; t: (B,) ints;

@@ -33,7 +33,7 @@ class Rankings:
 
 
 def load_rankings(folder: str | Path, n_items: int) -> Rankings:
-    """Read ``influence_train.pkl`` / ``influence_test.pkl`` (released layout, SPEC §6)."""
+    """Read ``influence_train.pkl`` / ``influence_test.pkl`` (released layout, docs/method.md §6)."""
     folder = Path(folder)
     out = {}
     for split in ("train", "test"):

@@ -4,7 +4,7 @@ Sign convention (explicit, and the same from the first step): a HIGHER score mea
 influential.  s(q, x) = α · cos(f(q), f(x)) + β with α = exp(log_α) > 0, so ranking by s is
 ranking by cos(f(q), f(x)) descending: retrieval is a plain maximum-inner-product search over
 L2-normalized embeddings.  (The reference trains "low score = influential" with α initialised
-to +1 and ranks ascending, which is right only once α has turned negative; SPEC §3.)
+to +1 and ranks ascending, which is right only once α has turned negative; docs/method.md §3.)
 
 Kinds (``student.head``):
 

@@ -22,17 +22,13 @@ from attribution.common.files import DataFileError, atomic_write_bytes
 from attribution.common.seeds import seeded_generator
 from attribution.config import to_dict, val_count
 from attribution.data.released import RELEASED_FILES, load_released_features
-from attribution.features.cache import load_features
+from attribution.features.cache import load_features, space_dir
 from attribution.student.data import PairDataModule, load_rankings, select_queries
 from attribution.student.head import EmbeddingHead, head_dims
 from attribution.student.losses import build_loss
 from attribution.student.module import StudentModule
 
 log = logging.getLogger(__name__)
-
-
-def space_dir(features_dir: Path, space: str) -> Path:
-    return Path(features_dir) / space.replace("+", "__")
 
 
 def _checked_features(folder: Path, space: str, released: bool = False) -> dict[str, torch.Tensor]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from attribution.metrics import chance_reciprocal_rank, recall_at_k, reciprocal_rank
@@ -41,3 +43,13 @@ def format_known_answers(known: dict) -> str:
         lines.append(f"{name:<16}{r['queries']:>8}{r['recall@10']:>11.3f}"
                      f"{r['chance_recall@10']:>9.4f}{r['mrr']:>8.3f}{r['chance_mrr']:>9.4f}")
     return "\n".join(lines)
+
+
+def teacher_storage_bytes(world_dir: Path, generator_dir: Path, fisher_dir: Path) -> int:
+    """What the teacher keeps to answer a query: generator weights, Fisher, training data."""
+    files = [f for d in (Path(generator_dir) / "unet", Path(fisher_dir))
+             for f in d.rglob("*.safetensors")]
+    world = Path(world_dir)
+    data = sum(f.stat().st_size for f in world.rglob("*.np[yz]")) or sum(
+        f.stat().st_size for f in world.rglob("*.png"))
+    return sum(f.stat().st_size for f in files) + data

@@ -30,7 +30,7 @@ from attribution.teacher.fisher import (
 )
 from attribution.teacher.module import QueryDataset, ShardWriter, TeacherModule, collate_one
 from attribution.teacher.params import select_modules, select_parameters
-from attribution.teacher.scorer import AbUScorer, Query, ScoringSettings
+from attribution.teacher.scorer import AbUScorer, Query
 from attribution.teacher.scoring import CandidateSet, candidate_losses
 from attribution.teacher.shards import ShardStore, write_merged
 from attribution.teacher.unlearn import DiagonalPreconditioner, EKFACPreconditioner
@@ -78,14 +78,6 @@ def fit_fisher(cfg, world_dir: Path, text_dir: Path, gen_dir: Path, out: Path,
             "seconds": time.time() - start}
 
 
-def _settings(cfg) -> ScoringSettings:
-    tc = cfg.teacher
-    return ScoringSettings(eta=tc.eta, query_draws=tc.query_draws,
-                           query_batch_size=tc.query_batch_size, timesteps=tuple(tc.timesteps),
-                           captions=tc.captions, flips=tc.flips, batch_size=tc.batch_size,
-                           seed=cfg.seed)
-
-
 def base_losses(cfg, unet, alphas, cands: CandidateSet, out: Path, rank: int = 0,
                 world_size: int = 1, barrier=None) -> torch.Tensor:
     """L_j(θ0) for every item, cached in ``out/base_losses.npy`` (keyed by the scoring settings).
@@ -94,9 +86,9 @@ def base_losses(cfg, unet, alphas, cands: CandidateSet, out: Path, rank: int = 0
     (``base_losses.part<r>of<W>.npy``, kept: a killed run reuses finished shares), ``barrier()``
     waits for all shares, every rank assembles them and rank 0 writes the merged cache.  Shares meet on the
     shared filesystem the teacher's query shards already need."""
-    s = _settings(cfg)
-    key = json.dumps({"timesteps": list(s.timesteps), "captions": s.captions, "flips": s.flips,
-                      "seed": s.seed})
+    tc = cfg.teacher
+    key = json.dumps({"timesteps": list(tc.timesteps), "captions": tc.captions,
+                      "flips": tc.flips, "seed": cfg.seed})
     path, key_path = out / "base_losses.npy", out / "base_losses.json"
     if path.is_file() and key_path.is_file() and key_path.read_text() == key:
         return torch.from_numpy(_checked_losses(path, len(cands)))
@@ -106,8 +98,8 @@ def base_losses(cfg, unet, alphas, cands: CandidateSet, out: Path, rank: int = 0
     part_key = out / f"base_losses.part{rank}of{world_size}.json"
     if not (part.is_file() and part_key.is_file() and part_key.read_text() == key):
         losses = candidate_losses(unet, alphas, cands, torch.from_numpy(shares[rank]),
-                                  list(s.timesteps), s.captions, s.flips, s.seed, s.batch_size,
-                                  device)
+                                  list(tc.timesteps), tc.captions, tc.flips, cfg.seed,
+                                  tc.batch_size, device)
         atomic_save_npy(part, losses.numpy())
         atomic_write_bytes(part_key, key.encode())
     if barrier is not None:
@@ -149,7 +141,8 @@ def build_scorer(cfg, world_dir, text_dir, gen_dir, fisher_dir, out: Path,
     precond = load_preconditioner(tc, fisher_dir, manifest["weights_sha256"], len(cands))
     params = select_parameters(unet, tc.params)
     base = base_losses(cfg, unet, alphas, cands, out) if eager_base else None
-    return AbUScorer(unet, alphas, cands, params, precond, base, _settings(cfg), device), cands
+    return AbUScorer(unet, alphas, cands, params, precond, base, tc, cfg.seed,
+                     device), cands
 
 
 def make_queries(cfg, queries_dir: Path, cands: CandidateSet, out: Path) -> list[Query]:
@@ -183,12 +176,13 @@ def make_queries(cfg, queries_dir: Path, cands: CandidateSet, out: Path) -> list
     return queries
 
 
-def pipeline_scorer(pipe, split: str | None = None):
-    """(scorer, candidates, queries of ``split`` or all) for a pipeline whose Fisher and queries
-    exist: the teacher as benchmarks and tools use it outside its stage."""
-    scorer, cands = build_scorer(pipe.cfg, pipe.dir("world"), pipe.dir("text"),
-                                 pipe.dir("generator"), pipe.dir("fisher"), pipe.dir("teacher"))
-    queries = make_queries(pipe.cfg, pipe.dir("queries"), cands, pipe.dir("teacher"))
+def teacher_scorer(cfg, dirs, split: str | None = None):
+    """(scorer, candidates, queries of ``split`` or all) from the finished world, text,
+    generator, fisher, queries and teacher folders (``dirs``): the teacher as benchmarks and
+    tools use it outside its stage."""
+    scorer, cands = build_scorer(cfg, dirs["world"], dirs["text"], dirs["generator"],
+                                 dirs["fisher"], dirs["teacher"])
+    queries = make_queries(cfg, dirs["queries"], cands, dirs["teacher"])
     return scorer, cands, [q for q in queries if split is None or q.split == split]
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from attribution.config import TeacherConfig
 from attribution.generator.model import denoising_loss
 from attribution.teacher.noise import query_draws
 from attribution.teacher.params import ParamSnapshot
@@ -30,18 +31,6 @@ class Query:
     z: torch.Tensor
     cond: torch.Tensor
     candidates: torch.Tensor
-
-
-@dataclass
-class ScoringSettings:
-    eta: float = 0.01
-    query_draws: int = 512
-    query_batch_size: int = 128
-    timesteps: tuple[int, ...] = (100, 300, 500, 700, 900)
-    captions: int = 1
-    flips: bool = False
-    batch_size: int = 512
-    seed: int = 0
 
 
 @torch.no_grad()
@@ -72,10 +61,12 @@ class AbUScorer:
 
     def __init__(self, unet: nn.Module, alphas_cumprod: torch.Tensor, cands: CandidateSet,
                  params: dict[str, nn.Parameter], precondition, base_losses: torch.Tensor,
-                 settings: ScoringSettings, device: str | torch.device = "cpu"):
+                 tc: TeacherConfig, seed: int, device: str | torch.device = "cpu"):
         self.unet, self.cands = unet.to(device).eval(), cands
         self._alphas = alphas_cumprod
-        self.params, self.precondition, self.s = params, precondition, settings
+        # the teacher section is read as it is (eta, query_draws, query_batch_size, timesteps,
+        # captions, flips, batch_size): no copy with defaults of its own
+        self.params, self.precondition, self.tc, self.seed = params, precondition, tc, seed
         self.base = base_losses
         self.snapshot = ParamSnapshot(params)
 
@@ -90,7 +81,7 @@ class AbUScorer:
 
     def _query_loss(self, q: Query) -> float:
         return query_loss(self.unet, self.alphas, q.z.to(self.device), q.cond.to(self.device),
-                          q.query_id, self.s.query_draws, self.s.seed, self.s.query_batch_size)
+                          q.query_id, self.tc.query_draws, self.seed, self.tc.query_batch_size)
 
     def score(self, q: Query) -> dict:
         """Returns {"influence": float (K,), "query_loss_before", "query_loss_after", "seconds"}."""
@@ -100,16 +91,16 @@ class AbUScorer:
         with torch.enable_grad():
             grads, before = query_gradient(self.unet, self.params, self.alphas,
                                            q.z.to(self.device), q.cond.to(self.device),
-                                           self.s.query_draws, self.s.query_batch_size,
-                                           self.s.seed, q.query_id)
+                                           self.tc.query_draws, self.tc.query_batch_size,
+                                           self.seed, q.query_id)
         if not all(torch.isfinite(g).all() for g in grads.values()):
             raise FloatingPointError(f"non-finite query gradient for {q.split}/{q.query_id}")
-        apply_step(self.params, self.precondition(grads), self.s.eta)
+        apply_step(self.params, self.precondition(grads), self.tc.eta)
         try:
             after_q = self._query_loss(q)
             after = candidate_losses(self.unet, self.alphas, self.cands, q.candidates,
-                                     list(self.s.timesteps), self.s.captions, self.s.flips,
-                                     self.s.seed, self.s.batch_size, self.device)
+                                     list(self.tc.timesteps), self.tc.captions, self.tc.flips,
+                                     self.seed, self.tc.batch_size, self.device)
         finally:
             self.snapshot.restore()
         influence = influence_from_losses(after, self.base[q.candidates])

@@ -1,5 +1,5 @@
 """Candidate losses L_j(θ): mean over captions and fixed timesteps of the denoising loss, with
-noise from (item, flip, caption, t) only (SPEC §2.3), so they never depend on batching.
+noise from (item, flip, caption, t) only (docs/method.md §2.3), so they never depend on batching.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Shard: ``shards/<split>/<query_id:06d>.npz`` with ``candidates`` int64 (K,), ``influence``
 float32 (K,) and ``info`` (JSON: losses before/after, seconds).
 
-Merged, released layout (SPEC §6):
+Merged, released layout (docs/method.md §6):
 - ``influence_train.pkl``: {'random': {'rank': (Q, K) training ids, most influential first;
   'influence_subset': (Q, K) scores aligned with the stage-1 candidate order;
   'rank_influence_subset': (Q, K) positions into that candidate list, most influential first}}

@@ -1,4 +1,4 @@
-"""One natural-gradient *ascent* step on a query's denoising loss (SPEC §2.2).
+"""One natural-gradient *ascent* step on a query's denoising loss (docs/method.md §2.2).
 
     diagonal: θ = θ0 + η · g_q / (s·F + λ),                 λ = damping · mean(s·F) per tensor
     EK-FAC:   G' = Q_Gᵀ G_q Q_A;  G' ← G' ⊘ (s·Λ + λ);  θ = θ0 + η · Q_G G' Q_Aᵀ

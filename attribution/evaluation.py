@@ -1,0 +1,131 @@
+"""The run's headline figures (``runs/<name>/metrics.json``), computed from finished artifacts.
+
+Every method is measured on the same test queries against the teacher's full-set ranking:
+mAP@k overall and on ordinary / planted-concept queries apart, known-answer recall, the teacher's
+ceiling (its agreement with itself under fresh noise), throughput and storage.  Inputs are stage
+folders (``dirs``: stage name -> folder) and the summaries of the stages that finished
+(``finished``: stage name -> its ``stage.json`` summary); nothing here runs a stage.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from attribution.callbacks import map_at_ks
+from attribution.common.files import atomic_write_bytes
+from attribution.config import to_dict
+from attribution.data.dataset import CaptionedImageSet
+from attribution.data.queries import QuerySet
+from attribution.student.deploy import student_test_ranks
+from attribution.teacher.ceiling import self_agreement
+from attribution.teacher.evaluate import planted_known_answers, teacher_storage_bytes
+
+Dirs = Mapping[str, Path]
+
+
+def known_answer_recall(cfg, world_dir: Path, queries_dir: Path, rank: np.ndarray) -> dict:
+    """{'<attr>=<value> recall@10': ...} of the planted concepts' test queries for a ranking."""
+    world = CaptionedImageSet(world_dir, verify=False)
+    test = QuerySet(Path(queries_dir) / "query_test")
+    known = planted_known_answers(world.attributes, test.attributes, rank,
+                                  [to_dict(p) for p in cfg.world.planted])
+    return {f"{name} recall@10": r["recall@10"] for name, r in known.items()}
+
+
+def query_types(cfg, queries_dir: Path) -> dict[str, np.ndarray]:
+    """Boolean masks over the test queries: ``planted`` (the prompt names a planted concept,
+    whose known answers the teacher finds) and ``ordinary`` (all others); {} without planted
+    concepts or query attributes."""
+    planted = cfg.world.planted
+    attrs = QuerySet(Path(queries_dir) / "query_test").attributes
+    if not planted or attrs is None:
+        return {}
+    mask = np.array([any(a.get(p.attribute) == p.value for p in planted) for a in attrs])
+    return {"ordinary": ~mask, "planted": mask}
+
+
+def map_by_type(rank: np.ndarray, teacher_rank: np.ndarray, ks: list[int],
+                types: dict[str, np.ndarray]) -> dict[str, float]:
+    """``{"<type>.mAP@k": ..., "<type>.mAP@k_stderr": ...}`` over each type's test queries."""
+    out = {}
+    for name, mask in types.items():
+        if mask.any():
+            out.update({f"{name}.{k}": v
+                        for k, v in map_at_ks(rank[mask], teacher_rank[mask], ks).items()})
+    return out
+
+
+def released_metrics(student: dict) -> dict:
+    """Released-data mode: no generator, teacher or extractor here, the student's own figures;
+    features come precomputed, so a query's cost is the head + the search."""
+    out = {k: v for k, v in student.items() if k.startswith(("student.", "baseline."))}
+    out["student.queries_per_second"] = student.get(
+        "student.head_search_queries_per_second", float("nan"))
+    return out
+
+
+def run_metrics(cfg, dirs: Dirs, finished: Mapping[str, dict]) -> dict:
+    """The flat headline figures of a run whose student (and teacher) finished."""
+    student = json.loads((dirs["student"] / "metrics.json").read_text())
+    if cfg.data.source == "released":
+        return released_metrics(student)
+    teacher = finished["teacher"]
+    out = {k: v for k, v in student.items()
+           if k.startswith(("student.mAP", "student.val_mAP", "baseline."))}
+    # Test queries are scored against the whole training set: that is a query's real cost.
+    out["teacher.seconds_per_query"] = teacher["seconds_per_test_query"]
+    out["teacher.seconds_per_train_query"] = teacher["seconds_per_train_query"]
+    for name, r in teacher.get("known_answers", {}).items():
+        out[f"teacher.{name}_recall@10"] = r["recall@10"]
+    student_rank = student_test_ranks(cfg, dirs["features"], dirs["student"])
+    for name, v in known_answer_recall(cfg, dirs["world"], dirs["queries"],
+                                       student_rank).items():
+        out[f"student.{name.replace(' ', '_')}"] = v
+    # every method's mAP on ordinary and on planted-concept test queries apart
+    types = query_types(cfg, dirs["queries"])
+    with np.load(dirs["teacher"] / "teacher_test.npz") as merged:
+        teacher_rank = merged["rank"]
+    ks = [k for k in cfg.student.k_eval if k <= teacher_rank.shape[1]]
+    ceiling = finished.get("ceiling")
+    if ceiling is not None:  # the teacher against itself: every method's ceiling
+        out.update({f"teacher.{k}": v for k, v in ceiling.items()})
+        out.update({f"teacher.{k}": v for k, v in self_agreement(
+            dirs["ceiling"], teacher_rank, ks, ceiling.get("self_queries", 0)).items()})
+    ranked = {"student": student_rank}
+    baselines = finished.get("baselines") is not None
+    if baselines:
+        ranked.update({f"baseline.{p.stem[5:]}": np.load(p)
+                       for p in sorted(dirs["baselines"].glob("rank_*.npy"))})
+    for method, rank in ranked.items():
+        out.update({f"{method}.{k}": v
+                    for k, v in map_by_type(rank, teacher_rank, ks, types).items()})
+    e2e = student.get("end_to_end", {})
+    out["student.queries_per_second"] = e2e.get("queries_per_second", float("nan"))
+    out["search.queries_per_second"] = e2e.get("search_queries_per_second", float("nan"))
+    out["speedup_vs_teacher"] = out["teacher.seconds_per_query"] * out[
+        "student.queries_per_second"]
+    feature = cfg.student.feature
+    out[f"baseline.{feature}.queries_per_second"] = e2e.get("baseline_queries_per_second",
+                                                           float("nan"))
+    out["student.storage_bytes"] = e2e.get("storage_bytes", 0)
+    out[f"baseline.{feature}.storage_bytes"] = e2e.get("baseline_storage_bytes", 0)
+    out["teacher.storage_bytes"] = teacher_storage_bytes(dirs["world"], dirs["generator"],
+                                                         dirs["fisher"])
+    out["n_items"] = e2e.get("n_items", 0)
+    if baselines:
+        base = json.loads((dirs["baselines"] / "baselines.json").read_text())
+        for method, r in base.items():
+            for k, v in r.items():
+                out.setdefault(f"baseline.{method}.{k.replace(' ', '_')}", v)
+    return out
+
+
+def write_metrics(cfg, dirs: Dirs, finished: Mapping[str, dict], path: Path) -> dict:
+    """:func:`run_metrics`, written atomically to ``path``."""
+    out = run_metrics(cfg, dirs, finished)
+    atomic_write_bytes(Path(path), json.dumps(out, indent=2).encode())
+    return out

@@ -1,0 +1,54 @@
+"""Stages ``fisher`` (once per generator), ``teacher`` (AbU / AbU+ on every query, resumable
+per query; known answers on planted concepts) and ``ceiling`` (the teacher against itself under
+fresh noise, and its stage-1 curation recall)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from attribution.common.files import atomic_write_bytes
+from attribution.config import to_dict
+from attribution.data.dataset import CaptionedImageSet
+from attribution.data.queries import QuerySet
+from attribution.teacher import run as scoring
+from attribution.teacher.ceiling import run_ceiling as ceiling_run
+from attribution.teacher.evaluate import planted_known_answers
+
+Dirs = Mapping[str, Path]
+
+
+def run_fisher(cfg, inputs: Dirs, out: Path, progress: bool = True) -> dict:
+    """Fit the configured Fisher on the world's items under the trained generator."""
+    return scoring.fit_fisher(cfg, inputs["world"], inputs["text"], inputs["generator"], out,
+                              progress)
+
+
+def run_teacher(cfg, inputs: Dirs, out: Path, progress: bool = True) -> dict:
+    """Score every query (training queries over their stage-1 K-set, test queries over the whole
+    set), merge into the released layout, and check the planted concepts' known answers."""
+    summary = scoring.run_teacher(cfg, inputs["world"], inputs["text"], inputs["generator"],
+                                  inputs["queries"], inputs["fisher"], out, progress)
+    if cfg.world.kind == "encoded":  # no attributes, so no planted known answers
+        return summary
+    test = QuerySet(inputs["queries"] / "query_test")
+    with np.load(out / "teacher_test.npz") as merged:  # written by run_teacher's merge
+        rank = merged["rank"]
+    known = planted_known_answers(CaptionedImageSet(inputs["world"]).attributes,
+                                  test.attributes, rank,
+                                  [to_dict(p) for p in cfg.world.planted])
+    atomic_write_bytes(out / "known_answers.json", json.dumps(known, indent=2).encode())
+    summary["known_answers"] = known
+    for name, r in known.items():
+        summary[f"{name} recall@10"] = r["recall@10"]
+        summary[f"{name} mrr"] = r["mrr"]
+    return summary
+
+
+def run_ceiling(cfg, inputs: Dirs, out: Path, progress: bool = True) -> dict:
+    """The teacher's replicate on the test queries and its full-set training sample."""
+    return ceiling_run(cfg, inputs["world"], inputs["text"], inputs["generator"],
+                       inputs["queries"], inputs["fisher"], inputs["teacher"], out, progress)
