@@ -48,3 +48,37 @@ def smoke_run(tmp_path_factory):
     pipe = Pipeline(cfg, progress=False, echo=lambda s: None)
     pipe.run(["generator"])
     return pipe
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """``attribution ARGV`` in-process: (exit code, stdout, stderr)."""
+    from attribution.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_clear(code: int, err: str, *names: str) -> None:
+    assert code == 2, err
+    assert err.startswith("error: "), err
+    assert "Traceback" not in err
+    for name in names:
+        assert name in err, f"{name!r} not named in: {err}"
+
+
+@pytest.fixture(scope="session")
+def finished(smoke_run):
+    """The smoke pipeline run to the end (its generator is the session's)."""
+    smoke_run.run()
+    return smoke_run
+
+
+class Exploit:
+    """Unpickling this would run a shell command (the classic pickle attack)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))

@@ -38,3 +38,31 @@ def test_a_wrong_way_import_breaks_the_contracts(tmp_path, module, line):
     path.write_text(path.read_text() + "\n" + line + "\n")
     res = _lint(tree)
     assert res.returncode != 0 and "BROKEN" in res.stdout, res.stdout[-2000:]
+
+
+ORCHESTRATION = {"pipeline.py", "sweeps.py", "cli.py", "report.py"}
+
+
+def test_no_library_function_takes_the_pipeline():
+    """Stages and library functions receive the config and stage folders, never the scheduler:
+    no function outside the orchestration has a ``pipe``/``pipeline`` parameter."""
+    import ast
+
+    offenders = []
+    for path in sorted((ROOT / "attribution").rglob("*.py")):
+        if path.parent.name == "attribution" and path.name in ORCHESTRATION:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                names = {a.arg for a in [*node.args.args, *node.args.kwonlyargs]}
+                if names & {"pipe", "pipeline"}:
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert not offenders, offenders
+
+
+def test_no_file_is_over_350_lines():
+    long = {str(p.relative_to(ROOT)): n for p in [*ROOT.glob("attribution/**/*.py"),
+                                                   *ROOT.glob("tests/**/*.py"),
+                                                   *ROOT.glob("benchmarks/*.py")]
+            if (n := len(p.read_text().splitlines())) > 360}
+    assert not long, long

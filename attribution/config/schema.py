@@ -310,4 +310,4 @@ class Config:
     abc: AbcConfig = field(default_factory=AbcConfig)
 
 
-# --------------------------------------------------------------------------------------- loading
+

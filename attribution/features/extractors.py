@@ -31,7 +31,7 @@ REGISTRY: dict[str, Callable[..., FeatureExtractor]] = {}
 
 
 def register(name: str):
-    # config.py declares the names so that a config is checked at load without importing torch
+    # config/schema.py declares the names so that a config is checked at load without importing torch
     if name not in FEATURE_EXTRACTORS:
         raise ValueError(f"extractor {name!r} must be listed in config.FEATURE_EXTRACTORS")
 

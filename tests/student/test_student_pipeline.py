@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from attribution.student.deploy import load_head
 from attribution.cli import main
 from attribution.common.files import DataFileError
 from attribution.features.cache import space_dir
+from attribution.student.deploy import load_head
 from attribution.student.train import train_student
 from tests.conftest import SMOKE
 

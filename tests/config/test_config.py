@@ -90,3 +90,16 @@ def test_derive_merges_nested_changes_and_validates():
         derive(cfg, {"generator": {"train": {"stpes": 7}}})
     with pytest.raises(ConfigError, match="teacher.fisher"):
         derive(cfg, {"teacher": {"fisher": "full"}})
+
+
+def test_configuration_reference_is_current():
+    """docs/config_reference.md is generated from the schema: regenerating gives the same page,
+    and it names every key of the schema."""
+    from attribution.config.reference import reference_markdown
+
+    page = (ROOT / "docs" / "config_reference.md").read_text()
+    assert page == reference_markdown(), (
+        "regenerate: python -m attribution.config.reference > docs/config_reference.md")
+    for key in ("teacher.gain", "student.val_queries", "generator.unet.block_out_channels",
+                "world.planted[i].value", "abc.fixed_temperatures"):
+        assert f"`{key}`" in page, key

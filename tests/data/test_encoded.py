@@ -11,7 +11,7 @@ from attribution.common.files import DataFileError
 from attribution.config import ConfigError, load_config
 from attribution.data.text_cache import encoded_table
 from tests.conftest import ROOT, smoke_config
-from tests.test_coco import tiny_sd_parts, write_coco
+from tests.data.test_coco import tiny_sd_parts, write_coco
 
 SIZES = tuple((30 + 3 * i, 28 + 5 * (i % 4)) for i in range(12))
 

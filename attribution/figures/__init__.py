@@ -1,0 +1,25 @@
+"""Every figure the project draws, from finished artifacts only: a run's own (``run.py``) and the
+sweeps' (``sweeps.py``)."""
+
+from attribution.figures.run import (
+    _human,
+    abc_figure,
+    counterfactual_figure,
+    methods_of_run,
+    quality_vs_throughput,
+    step_figure,
+    tuned_vs_untuned,
+)
+from attribution.figures.sweeps import (
+    aggregate,
+    read_rows,
+    report_metric,
+    rows_from_wandb,
+    sweep_figure,
+    sweep_figures,
+    varied_keys,
+)
+
+__all__ = ["_human", "abc_figure", "aggregate", "counterfactual_figure", "methods_of_run",
+           "quality_vs_throughput", "read_rows", "report_metric", "rows_from_wandb",
+           "step_figure", "sweep_figure", "sweep_figures", "tuned_vs_untuned", "varied_keys"]
