@@ -45,9 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     for name, text in STAGE_COMMANDS.items():
         _add_config_args(sub.add_parser(name, help=text))
-    p = sub.add_parser("teacher", help="the AbU teacher on its own: fisher | score | merge")
-    p.add_argument("action", choices=["fisher", "score", "merge"])
+    p = sub.add_parser("teacher", help="the AbU teacher on its own: fisher | score | merge | "
+                                       "steps (the step-size study)")
+    p.add_argument("action", choices=["fisher", "score", "merge", "steps"])
     _add_config_args(p)
+    p.add_argument("--factors", type=float, nargs="+", default=None,
+                   help="steps: multiples of the configured step η/gain (default 1e-4 ... 10)")
+    p.add_argument("--queries", type=int, default=None,
+                   help="steps: the first N test queries (default all)")
     p = sub.add_parser("attribute", help="top training items for one generated image + prompt")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
@@ -167,6 +172,16 @@ def main(argv: list[str] | None = None) -> int:
             metrics = json.loads((pipe.root / "metrics.json").read_text())
             print(format_counterfactual(result))
             print(f"figure: {counterfactual_figure(result, metrics, out / 'counterfactual.png')}")
+            return 0
+        if args.command == "teacher" and args.action == "steps":
+            from attribution.figures import step_figure
+            from attribution.teacher.steps import format_steps
+
+            summary = pipe.run_step_study(args.factors, args.queries,
+                                          progress=not args.no_progress)
+            print(format_steps(summary))
+            fig = step_figure(summary, pipe.step_study_dir() / "steps.png")
+            print(f"figure: {fig}")
             return 0
         if args.command == "teacher" and args.action == "merge":
             from attribution.teacher.run import merge_outputs

@@ -7,7 +7,7 @@ reuses it after checking those files, a changed setting gets a new folder (old r
 and an interrupted stage resumes inside its folder (the generator from ``last.ckpt``).
 
 A stage is a plain function ``run(cfg, inputs, out, progress) -> summary`` in its own package
-(``STAGES``): ``inputs`` maps every stage it depends on, directly or not, to that stage's
+(``stage_table.STAGES``): ``inputs`` maps every stage it depends on, directly or not, to that stage's
 finished folder.  This module only orders, caches and resumes; it runs no stage body itself.
 """
 
@@ -27,84 +27,16 @@ from attribution.common.files import (
     record_files,
     verify_files,
 )
-from attribution.config import ConfigError, config_hash, derive, save_config, to_dict
-
-DEPENDS = {
-    "world": [],
-    "text": ["world"],
-    "generator": ["text"],
-    "queries": ["generator"],
-    "fidelity": ["generator"],
-    "fisher": ["generator"],
-    "teacher": ["fisher", "queries"],
-    "ceiling": ["teacher"],
-    "toyclip": ["world"],
-    "features": ["toyclip", "queries"],
-    "student": ["features", "teacher"],
-    "baselines": ["features", "teacher"],
-    "customize": ["generator"],
-    "abc_teacher": ["customize", "fisher"],
-    "abc": ["abc_teacher", "features", "student"],
-}
-OPTIONAL = {"customize", "abc_teacher", "abc"}  # run by default only with abc.enabled
-# Teacher settings that change only speed or placement, never results: not part of cache keys.
-EXECUTION_ONLY = {"devices", "num_nodes", "strategy", "batch_size", "query_batch_size",
-                  "fisher_batch_size"}
-# Student settings that change only placement, logging or the deployed search, never training.
-STUDENT_EXECUTION_ONLY = {"num_workers", "logger", "devices", "num_nodes", "strategy", "rerank"}
-# Keys added to a section after caches existed: left out of its key while unset (None), so
-# adding them kept every existing cache valid.
-ADDED_LATER = {"world": {"root"}, "generator": {"weights", "pretrained"}}
-ORDER = list(DEPENDS)
-# The command that (re)builds each stage: named in every error about a stage's files.
-COMMAND = {"world": "world", "text": "text", "generator": "train-generator",
-           "queries": "queries", "fidelity": "fidelity", "fisher": "teacher fisher",
-           "teacher": "teacher score", "ceiling": "run", "toyclip": "toyclip",
-           "features": "features", "student": "student", "baselines": "run",
-           "customize": "customize", "abc_teacher": "abc", "abc": "abc"}
-# A pre-encoded world (world.kind=encoded) holds latents and token states, not images: the
-# stages that look at images cannot run on it (at MSCOCO scale the student reads the released
-# features: data.source=released).
-NEEDS_IMAGES = {"fidelity", "toyclip", "features", "student", "baselines", "customize",
-                "abc_teacher", "abc"}
-
-
-# Where each stage's body lives: "module:function", imported when the stage runs (so commands that
-# run no stage, like `attribution config`, stay fast).
-STAGES = {
-    "world": "attribution.data.stage:run_world",
-    "text": "attribution.generator.stages:run_text",
-    "generator": "attribution.generator.stages:run_generator",
-    "queries": "attribution.generator.stages:run_queries",
-    "fidelity": "attribution.fidelity:run_fidelity",
-    "fisher": "attribution.teacher.stages:run_fisher",
-    "teacher": "attribution.teacher.stages:run_teacher",
-    "ceiling": "attribution.teacher.stages:run_ceiling",
-    "toyclip": "attribution.features.stage:run_toyclip",
-    "features": "attribution.features.stage:run_features",
-    "student": "attribution.student.stage:run_student",
-    "baselines": "attribution.baselines.run:run_baselines",
-    "customize": "attribution.abc.customize_stage:run_customize",
-    "abc_teacher": "attribution.abc.stages:run_abc_teacher",
-    "abc": "attribution.abc.stages:run_abc",
-}
-# What of the `abc` section the customize stage reads (the rest, but teacher_images, is abc's).
-CUSTOMIZE_KEYS = ("n_train", "n_test", "exemplars", "images", "steps", "lr", "batch_size",
-                  "prior_weight", "prior_batch_size", "params")
-
-
-def _unset_dropped(section, keys: set[str]) -> dict:
-    return {k: v for k, v in to_dict(section).items() if not (k in keys and v is None)}
-
-
-def _abc_sections(cfg) -> tuple[dict, dict]:
-    """(what the customize stage reads, what the abc stage reads) of the ``abc`` section."""
-    d = to_dict(cfg.abc)
-    d["spaces"] = d["spaces"] or list(cfg.features.spaces)
-    d.pop("enabled")
-    custom = {k: d.pop(k) for k in CUSTOMIZE_KEYS}
-    d.pop("teacher_images")  # the abc_teacher stage's
-    return custom, d
+from attribution.config import ConfigError, config_hash, derive, save_config
+from attribution.stage_table import (
+    COMMAND,
+    DEPENDS,
+    NEEDS_IMAGES,
+    OPTIONAL,
+    ORDER,
+    STAGES,
+    key_sections,
+)
 
 
 def stage_function(stage: str) -> Callable:
@@ -144,32 +76,7 @@ class Pipeline:
         self._verified: set[str] = set()
 
     def _sections(self, stage: str) -> list:
-        c = self.cfg
-        return {
-            "world": [_unset_dropped(c.world, ADDED_LATER["world"]), c.seed],
-            "text": [c.text_encoder],
-            "generator": [_unset_dropped(c.generator, ADDED_LATER["generator"]), c.seed],
-            "queries": [c.queries, c.seed],
-            "fidelity": [c.fidelity, c.queries.sampling, c.seed],
-            "fisher": [{k: to_dict(c.teacher)[k] for k in ("fisher", "params", "fisher_epochs")},
-                       c.seed],
-            "teacher": [{k: v for k, v in to_dict(c.teacher).items()
-                         if k not in EXECUTION_ONLY}, c.seed],
-            "ceiling": [c.ceiling, c.seed],
-            "toyclip": [{k: v for k, v in to_dict(c.features).items() if k.startswith("toyclip")},
-                        c.seed],
-            "features": [{k: v for k, v in to_dict(c.features).items()
-                          if not k.startswith("toyclip") and k != "batch_size"}],
-            "student": [{**{k: v for k, v in to_dict(c.student).items()
-                            if k not in STUDENT_EXECUTION_ONLY},
-                         "seed": c.seed if c.student.seed is None else c.student.seed}, c.seed,
-                        *([str(self.released_root())] if self.released else [])],
-            "baselines": [c.baselines, c.student.k_eval, c.seed],
-            "customize": [_abc_sections(c)[0], c.queries.sampling, c.seed],
-            "abc_teacher": [{k: v for k, v in to_dict(c.teacher).items()
-                             if k not in EXECUTION_ONLY}, c.abc.teacher_images, c.seed],
-            "abc": [_abc_sections(c)[1], c.seed],
-        }[stage]
+        return key_sections(self.cfg, stage, self.released_root() if self.released else None)
 
     @property
     def released(self) -> bool:
@@ -340,6 +247,19 @@ class Pipeline:
     def counterfactual_dir(self) -> Path:
         """Where this run's counterfactuals live (tied to its student and baselines)."""
         return self.root / f"counterfactual-{config_hash('cf', self.key('baselines'), self.key('student'))}"
+
+    def step_study_dir(self) -> Path:
+        """Where this run's teacher step-size study lives (tied to its teacher)."""
+        return self.root / f"steps-{config_hash('steps', self.key('teacher'))}"
+
+    def run_step_study(self, factors: list[float] | None = None, n_queries: int | None = None,
+                       progress: bool = True) -> dict:
+        """The teacher step-size study (``teacher/steps.py``) on this run's finished teacher."""
+        from attribution.teacher.steps import run_step_study
+
+        self.run(["teacher"])
+        return run_step_study(self.cfg, self.dirs(), self.step_study_dir(), factors, n_queries,
+                              progress=progress)
 
     def run_counterfactual(self, methods: list[str], queries: list[int], k: int,
                            progress: bool = True, echo=print, steps: int | None = None) -> Path:

@@ -24,6 +24,7 @@ from attribution.config import to_dict
 from attribution.counterfactual import format_counterfactual
 from attribution.fidelity import format_fidelity
 from attribution.teacher.evaluate import format_known_answers
+from attribution.teacher.steps import format_steps
 
 # The paper's MSCOCO numbers (docs/method.md §5) that have a counterpart in every run.
 PAPER_FEATURE_TUNING = {  # mAP@1000 before -> after tuning (Fig. 3 left)
@@ -105,7 +106,7 @@ def write_report(pipe, sweeps_dir: str | Path = "sweeps") -> Path:
     if not pipe.released:
         L += _counterfactual(pipe, metrics, figdir)
         L += _abc(pipe, figdir)
-    L += _known_answers(pipe) + _curation(pipe) + _fidelity(pipe)
+    L += _known_answers(pipe) + _steps(pipe, figdir) + _curation(pipe) + _fidelity(pipe)
     L += ["## Config", "", "```yaml", OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))).rstrip(),
           "```", ""]
     path = root / "report.md"
@@ -223,6 +224,19 @@ def _json_section(path: Path, title: str, fmt, intro: str = "") -> list[str]:
 def _known_answers(pipe) -> list[str]:
     return _json_section(pipe.dir("teacher") / "known_answers.json",
                          "Teacher known answers (planted concepts)", format_known_answers)
+
+
+def _steps(pipe, figdir: Path) -> list[str]:
+    """The teacher step-size study, when `attribution teacher steps` has run for this teacher."""
+    if pipe.released:
+        return []
+    path = pipe.step_study_dir() / "steps.json"
+    if not path.is_file():
+        return []
+    summary = json.loads(path.read_text())
+    fig = figures.step_figure(summary, figdir / "teacher_steps.png")
+    return ["## Teacher step size", "", "```", format_steps(summary), "```", "",
+            f"![teacher step size](figures/{fig.name})", ""]
 
 
 def _curation(pipe) -> list[str]:

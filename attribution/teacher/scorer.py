@@ -85,6 +85,11 @@ class AbUScorer:
 
     def score(self, q: Query) -> dict:
         """Returns {"influence": float (K,), "query_loss_before", "query_loss_after", "seconds"}."""
+        return self.score_steps(q, [self.tc.eta])[0]
+
+    def score_steps(self, q: Query, etas: list[float]) -> list[dict]:
+        """:meth:`score` for several step sizes η from ONE query gradient (the step study):
+        θ0 is restored between steps, so each result equals a separate ``score`` with that η."""
         if len(q.candidates) == 0:
             raise ValueError(f"query {q.split}/{q.query_id} has an empty candidate set")
         start = time.time()
@@ -95,16 +100,25 @@ class AbUScorer:
                                            self.seed, q.query_id)
         if not all(torch.isfinite(g).all() for g in grads.values()):
             raise FloatingPointError(f"non-finite query gradient for {q.split}/{q.query_id}")
-        apply_step(self.params, self.precondition(grads), self.tc.eta)
-        try:
-            after_q = self._query_loss(q)
-            after = candidate_losses(self.unet, self.alphas, self.cands, q.candidates,
-                                     list(self.tc.timesteps), self.tc.captions, self.tc.flips,
-                                     self.seed, self.tc.batch_size, self.device)
-        finally:
-            self.snapshot.restore()
-        influence = influence_from_losses(after, self.base[q.candidates])
-        if not torch.isfinite(influence).all():
-            raise FloatingPointError(f"non-finite influence for query {q.split}/{q.query_id}")
-        return {"influence": influence, "query_loss_before": before,
-                "query_loss_after": after_q, "seconds": time.time() - start}
+        direction = self.precondition(grads)
+        grad_seconds = time.time() - start
+        out = []
+        for eta in etas:
+            t0 = time.time()
+            apply_step(self.params, direction, eta)
+            try:
+                after_q = self._query_loss(q)
+                after = candidate_losses(self.unet, self.alphas, self.cands, q.candidates,
+                                         list(self.tc.timesteps), self.tc.captions,
+                                         self.tc.flips, self.seed, self.tc.batch_size,
+                                         self.device)
+            finally:
+                self.snapshot.restore()
+            influence = influence_from_losses(after, self.base[q.candidates])
+            if not torch.isfinite(influence).all():
+                raise FloatingPointError(f"non-finite influence for query {q.split}/{q.query_id}"
+                                         f" (step η={eta:g})")
+            out.append({"influence": influence, "query_loss_before": before,
+                        "query_loss_after": after_q,
+                        "seconds": grad_seconds + time.time() - t0})
+        return out

@@ -1,0 +1,74 @@
+"""The teacher step-size study (attribution/teacher/steps.py) on the smoke run."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from attribution.config import derive
+from attribution.teacher.run import teacher_scorer
+from attribution.teacher.steps import format_steps
+from tests.conftest import run_cli
+
+FACTORS = [0.01, 1.0, 100.0]
+
+
+@pytest.fixture(scope="module")
+def study(smoke_run):
+    summary = smoke_run.run_step_study(FACTORS, progress=False)
+    return smoke_run, summary
+
+
+def test_factor_one_reproduces_the_teacher_and_steps_grow(study):
+    """Known answers: factor 1 is the configured teacher (same gradient draws, same item noise),
+    so its full-set ranking is the teacher's exactly; a 100x larger step raises the query's own
+    loss more than a 100x smaller one."""
+    pipe, s = study
+    assert s["factor_1_reproduces_teacher"] is True
+    rows = {r["factor"]: r for r in s["rows"]}
+    assert rows[1.0]["vs_teacher.mAP@10"] == pytest.approx(1.0)
+    assert rows[0.01]["query_loss_rise"] < rows[1.0]["query_loss_rise"] < \
+        rows[100.0]["query_loss_rise"]
+    assert 0 <= rows[0.01]["share_items_rising"] <= 1
+    assert "vs_next.mAP@10" in rows[0.01] and "vs_next.mAP@10" not in rows[100.0]
+    assert rows[0.01]["next_factor"] == 1.0
+    planted = [k for k in rows[1.0] if k.endswith(" recall@10")]
+    assert planted, "the smoke world plants concepts: their recall is part of the study"
+    assert "factor" in format_steps(s)
+
+
+def test_several_steps_from_one_gradient_equal_separate_scores(study):
+    """score_steps shares the query gradient across step sizes; each result equals a separate
+    score() at that step (theta0 restored in between)."""
+    pipe, _ = study
+    scorer, _, queries = teacher_scorer(pipe.cfg, pipe.dirs(), "test")
+    q = queries[0]
+    eta = pipe.cfg.teacher.eta
+    both = scorer.score_steps(q, [eta * 0.1, eta * 10])
+    for r, f in zip(both, (0.1, 10)):
+        scorer.tc = derive(pipe.cfg, {"teacher": {"eta": eta * f}}).teacher
+        one = scorer.score(q)
+        torch.testing.assert_close(r["influence"], one["influence"])
+        assert r["query_loss_after"] == pytest.approx(one["query_loss_after"])
+
+
+def test_study_resumes_per_query_and_the_cli_draws_it(study, capsys):
+    """A deleted query file is recomputed alone and gives the same summary; the command prints
+    the table and writes the figure; the report shows the section."""
+    pipe, s = study
+    out = pipe.step_study_dir()
+    victim = out / "f100" / "test_0.npy"
+    before = np.load(victim)
+    victim.unlink()
+    code, text, err = run_cli(capsys, "teacher", "steps", "configs/experiment/toy_smoke.yaml",
+                              f"output_root={pipe.cfg.output_root}", "--factors",
+                              *map(str, FACTORS), "--no-progress")
+    assert code == 0, err
+    np.testing.assert_array_equal(np.load(victim), before)
+    again = json.loads((out / "steps.json").read_text())
+    assert again == s
+    assert "teacher step study" in text and (out / "steps.png").is_file()
+    pipe.run(["student"])  # writes metrics.json and the report
+    report = (pipe.root / "report.md").read_text()
+    assert "## Teacher step size" in report and "figures/teacher_steps.png" in report
