@@ -5,12 +5,14 @@ training items (same seed, same schedule; every random choice of a step is a fun
 (seed, step), so only the removed items change what is learned), then measure
 
 - ΔLoss: the query's denoising loss under the retrained generator minus under the original, with
-  the same fixed (t, ε) draws (the teacher's draws for that query);
+  the same fixed (t, ε) draws for both — FRESH draws (scoring seed + ``NOISE_SEED_OFFSET``), not
+  the ones the teacher's unlearning step ascended on, which would favour the teacher;
 - the regenerated image's distance from the original: sampled with the same prompt and the same
   per-sample noise, mean squared difference in model space.
 
 A bigger rise means the removed items mattered more.  ``random`` (K items drawn uniformly) is the
-control.  Retrained generators are cached by the set of removed items, so two methods that pick
+control.  ``teacher@<factor>`` is the teacher at a multiple of its step, from the step-size study
+(``teacher/steps.py``; run ``attribution teacher steps`` first).  Retrained generators are cached by the set of removed items, so two methods that pick
 the same items share one retraining, and a killed run resumes.
 """
 
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attribution.common.files import atomic_write_bytes
+from attribution.common.files import atomic_write_bytes, load_npy
 from attribution.config import ConfigError, derive
 from attribution.data.queries import QuerySet
 from attribution.data.text_cache import TextTable
@@ -34,8 +36,9 @@ from attribution.metrics import standard_error
 from attribution.student.deploy import Dirs, student_test_ranks
 from attribution.teacher.scorer import query_loss
 
-METHODS_HELP = ("teacher | student | random | dtrak | abu_diagonal | any features.spaces entry "
-                "(raw similarity)")
+METHODS_HELP = ("teacher | teacher@<step factor> | student | random | dtrak | abu_diagonal | any "
+                "features.spaces entry (raw similarity)")
+NOISE_SEED_OFFSET = 7919  # ΔLoss draws: independent of the teacher's (seed) and the ceiling's
 
 
 def method_ranks(cfg, dirs: Dirs, methods: list[str]) -> dict[str, np.ndarray]:
@@ -53,12 +56,30 @@ def method_ranks(cfg, dirs: Dirs, methods: list[str]) -> dict[str, np.ndarray]:
                                for i in range(q)])
         elif m == "student":
             out[m] = student_test_ranks(cfg, dirs["features"], dirs["student"])
+        elif m.startswith("teacher@"):
+            out[m] = _step_ranks(dirs, m, q, n)
         else:
             path = dirs["baselines"] / f"rank_{m}.npy"
             if not path.is_file():
                 raise ConfigError(f"unknown method {m!r} or its baseline was not run ({path}); "
                                  f"methods: {METHODS_HELP}")
             out[m] = np.load(path)
+    return out
+
+
+def _step_ranks(dirs: Dirs, method: str, q: int, n: int) -> np.ndarray:
+    """``teacher@<factor>``: the step study's full-set ranking of each test query it scored;
+    rows of queries it did not score are -1 (refused when such a query is asked for)."""
+    try:
+        factor = float(method.split("@", 1)[1])
+    except ValueError:
+        raise ConfigError(f"{method!r}: write teacher@<step factor>, e.g. teacher@0.01") from None
+    folder = Path(dirs.get("steps", "")) / f"f{factor:g}"
+    out = np.full((q, n), -1, dtype=np.int64)
+    for i in range(q):
+        path = folder / f"test_{i}.npy"
+        if path.is_file():
+            out[i] = np.argsort(-load_npy(path, "A step-study query's influences"), kind="stable")
     return out
 
 
@@ -109,13 +130,18 @@ def run_counterfactual(cfg, dirs: Dirs, out: Path, methods: list[str], queries: 
     def measure(unet, q: int) -> tuple[float, torch.Tensor]:
         z = torch.from_numpy(np.asarray(qs.latents[q])).float()
         cond = torch.from_numpy(np.asarray(qs.text_embeddings[q])).float()
-        loss = query_loss(unet.eval(), alphas, z, cond, q, draws, cfg.seed)
+        loss = query_loss(unet.eval(), alphas, z, cond, q, draws, cfg.seed + NOISE_SEED_OFFSET)
         regen = sample(unet, build_scheduler(cfg.generator), cond[None], uncond,
                        [1_000_000 + q], tuple(z.shape), seed=sc.seed, sampler=sc.sampler,
                        steps=sc.steps, guidance=sc.guidance, progress=False)[0]
         return loss, regen
 
     rows = []
+    for m in methods:
+        missing = [q for q in queries if ranks[m][q, 0] < 0]
+        if missing:
+            raise ConfigError(f"{m}: the step study has not scored test queries {missing}; run "
+                              f"`attribution teacher steps CONFIG --factors {m.split('@')[1]}`")
     for q in queries:  # query-major: a run cut short still covers every method on its queries
         base_loss, base_img = measure(base_unet, q)
         for m in methods:
@@ -128,6 +154,7 @@ def run_counterfactual(cfg, dirs: Dirs, out: Path, methods: list[str], queries: 
         done = queries[:queries.index(q) + 1]
         result = {"k": k, "queries": done, "queries_asked": queries, "complete": q == queries[-1],
                   "steps": train_cfg.generator.train.steps, "reference": str(ref_dir),
+                  "noise": f"fresh: seed + {NOISE_SEED_OFFSET}",
                   "methods": summarize(rows, methods), "rows": rows}
         atomic_write_bytes(out / "counterfactual.json", json.dumps(result, indent=2).encode())
     return out

@@ -267,5 +267,6 @@ class Pipeline:
         from attribution.counterfactual import run_counterfactual
 
         self.run(["student", "baselines"])
-        return run_counterfactual(self.cfg, self.dirs(), self.counterfactual_dir(), methods,
-                                  queries, k, progress, echo, steps)
+        dirs = {**self.dirs(), "steps": self.step_study_dir()}
+        return run_counterfactual(self.cfg, dirs, self.counterfactual_dir(), methods, queries, k,
+                                  progress, echo, steps)

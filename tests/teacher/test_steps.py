@@ -72,3 +72,18 @@ def test_study_resumes_per_query_and_the_cli_draws_it(study, capsys):
     pipe.run(["student"])  # writes metrics.json and the report
     report = (pipe.root / "report.md").read_text()
     assert "## Teacher step size" in report and "figures/teacher_steps.png" in report
+
+
+def test_counterfactual_reads_the_study_as_teacher_at_a_factor(study):
+    """``teacher@1`` in the counterfactual is the configured teacher's ranking exactly; a factor
+    the study did not score is refused with the command that scores it."""
+    from attribution.config import ConfigError
+    from attribution.counterfactual import method_ranks
+
+    pipe, _ = study
+    dirs = {**pipe.dirs(), "steps": pipe.step_study_dir()}
+    ranks = method_ranks(pipe.cfg, dirs, ["teacher", "teacher@1", "teacher@0.01"])
+    np.testing.assert_array_equal(ranks["teacher@1"], ranks["teacher"])
+    assert not np.array_equal(ranks["teacher@0.01"], ranks["teacher"])
+    with pytest.raises(ConfigError, match="attribution teacher steps"):
+        pipe.run_counterfactual(["teacher@0.5"], [0], 3, progress=False, echo=lambda s: None)
