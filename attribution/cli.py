@@ -122,14 +122,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"results: {table}")
             return 0
         if args.command == "coco-encode":
-            import torch
             from diffusers import AutoencoderKL
 
+            from attribution.common.devices import torch_device
             from attribution.data.coco import CocoCaptions, encode_coco
             from attribution.generator.text_encoder import load_text_encoder
 
             ds = CocoCaptions(args.images, args.captions, args.size, args.captions_per_image)
-            device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
+            device = torch_device(args.device)
             vae = AutoencoderKL.from_pretrained(args.vae).eval().to(device)
             scale = args.scale if args.scale is not None else vae.config.scaling_factor
             enc = load_text_encoder(args.text_encoder, max_length=args.max_length)

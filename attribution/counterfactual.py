@@ -160,9 +160,15 @@ def run_counterfactual(cfg, dirs: Dirs, out: Path, methods: list[str], queries: 
     return out
 
 
+def _separated(d: np.ndarray) -> bool:
+    """A paired difference beyond 2 standard errors (never with fewer than 2 queries)."""
+    return bool(len(d) > 1 and abs(d.mean()) > 2 * standard_error(d))
+
+
 def summarize(rows: list[dict], methods: list[str]) -> dict:
     """Per method: mean ΔLoss / image distance with standard errors over its queries, and the
-    paired difference from the random control (same queries) where random was run."""
+    paired differences (same queries) from the random control and from the teacher, where
+    those were run; ``separated`` says whether a difference is beyond 2 standard errors."""
     summary = {}
     by = {(r["method"], r["query"]): r for r in rows}
     for m in methods:
@@ -177,6 +183,12 @@ def summarize(rows: list[dict], methods: list[str]) -> dict:
                           for row in r])
             entry["vs_random"], entry["vs_random_stderr"] = float(d.mean()), standard_error(d)
             entry["wins_vs_random"] = int((d > 0).sum())
+            entry["separated_from_random"] = _separated(d)
+        if m != "teacher" and r and all(("teacher", row["query"]) in by for row in r):
+            d = np.array([row["delta_loss"] - by[("teacher", row["query"])]["delta_loss"]
+                          for row in r])
+            entry["vs_teacher"], entry["vs_teacher_stderr"] = float(d.mean()), standard_error(d)
+            entry["separated_from_teacher"] = _separated(d)
         summary[m] = entry
     return summary
 
@@ -190,11 +202,18 @@ def format_counterfactual(result: dict) -> str:
              "items mattered more; vs random: paired difference on the same queries, and on how "
              "many queries it is > 0)",
              f"{'method':<24}{'ΔLoss':>11}{'± s.e.':>9}{'vs random':>11}{'± s.e.':>9}{'wins':>6}"
-             f"{'image dist':>12}{'± s.e.':>9}"]
+             f"{'vs teacher':>12}{'± s.e.':>9}{'image dist':>12}{'± s.e.':>9}"]
     ranked = sorted(result["methods"].items(), key=lambda kv: -kv[1]["delta_loss"])
     for m, r in ranked:
         vs = (f"{r['vs_random']:>11.5f}{r['vs_random_stderr']:>9.5f}"
               f"{r['wins_vs_random']:>3}/{r['queries']:<2}") if "vs_random" in r else " " * 26
-        lines.append(f"{m:<24}{r['delta_loss']:>11.5f}{r['delta_loss_stderr']:>9.5f}{vs}"
+        vt = (f"{r['vs_teacher']:>12.5f}{r['vs_teacher_stderr']:>9.5f}" if "vs_teacher" in r
+              else " " * 21)
+        lines.append(f"{m:<24}{r['delta_loss']:>11.5f}{r['delta_loss_stderr']:>9.5f}{vs}{vt}"
                      f"{r['image_distance']:>12.5f}{r['image_distance_stderr']:>9.5f}")
+    apart = [m for m, r in ranked if r.get("separated_from_teacher")]
+    same = [m for m, r in ranked if "vs_teacher" in r and not r.get("separated_from_teacher")]
+    if same or apart:
+        lines.append("within 2 s.e. of the teacher (cannot be told apart here): "
+                     + (", ".join(same) or "none") + "; beyond: " + (", ".join(apart) or "none"))
     return "\n".join(lines)

@@ -166,6 +166,14 @@ def test_counterfactual_summary_pairs_each_method_with_random_on_the_same_querie
     assert s["teacher"]["wins_vs_random"] == 2 and s["teacher"]["queries"] == 2
     assert s["dtrak"]["vs_random"] == pytest.approx(-0.3) and s["dtrak"]["wins_vs_random"] == 0
     assert "vs_random" not in s["random"]
+    # against the teacher, paired: random - teacher = -0.1, -0.3 -> mean -0.2, s.e. 0.1: exactly
+    # 2 s.e., so not separated; the teacher is not compared with itself
+    assert s["random"]["vs_teacher"] == pytest.approx(-0.2)
+    assert s["random"]["vs_teacher_stderr"] == pytest.approx(0.1)
+    assert s["random"]["separated_from_teacher"] is False
+    assert s["dtrak"]["vs_teacher"] == pytest.approx(-0.4) and "vs_teacher" not in s["teacher"]
+    assert s["teacher"]["separated_from_random"] is False  # 0.2 is not beyond 2 x 0.1
+    assert s["dtrak"]["separated_from_teacher"] is False  # one query: never judged apart
     text = format_counterfactual({"k": 3, "queries": [0, 1], "queries_asked": [0, 1, 2],
                                   "steps": 5, "methods": s})
     assert "of 3 asked" in text and "2/2" in text
