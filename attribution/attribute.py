@@ -17,10 +17,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from attribution import retrieval
-from attribution.common.files import DataFileError
+from attribution.common.files import DataFileError, Dirs
 from attribution.data.dataset import read_manifest
 from attribution.data.images import center_crop_resize, save_grid
-from attribution.student.deploy import Dirs, deployed
+from attribution.student.deploy import deployed
 
 SHARE_POOL = 1000  # items the share of influence is normalized over (the rest count as zero)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attribution.common.files import atomic_write_bytes, load_npy
+from attribution.common.files import Dirs, atomic_write_bytes
 from attribution.config import ConfigError, derive
 from attribution.data.queries import QuerySet
 from attribution.data.text_cache import TextTable
@@ -33,8 +33,9 @@ from attribution.generator.model import build_scheduler, load_unet
 from attribution.generator.sampling import sample
 from attribution.generator.train import train_generator
 from attribution.metrics import standard_error
-from attribution.student.deploy import Dirs, student_test_ranks
+from attribution.student.deploy import student_test_ranks
 from attribution.teacher.scorer import query_loss
+from attribution.teacher.steps import load_row, query_file
 
 METHODS_HELP = ("teacher | teacher@<step factor> | student | random | dtrak | abu_diagonal | any "
                 "features.spaces entry (raw similarity)")
@@ -74,12 +75,11 @@ def _step_ranks(dirs: Dirs, method: str, q: int, n: int) -> np.ndarray:
         factor = float(method.split("@", 1)[1])
     except ValueError:
         raise ConfigError(f"{method!r}: write teacher@<step factor>, e.g. teacher@0.01") from None
-    folder = Path(dirs.get("steps", "")) / f"f{factor:g}"
     out = np.full((q, n), -1, dtype=np.int64)
     for i in range(q):
-        path = folder / f"test_{i}.npy"
+        path = query_file(dirs.get("steps", ""), factor, i)
         if path.is_file():
-            out[i] = np.argsort(-load_npy(path, "A step-study query's influences"), kind="stable")
+            out[i] = np.argsort(-load_row(path, n)[0], kind="stable")
     return out
 
 

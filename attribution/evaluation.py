@@ -16,15 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from attribution.callbacks import map_at_ks
-from attribution.common.files import atomic_write_bytes
+from attribution.common.files import Dirs, atomic_write_bytes
 from attribution.config import to_dict
 from attribution.data.dataset import CaptionedImageSet
 from attribution.data.queries import QuerySet
 from attribution.student.deploy import student_test_ranks
 from attribution.teacher.ceiling import self_agreement
 from attribution.teacher.evaluate import planted_known_answers, teacher_storage_bytes
-
-Dirs = Mapping[str, Path]
 
 
 def known_answer_recall(cfg, world_dir: Path, queries_dir: Path, rank: np.ndarray) -> dict:

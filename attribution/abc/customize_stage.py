@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from attribution.abc import concepts as C
 from attribution.abc.benchmark import SAMPLE_ID_BASE, all_concepts, split_of
 from attribution.abc.customize import Customized, Prior, customize, load_delta, save_delta
 from attribution.common.devices import torch_device
-from attribution.common.files import atomic_save_npz, atomic_write_bytes
+from attribution.common.files import Dirs, atomic_save_npz, atomic_write_bytes
 from attribution.data.dataset import CaptionedImageSet
 from attribution.data.images import from_uint8, save_grid, to_uint8
 from attribution.data.text_cache import TextTable
@@ -27,7 +26,7 @@ from attribution.generator.text_encoder import load_text_encoder
 from attribution.generator.train import encode_world
 
 
-def run_customize(cfg, inputs: Mapping[str, Path], out: Path, progress: bool = True) -> dict:
+def run_customize(cfg, inputs: Dirs, out: Path, progress: bool = True) -> dict:
     """Customize one model per concept and synthesize its images (skips finished concepts).
 
     ``inputs``: the world, text and generator folders."""

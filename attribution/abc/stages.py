@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,7 @@ from attribution.abc.benchmark import (
 from attribution.abc.customize import Customized, load_delta
 from attribution.abc.mapper import train_mapper
 from attribution.common.devices import torch_device
-from attribution.common.files import atomic_write_bytes, load_npy
+from attribution.common.files import Dirs, atomic_write_bytes, load_npy
 from attribution.data.dataset import CaptionedImageSet
 from attribution.data.text_cache import TextTable
 from attribution.generator.model import build_codec, build_scheduler, load_unet
@@ -45,7 +44,7 @@ from attribution.teacher.scorer import AbUScorer, Query
 from attribution.teacher.scoring import CandidateSet, candidate_losses
 
 
-def run_abc_teacher(cfg, inputs: Mapping[str, Path], out: Path, progress: bool = True) -> dict:
+def run_abc_teacher(cfg, inputs: Dirs, out: Path, progress: bool = True) -> dict:
     """Stage ``abc_teacher``: the AbU teacher on the held-out synthesized images (resumable per
     query: ``teacher/<query>.npy``, influence over the whole pool).  ``inputs``: the world, text,
     generator, fisher and customize folders."""
@@ -57,7 +56,7 @@ def run_abc_teacher(cfg, inputs: Mapping[str, Path], out: Path, progress: bool =
     return {"queries": len(scores), "seconds_per_query": (time.time() - start) / len(scores)}
 
 
-def teacher_scores(cfg, inputs: Mapping[str, Path], bench: Benchmark, out: Path,
+def teacher_scores(cfg, inputs: Dirs, bench: Benchmark, out: Path,
                    progress: bool = True) -> dict[int, np.ndarray]:
     """AbU influence over the whole pool for the first ``abc.teacher_images`` synthesized images
     of each held-out concept, each unlearned from its own customized model (cached per query).
@@ -115,7 +114,7 @@ def teacher_scores(cfg, inputs: Mapping[str, Path], bench: Benchmark, out: Path,
             for qi, _ in wanted}
 
 
-def run_abc(cfg, inputs: Mapping[str, Path], out: Path, progress: bool = True) -> dict:
+def run_abc(cfg, inputs: Dirs, out: Path, progress: bool = True) -> dict:
     """Score every method on the benchmark; write abc.json and calibration.json (the report
     draws the figure).  ``inputs``: the world, toyclip, features, student, customize and
     abc_teacher folders."""

@@ -18,13 +18,14 @@ from attribution.baselines.dtrak import DTRAK
 from attribution.callbacks import map_at_ks, rank_all
 from attribution.common.files import (
     DataFileError,
+    Dirs,
     atomic_save_npy,
     atomic_write_bytes,
     load_npy,
     read_json,
 )
 from attribution.data.queries import QuerySet
-from attribution.evaluation import Dirs, known_answer_recall
+from attribution.evaluation import known_answer_recall
 from attribution.features.cache import load_features, space_dir
 from attribution.student.deploy import feature_search_throughput
 from attribution.teacher.evaluate import teacher_storage_bytes
@@ -58,11 +59,9 @@ def run_baselines(cfg, inputs: Dirs, out: Path, progress: bool = True) -> dict:
                               **recall(rank), **feature_search_throughput(cfg, inputs, space)}
             atomic_save_npy(out / f"rank_{space}.npy", rank.astype(np.int32))
     if bc.dtrak:
-        results["dtrak"] = {**_dtrak(cfg, inputs, out, teacher_rank, ks, progress),
-                            **recall(np.load(out / "rank_dtrak.npy"))}
+        results["dtrak"] = _dtrak(cfg, inputs, out, teacher_rank, ks, progress)
     if bc.abu_diagonal:
         results["abu_diagonal"] = _abu_diagonal(cfg, inputs, out, teacher_rank, ks)
-        results["abu_diagonal"].update(recall(np.load(out / "rank_abu_diagonal.npy")))
     atomic_write_bytes(out / "baselines.json", json.dumps(results, indent=2).encode())
     k0 = ks[0]
     return {f"{m} mAP@{k0}": r[f"mAP@{k0}"] for m, r in results.items()}
@@ -95,6 +94,7 @@ def _dtrak(cfg, inputs: Dirs, out: Path, teacher_rank: np.ndarray, ks: list[int]
     atomic_save_npy(out / "rank_dtrak.npy", rank.astype(np.int32))
     weights = sum(p.numel() for p in unet.parameters()) * 4
     return {**map_at_ks(rank, teacher_rank, ks),
+            **known_answer_recall(cfg, inputs["world"], inputs["queries"], rank),
             "queries_per_second": 1.0 / dt.seconds_per_query(zq, cq),
             "storage_bytes": int(phi.numel()) * 4 + weights}
 
@@ -109,6 +109,7 @@ def _abu_diagonal(cfg, inputs: Dirs, out: Path, teacher_rank: np.ndarray,
         rank = merged["rank"]
     atomic_save_npy(out / "rank_abu_diagonal.npy", rank.astype(np.int32))
     return {**map_at_ks(rank, teacher_rank, ks),
+            **known_answer_recall(cfg, inputs["world"], inputs["queries"], rank),
             "queries_per_second": 1.0 / summary["seconds_per_test_query"],
             "storage_bytes": teacher_storage_bytes(inputs["world"], inputs["generator"],
                                                    inputs["abu_diagonal_fisher"])}

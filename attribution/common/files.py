@@ -22,10 +22,13 @@ import json
 import os
 import pickle
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+Dirs = Mapping[str, Path]  # stage name -> that stage's folder (what a stage function receives)
 
 
 class DataFileError(RuntimeError):

@@ -4,10 +4,9 @@ pointed at (a pre-encoded MSCOCO folder: validated, not copied)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from pathlib import Path
 
-from attribution.common.files import atomic_write_bytes
+from attribution.common.files import Dirs, atomic_write_bytes
 from attribution.common.plain import to_dict
 from attribution.data import toy_world
 from attribution.data.dataset import write_world
@@ -15,7 +14,7 @@ from attribution.data.encoded import EncodedWorld
 from attribution.data.folder import read_image_caption_data
 
 
-def run_world(cfg, inputs: Mapping[str, Path], out: Path, progress: bool = True) -> dict:
+def run_world(cfg, inputs: Dirs, out: Path, progress: bool = True) -> dict:
     """Write the world's images, captions, attributes and manifest into ``out`` (no inputs)."""
     w = cfg.world
     if w.kind == "encoded":

@@ -3,16 +3,14 @@ entry extracted for items and queries, cached)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 
+from attribution.common.files import Dirs
 from attribution.data.dataset import CaptionedImageSet
 from attribution.data.queries import QuerySet
 from attribution.features.cache import extract_all, space_dir
 from attribution.features.extractors import build_extractor, feature_context
 from attribution.features.toyclip import train_toyclip
-
-Dirs = Mapping[str, Path]
 
 
 def run_toyclip(cfg, inputs: Dirs, out: Path, progress: bool = True) -> dict:

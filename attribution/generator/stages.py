@@ -5,10 +5,9 @@ test query sets sampled from the generator, in the released layout)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from pathlib import Path
 
-from attribution.common.files import atomic_write_bytes
+from attribution.common.files import Dirs, atomic_write_bytes
 from attribution.config import ConfigError, to_dict
 from attribution.data.dataset import CaptionedImageSet, read_manifest
 from attribution.data.text_cache import TextTable
@@ -21,8 +20,6 @@ from attribution.generator.model import (
 from attribution.generator.queries import generate_queries
 from attribution.generator.text_encoder import load_text_encoder
 from attribution.generator.train import train_generator
-
-Dirs = Mapping[str, Path]
 
 
 def run_text(cfg, inputs: Dirs, out: Path, progress: bool = True) -> dict:

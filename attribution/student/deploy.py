@@ -10,7 +10,6 @@ record); nothing here knows the pipeline.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,14 +17,12 @@ import numpy as np
 import torch
 
 from attribution import retrieval
-from attribution.common.files import DataFileError, load_weights, read_json
+from attribution.common.files import DataFileError, Dirs, load_weights, read_json
 from attribution.data.dataset import CaptionedImageSet
 from attribution.data.queries import QuerySet
 from attribution.features.cache import load_features, space_dir
 from attribution.features.extractors import build_extractor, feature_context
 from attribution.student.head import EmbeddingHead
-
-Dirs = Mapping[str, Path]
 
 
 def load_head(student_dir: Path) -> EmbeddingHead:

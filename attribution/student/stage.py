@@ -4,15 +4,12 @@ queries, build the index, and time the deployed student end to end."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from pathlib import Path
 
-from attribution.common.files import atomic_write_bytes
+from attribution.common.files import Dirs, atomic_write_bytes
 from attribution.data.released import check_released
 from attribution.student.deploy import end_to_end_throughput
 from attribution.student.train import train_student
-
-Dirs = Mapping[str, Path]
 
 
 def run_student(cfg, inputs: Dirs, out: Path, progress: bool = True) -> dict:

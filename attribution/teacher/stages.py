@@ -5,20 +5,17 @@ fresh noise, and its stage-1 curation recall)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from attribution.common.files import atomic_write_bytes
+from attribution.common.files import Dirs, atomic_write_bytes
 from attribution.config import to_dict
 from attribution.data.dataset import CaptionedImageSet
 from attribution.data.queries import QuerySet
 from attribution.teacher import run as scoring
 from attribution.teacher.ceiling import run_ceiling as ceiling_run
 from attribution.teacher.evaluate import planted_known_answers
-
-Dirs = Mapping[str, Path]
 
 
 def run_fisher(cfg, inputs: Dirs, out: Path, progress: bool = True) -> dict:

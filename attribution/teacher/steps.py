@@ -21,7 +21,6 @@ summary reports.  One file per (factor, query): a killed study resumes.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,13 @@ import torch
 from tqdm.auto import tqdm
 
 from attribution.callbacks import map_at_ks
-from attribution.common.files import DataFileError, atomic_save_npy, atomic_write_bytes, load_npy
+from attribution.common.files import (
+    DataFileError,
+    Dirs,
+    atomic_save_npy,
+    atomic_write_bytes,
+    load_npy,
+)
 from attribution.common.plain import to_dict
 from attribution.data.dataset import CaptionedImageSet
 from attribution.data.queries import QuerySet
@@ -41,11 +46,13 @@ FACTORS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 PARTIAL = "delete it; rerunning the study recomputes only this query"
 
 
-def _tag(factor: float) -> str:
-    return f"f{factor:g}"
+def query_file(out: Path, factor: float, qid: int) -> Path:
+    """Where the study keeps test query ``qid``'s influences at ``factor`` (+ a .json beside)."""
+    return Path(out) / f"f{factor:g}" / f"test_{qid}.npy"
 
 
-def _load_row(path: Path, n_items: int) -> tuple[np.ndarray, dict]:
+def load_row(path: Path, n_items: int) -> tuple[np.ndarray, dict]:
+    """One (factor, query) file: float (n_items,) finite influences and its loss record."""
     row = load_npy(path, "A step-study query's influences", rebuild=PARTIAL)
     meta_path = path.with_suffix(".json")
     if row.shape != (n_items,) or not np.isfinite(row).all() or not meta_path.is_file():
@@ -54,7 +61,7 @@ def _load_row(path: Path, n_items: int) -> tuple[np.ndarray, dict]:
     return row, json.loads(meta_path.read_text())
 
 
-def score_factors(cfg, dirs: Mapping[str, Path], out: Path, factors: list[float],
+def score_factors(cfg, dirs: Dirs, out: Path, factors: list[float],
                   n_queries: int | None = None, progress: bool = True) -> dict:
     """Influence over all items of the first ``n_queries`` test queries at every factor; cached
     per (factor, query) under ``out/f<factor>/``.  -> {factor: (rows (Q, N), metas)}."""
@@ -66,7 +73,7 @@ def score_factors(cfg, dirs: Mapping[str, Path], out: Path, factors: list[float]
     ids = list(range(len(qs) if n_queries is None else min(n_queries, len(qs))))
     bar = tqdm(ids, desc="step study", disable=not progress)
     for qid in bar:
-        paths = {f: out / _tag(f) / f"test_{qid}.npy" for f in factors}
+        paths = {f: query_file(out, f, qid) for f in factors}
         todo = [f for f in factors if not paths[f].is_file()]
         if todo:
             if scorer is None:  # the base losses L_j(θ0) are the teacher's own (cached there)
@@ -83,13 +90,13 @@ def score_factors(cfg, dirs: Mapping[str, Path], out: Path, factors: list[float]
                 ).encode())
                 atomic_save_npy(paths[f], influence)
         for f in factors:
-            row, meta = _load_row(paths[f], n_items)
+            row, meta = load_row(paths[f], n_items)
             results[f][0].append(row)
             results[f][1].append(meta)
     return {f: (np.stack(rows), metas) for f, (rows, metas) in results.items()}
 
 
-def summarize(cfg, dirs: Mapping[str, Path], scored: dict, k: int = 10) -> dict:
+def summarize(cfg, dirs: Dirs, scored: dict, k: int = 10) -> dict:
     """The study's table: per factor the loss rise, share of items rising, planted recall and
     agreement (see the module docstring), each over the scored test queries with s.e."""
     factors = sorted(scored)
@@ -128,7 +135,7 @@ def summarize(cfg, dirs: Mapping[str, Path], scored: dict, k: int = 10) -> dict:
             "factor_1_reproduces_teacher": exact}
 
 
-def run_step_study(cfg, dirs: Mapping[str, Path], out: Path, factors: list[float] | None = None,
+def run_step_study(cfg, dirs: Dirs, out: Path, factors: list[float] | None = None,
                    n_queries: int | None = None, k: int = 10, progress: bool = True) -> dict:
     """Score, summarize, write ``steps.json`` in ``out``; return the summary."""
     factors = sorted(set(factors or FACTORS))
