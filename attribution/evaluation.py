@@ -31,7 +31,11 @@ def known_answer_recall(cfg, world_dir: Path, queries_dir: Path, rank: np.ndarra
     test = QuerySet(Path(queries_dir) / "query_test")
     known = planted_known_answers(world.attributes, test.attributes, rank,
                                   [to_dict(p) for p in cfg.world.planted])
-    return {f"{name} recall@10": r["recall@10"] for name, r in known.items()}
+    out = {}
+    for name, r in known.items():
+        out[f"{name} recall@10"] = r["recall@10"]
+        out[f"{name} recall@10_stderr"] = r["recall@10_stderr"]  # over the concept's queries
+    return out
 
 
 def query_types(cfg, queries_dir: Path) -> dict[str, np.ndarray]:
@@ -79,6 +83,8 @@ def run_metrics(cfg, dirs: Dirs, finished: Mapping[str, dict]) -> dict:
     out["teacher.seconds_per_train_query"] = teacher["seconds_per_train_query"]
     for name, r in teacher.get("known_answers", {}).items():
         out[f"teacher.{name}_recall@10"] = r["recall@10"]
+        if "recall@10_stderr" in r:  # teacher folders finished before it was recorded lack it
+            out[f"teacher.{name}_recall@10_stderr"] = r["recall@10_stderr"]
     student_rank = student_test_ranks(cfg, dirs["features"], dirs["student"])
     for name, v in known_answer_recall(cfg, dirs["world"], dirs["queries"],
                                        student_rank).items():

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from attribution import figures
 from attribution.abc.format import format_abc
+from attribution.claims import check_claims, format_claims
 from attribution.common.files import atomic_write_bytes
 from attribution.config import to_dict
 from attribution.counterfactual import format_counterfactual
@@ -96,6 +97,7 @@ def write_report(pipe, sweeps_dir: str | Path = "sweeps") -> Path:
           "method's top items) is the Counterfactual section below.", ""]
     L += _methods_table(metrics, k0)
     L += _reference_table(metrics, feature, ks)
+    L += _claims(cfg, k0)
     if sweep_figs:
         L += ["", "## Sweeps", ""]
         for name, path in sweep_figs.items():
@@ -132,7 +134,8 @@ def _methods_table(metrics: dict, k: int) -> list[str]:
             for t in types)
         L.append(f"| {m['method']} | {m['quality']:.3f} ({m['stderr']:.3f}) | {by_type}"
                  f"{m['qps']:.4g} | {figures._human(m['storage'])} | "
-                 + " | ".join("" if r is None else f"{r:.2f}" for r in rec) + " |")
+                 + " | ".join(_recall_cell(r, metrics.get(f"{prefix}.{p}_stderr"))
+                              for r, p in zip(rec, planted)) + " |")
     ceiling = metrics.get(f"teacher.self_mAP@{k}")
     if ceiling is not None:
         se = metrics.get(f"teacher.self_mAP@{k}_stderr", 0.0)
@@ -151,10 +154,17 @@ def _methods_table(metrics: dict, k: int) -> list[str]:
               f"{metrics.get('teacher.curation_queries', '?')} training queries scored over every "
               f"item, {recall:.2f} (s.e. {metrics.get('teacher.curation_recall@10_stderr', 0):.2f})"
               f" lies inside their stage-1 K-sets (`teacher.curation_recall@10`)."]
-    return L + ["", "Known-answer recall@10: the share of the planted items found in the top 10 "
+    return L + ["", "Known-answer recall@10 (s.e. over the concept's queries): the share of the "
+                "planted items found in the top 10 "
                 "by the test queries that prompt the planted concept (chance = 10/N). "
                 "*ordinary* / *planted*: the same mAP over the test queries whose prompt names "
                 "no planted concept / a planted concept.", ""]
+
+
+def _recall_cell(recall: float | None, stderr: float | None) -> str:
+    if recall is None:
+        return ""
+    return f"{recall:.2f}" if stderr is None else f"{recall:.2f} ({stderr:.2f})"
 
 
 def _reference_table(metrics: dict, feature: str, ks: list[int]) -> list[str]:
@@ -181,10 +191,23 @@ def _reference_table(metrics: dict, feature: str, ks: list[int]) -> list[str]:
                  f"{metrics['speedup_vs_teacher']:,.0f}x (grows ~linearly with the training-set "
                  f"size: the teacher scores every item, the search is a small part of a student "
                  f"query) |")
-    L += ["| loss types | MSE worst; ordinal ~ cross-entropy | see the `loss` sweep figure |",
-          "| mAP vs training queries | rises fast, then saturates | see `data_scaling` |",
-          "| mAP vs p (outside the K-set) | a little helps, much hurts | see `outside_p` |", ""]
-    return L
+    return L + [""]
+
+
+def _claims(cfg, k: int) -> list[str]:
+    """The paper's qualitative claims, checked on this experiment's sweeps (when they ran)."""
+    metric = f"student.mAP@{k}"
+    rows = format_claims(check_claims(Path(cfg.output_root) / "sweeps", cfg.name, metric), metric)
+    if not rows:
+        return ["## The paper's qualitative claims", "",
+                f"No sweep of experiment `{cfg.name}` has finished: `attribution sweep "
+                "sweeps/<name>.yaml` (for the sweeps whose command names this experiment) adds "
+                "the table of claims here.", ""]
+    return ["## The paper's qualitative claims", "",
+            "Each claim as a difference of two test-query means; the standard error of a "
+            "difference combines the two as if independent (conservative: both runs score the "
+            "same queries); *holds* / *does not hold* need more than two standard errors.", "",
+            *rows, ""]
 
 
 def _counterfactual(pipe, metrics: dict, figdir: Path) -> list[str]:

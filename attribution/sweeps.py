@@ -1,8 +1,8 @@
 """Run a W&B sweep file locally: the same YAML ``wandb sweep`` takes, expanded here (grid or
 random) and run in-process through the pipeline, so only the stages a parameter touches rerun.
 
-Each finished run appends a row (parameters + run metrics) to ``runs/sweeps/<sweep>/results.csv``
-and is skipped on rerun.
+Each finished run appends a row (the experiment's name, the parameters and the run's metrics) to
+``runs/sweeps/<sweep>/results.csv`` and is skipped on rerun; rows of another experiment are not.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def run_sweep(path: str | Path, extra: list[str] | None = None, output_root: str
     done = set()
     if table.is_file():
         with open(table) as f:
-            done = {row["run"] for row in csv.DictReader(f)}
+            # rows of another experiment (a sweep file whose command changed) are not this one's
+            done = {row["run"] for row in csv.DictReader(f) if row.get("experiment") == base.name}
     for params in runs:
         run_id = _run_id(params)
         if run_id in done:
@@ -46,7 +47,8 @@ def run_sweep(path: str | Path, extra: list[str] | None = None, output_root: str
         pipe = Pipeline(cfg, progress=progress, echo=lambda s: None)
         pipe.run()  # runs every stage, so it also writes runs/<name>/metrics.json
         metrics = json.loads((pipe.root / "metrics.json").read_text())
-        row = {"run": run_id, **{k: _fmt(v) for k, v in params.items()}, **metrics}
+        row = {"run": run_id, "experiment": cfg.name, **{k: _fmt(v) for k, v in params.items()},
+               **metrics}
         echo(f"[sweep] {run_id}: {sweep['metric']['name']}="
              f"{metrics.get(sweep['metric']['name'], float('nan')):.4f}")
         _append(table, row)

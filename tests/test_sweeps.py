@@ -35,10 +35,18 @@ def test_two_run_local_sweep_on_smoke(smoke_run, tmp_path):
     with open(table) as f:
         rows = list(csv.DictReader(f))
     assert [r["student.loss"] for r in rows] == ["ce", "listwise"]
+    assert {r["experiment"] for r in rows} == {smoke_run.cfg.name}
     assert all(0 <= float(r["student.mAP@5"]) <= 1 for r in rows)
     again = []
     run_sweep(sweep, output_root=str(smoke_run.cfg.output_root), echo=again.append)
     assert all("skip" in ln for ln in again) and len(again) == 2
+    # a row of another experiment (the sweep file's command changed) does not count as done
+    with open(table) as f:
+        text = f.read()
+    table.write_text(text.replace(f",{smoke_run.cfg.name},", ",other_experiment,", 1))
+    third = []
+    run_sweep(sweep, output_root=str(smoke_run.cfg.output_root), echo=third.append)
+    assert sum("skip" in ln for ln in third) == 1 and len(third) == 2
     # the figure of this sweep, drawn from its table by the `figures` command
     from attribution.cli import main
 

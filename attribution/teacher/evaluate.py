@@ -6,7 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
-from attribution.metrics import chance_reciprocal_rank, recall_at_k, reciprocal_rank
+from attribution.metrics import (
+    chance_reciprocal_rank,
+    recall_at_k,
+    reciprocal_rank,
+    standard_error,
+)
 
 
 def planted_known_answers(item_attributes: list[dict], query_attributes: list[dict],
@@ -30,6 +35,7 @@ def planted_known_answers(item_attributes: list[dict], query_attributes: list[di
         out[f"{a}={v}"] = {
             "queries": len(qids), "planted_items": len(positives),
             f"recall@{k}": float(np.mean(recalls)),
+            f"recall@{k}_stderr": standard_error(recalls),  # over the concept's queries
             f"chance_recall@{k}": min(k, n_items) / n_items,
             "mrr": float(np.mean(rrs)),
             "chance_mrr": chance_reciprocal_rank(n_items, len(positives)),

@@ -218,3 +218,16 @@ def test_known_answer_diagonal_teacher(teacher_pipe):
     res = pipe.run(["teacher"])["teacher"]
     known = json.loads((res.dir / "known_answers.json").read_text())["shape=cross"]
     assert known["mrr"] > 5 * known["chance_mrr"]
+
+
+def test_known_answer_recall_and_its_standard_error_on_a_known_ranking():
+    from attribution.teacher.evaluate import planted_known_answers
+
+    items = [{"colour": "pink"}] * 2 + [{"colour": "red"}] * 18
+    queries = [{"colour": "pink"}, {"colour": "pink"}, {"colour": "red"}]
+    rank = np.tile(np.arange(20), (3, 1))
+    rank[1] = rank[1][::-1]  # the second pink query puts both planted items last
+    known = planted_known_answers(items, queries, rank, [{"attribute": "colour",
+                                                          "value": "pink"}], k=10)["colour=pink"]
+    assert known["queries"] == 2 and known["recall@10"] == 0.5
+    assert known["recall@10_stderr"] == pytest.approx(0.5)  # std([1, 0], ddof=1) / sqrt(2)

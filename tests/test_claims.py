@@ -1,0 +1,78 @@
+"""The claims table on sweep rows with known answers: each verdict follows from the numbers."""
+
+from attribution.claims import (
+    FAILS,
+    HOLDS,
+    TIED,
+    budget_claims,
+    check_claims,
+    feature_space_claims,
+    format_claims,
+    loss_claims,
+    outside_p_claims,
+    scaling_claims,
+)
+
+M = "student.mAP@10"
+
+
+def _rows(key, pairs):
+    return [{key: str(x), M: str(m), f"{M}_stderr": str(se)} for x, m, se in pairs]
+
+
+def test_loss_claims_follow_the_numbers():
+    rows = _rows("student.loss", [("ce", 0.40, 0.01), ("mse", 0.20, 0.01),
+                                  ("ordinal", 0.41, 0.01), ("listwise", 0.45, 0.01)])
+    mse, same = loss_claims(rows, M)
+    assert mse["verdict"] == HOLDS and "ce 0.400" in mse["ours"]  # the next worst is ce
+    assert same["verdict"].startswith(HOLDS)  # 0.01 apart, s.e. of the difference 0.014
+    rows = _rows("student.loss", [("ce", 0.40, 0.01), ("mse", 0.45, 0.01),
+                                  ("ordinal", 0.30, 0.01)])
+    mse, same = loss_claims(rows, M)
+    assert mse["verdict"] == FAILS and same["verdict"] == FAILS
+
+
+def test_a_difference_inside_two_standard_errors_cannot_be_told_apart():
+    rows = _rows("student.loss", [("ce", 0.40, 0.05), ("mse", 0.35, 0.05)])
+    assert loss_claims(rows, M)[0]["verdict"] == TIED  # 0.05 < 2 x 0.071
+
+
+def test_scaling_rises_then_saturates():
+    rows = _rows("student.n_queries", [(10, 0.20, 0.01), (30, 0.40, 0.01), (100, 0.50, 0.01),
+                                       (300, 0.52, 0.01), (990, 0.53, 0.01)])
+    rise, sat = scaling_claims(rows, M)
+    assert rise["verdict"] == HOLDS and sat["verdict"] == HOLDS
+    linear = _rows("student.n_queries", [(10, 0.1, 0.01), (20, 0.2, 0.01), (40, 0.3, 0.01)])
+    assert scaling_claims(linear, M)[1]["verdict"] == TIED  # the same gain per doubling
+
+
+def test_outside_p_uses_the_smallest_positive_p_not_the_best():
+    rows = _rows("student.p_outside", [(0.0, 0.40, 0.01), (0.05, 0.38, 0.01), (0.1, 0.60, 0.01),
+                                       (0.4, 0.30, 0.01)])
+    helps, hurts = outside_p_claims(rows, M)
+    assert helps["verdict"] == TIED and "p=0.05" in helps["ours"]  # -0.02 ± 0.014
+    assert hurts["verdict"] == HOLDS
+
+
+def test_feature_space_and_budget_claims():
+    rows = [{"student.feature": "a", M: "0.5", f"{M}_stderr": "0.01",
+             "baseline.a.mAP@10": "0.3", "baseline.a.mAP@10_stderr": "0.01"},
+            {"student.feature": "b", M: "0.3", f"{M}_stderr": "0.01",
+             "baseline.b.mAP@10": "0.4", "baseline.b.mAP@10_stderr": "0.01"}]
+    a, b = feature_space_claims(rows, M)
+    assert a["verdict"] == HOLDS and "0.300 → 0.500" in a["ours"] and b["verdict"] == FAILS
+    budget = _rows("student.n_queries", [(495, 0.30, 0.01), (990, 0.40, 0.01)])
+    assert budget_claims(budget, M)[0]["verdict"].startswith("more queries")
+
+
+def test_check_claims_reads_only_the_experiments_rows(tmp_path):
+    d = tmp_path / "loss"
+    d.mkdir()
+    (d / "results.csv").write_text(
+        f"run,experiment,student.loss,{M},{M}_stderr\n"
+        f"a,mine,ce,0.4,0.01\nb,mine,mse,0.2,0.01\nc,other,mse,0.9,0.01\n")
+    claims = check_claims(tmp_path, "mine", M)
+    assert [c["verdict"] for c in claims] == [HOLDS]
+    assert check_claims(tmp_path, "nobody", M) == []
+    table = format_claims(claims, M)
+    assert table[0].startswith("| claim") and "MSE trains worst" in table[2]
