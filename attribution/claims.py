@@ -2,20 +2,28 @@
 
 Each claim becomes a difference of two test-query means with a standard error, and a verdict:
 *holds* when the difference has the claimed sign by more than two standard errors, *does not
-hold* when it has the other sign by more than two, and *cannot be told apart* in between.  The
-standard error of a difference combines the two runs' standard errors as if independent; both
-runs score the same test queries, whose errors are positively correlated, so this is an
-overestimate and the verdicts are conservative.  No value is chosen by its test figure: each
-claim names in advance which settings it compares (e.g. the smallest p above 0, not the best).
+hold* when it has the other sign by more than two, and *cannot be told apart* in between.  Both
+runs score the same test queries, so the difference is PAIRED where the sweep saved each run's
+per-query AP (``runs/sweeps/<sweep>/ap/``): the standard error of the per-query differences.
+Without those files it falls back to combining the two standard errors as if independent (an
+overestimate: the same queries' errors are positively correlated), and the row says "unpaired".
+No value is chosen by its test figure: each claim names in advance which settings it compares
+(e.g. the smallest p above 0, not the best one).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from attribution.common.files import DataFileError, load_npz
 from attribution.figures.base import _num
 from attribution.figures.sweeps import aggregate, read_rows
+from attribution.metrics import standard_error
+from attribution.sweep_spec import ap_file
 
 Z = 2.0  # standard errors a difference must exceed to count as a difference
 HOLDS, FAILS, TIED = "holds", "does not hold", "cannot be told apart (within 2 s.e.)"
@@ -30,20 +38,82 @@ def _verdict(d: float, se: float) -> str:
     return HOLDS if d > 0 else FAILS
 
 
-def _points(rows: list[dict], key: str, metric: str) -> dict[str, tuple[float, float]]:
-    return {p["x"]: (p["mean"], p["stderr"]) for p in aggregate(rows, key, metric)}
+@dataclass
+class Point:
+    """One setting's test figure: mean, standard error, and (when saved) each query's AP."""
+
+    mean: float
+    se: float
+    ap: np.ndarray | None = None
+
+    def __getitem__(self, i: int) -> float:  # (mean, se) as a pair
+        return (self.mean, self.se)[i]
 
 
-def _diff(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
-    return a[0] - b[0], math.hypot(a[1], b[1])
+def _ap_arrays(row: dict, member: str) -> np.ndarray | None:
+    """The row's per-query AP (``member``, e.g. ``student@10``), or None: no file, a file that
+    does not fit, or a row without its table folder (rows built in memory)."""
+    folder = row.get("_table_dir")
+    if folder is None or "run" not in row or "experiment" not in row:
+        return None
+    path = ap_file(folder, row["experiment"], row["run"])
+    if not path.is_file():
+        return None
+    try:
+        arr = load_npz(path, "per-query AP of a sweep run").get(member)
+    except DataFileError:
+        return None
+    if arr is None or arr.ndim != 1 or not np.isfinite(arr).all():
+        return None
+    return arr.astype(np.float64)
 
 
-def _pm(d: float, se: float) -> str:
-    return f"{d:+.3f} ± {se:.3f}"
+def _points(rows: list[dict], key: str, metric: str, member: str | None = None
+            ) -> dict[str, Point]:
+    """Per setting of ``key``: the aggregated test figure, with the per-query AP (averaged
+    over the setting's seeds) when every run of the setting saved it and it agrees with the
+    table's figure."""
+    member = member or f"student@{metric.rsplit('@', 1)[1]}"
+    out = {}
+    for p in aggregate(rows, key, metric):
+        runs = [r for r in rows if str(r.get(key)) == p["x"]]
+        arrays = [_ap_arrays(r, member) for r in runs]
+        ap = None
+        if arrays and all(a is not None for a in arrays) and len({len(a) for a in arrays}) == 1:
+            ap = np.mean(arrays, axis=0)
+            if member.startswith("student") and abs(ap.mean() - p["mean"]) > 1e-6:
+                ap = None  # the file belongs to another run than the table's row
+        out[p["x"]] = Point(p["mean"], p["stderr"], ap)
+    return out
+
+
+def _combo(terms: list[tuple[float, Point]]) -> tuple[float, float, bool]:
+    """Σ wᵢ·pointᵢ ± s.e.: over queries (paired) when every point carries per-query AP of one
+    length, else with the points' standard errors combined as if independent.  Returns
+    (value, s.e., paired?)."""
+    aps = [p.ap for _, p in terms]
+    if all(a is not None for a in aps) and len({len(a) for a in aps}) == 1:
+        d = sum(w * a for (w, _), a in zip(terms, aps))
+        return float(d.mean()), standard_error(d), True
+    return (sum(w * p.mean for w, p in terms),
+            math.sqrt(sum((w * p.se) ** 2 for w, p in terms)), False)
+
+
+def _diff(a: Point, b: Point) -> tuple[float, float, bool]:
+    """a − b ± s.e. (paired over queries when both carry per-query AP)."""
+    return _combo([(1.0, a), (-1.0, b)])
+
+
+def _pm(d: float, se: float, paired: bool = True) -> str:
+    return f"{d:+.3f} ± {se:.3f}" + ("" if paired else ", unpaired")
 
 
 def _row(claim: str, sweep: str, ours: str, verdict: str) -> dict:
     return {"claim": claim, "sweep": sweep, "ours": ours, "verdict": verdict}
+
+
+def _k(metric: str) -> str:
+    return metric.rsplit("@", 1)[1]
 
 
 def feature_space_claims(rows: list[dict], metric: str) -> list[dict]:
@@ -51,38 +121,39 @@ def feature_space_claims(rows: list[dict], metric: str) -> list[dict]:
     tail = metric.split(".", 1)[1]
     out = []
     for space, tuned in _points(rows, "student.feature", metric).items():
-        base = [r for r in rows if r.get("student.feature") == space]
-        b = (_num(base[0].get(f"baseline.{space}.{tail}")),
-             _num(base[0].get(f"baseline.{space}.{tail}_stderr")))
-        if math.isnan(b[0]):
+        run = next(r for r in rows if str(r.get("student.feature")) == space)
+        b = Point(_num(run.get(f"baseline.{space}.{tail}")),
+                  _num(run.get(f"baseline.{space}.{tail}_stderr")),
+                  _ap_arrays(run, f"baseline@{_k(metric)}"))
+        if math.isnan(b.mean):
             continue
-        d, se = _diff(tuned, b)
+        d, se, paired = _diff(tuned, b)
         out.append(_row(f"tuned > untuned: {space}", "feature_space",
-                        f"{b[0]:.3f} → {tuned[0]:.3f} ({_pm(d, se)})", _verdict(d, se)))
+                        f"{b.mean:.3f} → {tuned.mean:.3f} ({_pm(d, se, paired)})",
+                        _verdict(d, se)))
     return out
 
 
 def loss_claims(rows: list[dict], metric: str) -> list[dict]:
-    """MSE trains worst; ordinal ≈ cross-entropy."""
+    """MSE trains worst (vs the worst of the other losses); ordinal ≈ cross-entropy."""
     pts = _points(rows, "student.loss", metric)
     out = []
     if "mse" in pts and len(pts) > 1:
-        worst_other = min((v for k, v in pts.items() if k != "mse"), key=lambda v: v[0])
-        name = next(k for k, v in pts.items() if v == worst_other and k != "mse")
-        d, se = _diff(worst_other, pts["mse"])
+        name = min((k for k in pts if k != "mse"), key=lambda k: pts[k].mean)
+        d, se, paired = _diff(pts[name], pts["mse"])
         out.append(_row("MSE trains worst", "loss",
-                        f"mse {pts['mse'][0]:.3f} vs the next worst, {name} {worst_other[0]:.3f} "
-                        f"({_pm(d, se)})", _verdict(d, se)))
+                        f"mse {pts['mse'].mean:.3f} vs the next worst, {name} "
+                        f"{pts[name].mean:.3f} ({_pm(d, se, paired)})", _verdict(d, se)))
     if "ordinal" in pts and "ce" in pts:
-        d, se = _diff(pts["ordinal"], pts["ce"])
+        d, se, paired = _diff(pts["ordinal"], pts["ce"])
         verdict = HOLDS + " (within 2 s.e.)" if abs(d) <= Z * se else FAILS
         out.append(_row("ordinal ≈ cross-entropy", "loss",
-                        f"ordinal {pts['ordinal'][0]:.3f}, ce {pts['ce'][0]:.3f} ({_pm(d, se)})",
-                        verdict))
+                        f"ordinal {pts['ordinal'].mean:.3f}, ce {pts['ce'].mean:.3f} "
+                        f"({_pm(d, se, paired)})", verdict))
     return out
 
 
-def _numeric(pts: dict[str, tuple[float, float]]) -> list[tuple[float, tuple[float, float]]]:
+def _numeric(pts: dict[str, Point]) -> list[tuple[float, Point]]:
     return sorted(((_num(x), v) for x, v in pts.items() if not math.isnan(_num(x))),
                   key=lambda p: p[0])
 
@@ -95,15 +166,17 @@ def scaling_claims(rows: list[dict], metric: str) -> list[dict]:
         return []
     (q0, a), (q1, b) = pts[0], pts[1]
     (qm, y), (qn, z) = pts[-2], pts[-1]
-    d, se = _diff(z, a)
+    d, se, paired = _diff(z, a)
     out = [_row("mAP rises with training queries", "data_scaling",
-                f"Q={q0:g}: {a[0]:.3f} → Q={qn:g}: {z[0]:.3f} ({_pm(d, se)})", _verdict(d, se))]
-    first = ((b[0] - a[0]) / math.log2(q1 / q0), math.hypot(a[1], b[1]) / math.log2(q1 / q0))
-    last = ((z[0] - y[0]) / math.log2(qn / qm), math.hypot(y[1], z[1]) / math.log2(qn / qm))
-    d, se = first[0] - last[0], math.hypot(first[1], last[1])
+                f"Q={q0:g}: {a.mean:.3f} → Q={qn:g}: {z.mean:.3f} ({_pm(d, se, paired)})",
+                _verdict(d, se))]
+    l1, l2 = math.log2(q1 / q0), math.log2(qn / qm)
+    first, last = (b.mean - a.mean) / l1, (z.mean - y.mean) / l2
+    d, se, paired = _combo([(1 / l1, b), (-1 / l1, a), (-1 / l2, z), (1 / l2, y)])
     out.append(_row("... then saturates", "data_scaling",
-                    f"gain per doubling of Q: first {first[0]:+.3f} (Q {q0:g}→{q1:g}), last "
-                    f"{last[0]:+.3f} (Q {qm:g}→{qn:g}); difference {_pm(d, se)}", _verdict(d, se)))
+                    f"gain per doubling of Q: first {first:+.3f} (Q {q0:g}→{q1:g}), last "
+                    f"{last:+.3f} (Q {qm:g}→{qn:g}); difference {_pm(d, se, paired)}",
+                    _verdict(d, se)))
     return out
 
 
@@ -116,14 +189,14 @@ def outside_p_claims(rows: list[dict], metric: str) -> list[dict]:
     if not zero or len(pos) < 2:
         return []
     (p_small, small), (p_big, big) = pos[0], pos[-1]
-    d1, se1 = _diff(small, zero[0])
-    d2, se2 = _diff(small, big)
+    d1, se1, paired1 = _diff(small, zero[0])
+    d2, se2, paired2 = _diff(small, big)
     return [_row("a little outside-set sampling helps", "outside_p",
-                 f"p=0: {zero[0][0]:.3f}, p={p_small:g}: {small[0]:.3f} ({_pm(d1, se1)})",
-                 _verdict(d1, se1)),
+                 f"p=0: {zero[0].mean:.3f}, p={p_small:g}: {small.mean:.3f} "
+                 f"({_pm(d1, se1, paired1)})", _verdict(d1, se1)),
             _row("... much hurts", "outside_p",
-                 f"p={p_small:g}: {small[0]:.3f}, p={p_big:g}: {big[0]:.3f} ({_pm(d2, se2)})",
-                 _verdict(d2, se2))]
+                 f"p={p_small:g}: {small.mean:.3f}, p={p_big:g}: {big.mean:.3f} "
+                 f"({_pm(d2, se2, paired2)})", _verdict(d2, se2))]
 
 
 def budget_claims(rows: list[dict], metric: str) -> list[dict]:
@@ -133,12 +206,13 @@ def budget_claims(rows: list[dict], metric: str) -> list[dict]:
     if len(pts) < 2:
         return []
     (qa, a), (qb, b) = pts[0], pts[-1]
-    d, se = _diff(b, a)
+    d, se, paired = _diff(b, a)
     v = _verdict(d, se)
     direction = {HOLDS: "more queries, fewer candidates is better",
                  FAILS: "more candidates, fewer queries is better"}.get(v, v)
     return [_row("a fixed Q × M budget trades queries against candidates", "fixed_budget",
-                 f"Q={qa:g}: {a[0]:.3f}, Q={qb:g}: {b[0]:.3f} ({_pm(d, se)})", direction)]
+                 f"Q={qa:g}: {a.mean:.3f}, Q={qb:g}: {b.mean:.3f} ({_pm(d, se, paired)})",
+                 direction)]
 
 
 CLAIMS = {"feature_space": feature_space_claims, "loss": loss_claims,
@@ -147,10 +221,12 @@ CLAIMS = {"feature_space": feature_space_claims, "loss": loss_claims,
 
 
 def experiment_rows(table: Path, experiment: str) -> list[dict]:
-    """The rows of a sweep table that belong to one experiment (its ``experiment`` column)."""
+    """The rows of a sweep table that belong to one experiment (its ``experiment`` column),
+    each knowing its table's folder (where the per-query AP files are)."""
     if not table.is_file():
         return []
-    return [r for r in read_rows(table) if r.get("experiment") == experiment]
+    return [{**r, "_table_dir": table.parent} for r in read_rows(table)
+            if r.get("experiment") == experiment]
 
 
 def check_claims(results_root: str | Path, experiment: str, metric: str) -> list[dict]:

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from attribution.callbacks import map_at_ks
-from attribution.common.files import Dirs, atomic_write_bytes
+from attribution.common.files import Dirs, atomic_write_bytes, load_npy, load_npz
 from attribution.config import to_dict
 from attribution.data.dataset import CaptionedImageSet
 from attribution.data.queries import QuerySet
+from attribution.metrics import average_precision
 from attribution.student.deploy import student_test_ranks
 from attribution.teacher.ceiling import self_agreement
 from attribution.teacher.evaluate import planted_known_answers, teacher_storage_bytes
@@ -125,6 +126,28 @@ def run_metrics(cfg, dirs: Dirs, finished: Mapping[str, dict]) -> dict:
         for method, r in base.items():
             for k, v in r.items():
                 out.setdefault(f"baseline.{method}.{k.replace(' ', '_')}", v)
+    return out
+
+
+def per_query_ap(cfg, dirs: Dirs) -> dict[str, np.ndarray]:
+    """Each test query's AP@k against the teacher, for every ``student.k_eval`` k: the student
+    (``student@k``) and, when the baselines finished, its untuned input features
+    (``baseline@k``).  Two runs scored on the same test queries are compared pairwise with
+    these (a paired standard error: docs/pipeline.md, sweeps)."""
+    teacher_rank = load_npz(Path(dirs["teacher"]) / "teacher_test.npz",
+                            "teacher test rankings")["rank"]
+    ranked = {"student": student_test_ranks(cfg, dirs["features"], dirs["student"])}
+    base = Path(dirs["baselines"]) / f"rank_{cfg.student.feature}.npy"
+    if base.is_file():
+        ranked["baseline"] = load_npy(base, "baseline test rankings")
+    out = {}
+    for k in cfg.student.k_eval:
+        if k > teacher_rank.shape[1]:
+            continue
+        positives = [set(r[:k].tolist()) for r in teacher_rank]
+        for name, rank in ranked.items():
+            out[f"{name}@{k}"] = np.array([average_precision(r, p)
+                                           for r, p in zip(rank, positives)])
     return out
 
 

@@ -72,7 +72,7 @@ def write_report(pipe, sweeps_dir: str | Path = "sweeps") -> Path:
     sweep_figs = {}
     if Path(sweeps_dir).is_dir():
         sweep_figs = figures.sweep_figures(sweeps_dir, Path(cfg.output_root) / "sweeps", figdir,
-                                           echo=lambda s: None)
+                                           echo=lambda s: None, experiment=cfg.name)
     L = [f"# Attribution run `{cfg.name}`", "",
          f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} on {platform.machine()} "
          f"({os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
@@ -103,8 +103,9 @@ def write_report(pipe, sweeps_dir: str | Path = "sweeps") -> Path:
         for name, path in sweep_figs.items():
             L += [f"### {name}", "", f"![{name}](figures/{path.name})", ""]
     else:
-        L += ["", "## Sweeps", "", "No sweep results yet: `attribution sweep sweeps/<name>.yaml` "
-              "then `attribution figures` (or rerun this command) adds their figures here.", ""]
+        L += ["", "## Sweeps", "", f"No sweep of experiment `{cfg.name}` has results yet: "
+              "`attribution sweep sweeps/<name>.yaml` (the toy sweeps run on `toy_evidence`) "
+              "then rerunning this command adds their figures here.", ""]
     if not pipe.released:
         L += _counterfactual(pipe, metrics, figdir)
         L += _abc(pipe, figdir)
@@ -204,9 +205,10 @@ def _claims(cfg, k: int) -> list[str]:
                 "sweeps/<name>.yaml` (for the sweeps whose command names this experiment) adds "
                 "the table of claims here.", ""]
     return ["## The paper's qualitative claims", "",
-            "Each claim as a difference of two test-query means; the standard error of a "
-            "difference combines the two as if independent (conservative: both runs score the "
-            "same queries); *holds* / *does not hold* need more than two standard errors.", "",
+            "Each claim as a difference of two test-query means, paired over the test queries "
+            "both runs scored (rows marked *unpaired* had no per-query AP saved: their two "
+            "standard errors are combined as if independent, which overstates the error); "
+            "*holds* / *does not hold* need more than two standard errors.", "",
             *rows, ""]
 
 

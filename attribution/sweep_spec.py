@@ -4,6 +4,7 @@ first run starts."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import random
@@ -80,3 +81,10 @@ def expand(sweep: dict, n_random: int = 8, seed: int = 0) -> list[dict]:
         return [dict(zip(names, combo)) for combo in itertools.product(*choices)]
     rng = random.Random(seed)
     return [{n: rng.choice(c) for n, c in zip(names, choices)} for _ in range(n_random)]
+
+
+def ap_file(table_dir: str | Path, experiment: str, run_id: str) -> Path:
+    """Where a sweep run's per-test-query AP arrays live (``<table dir>/ap/<digest>.npz``), so
+    the claims compare two runs query by query (a paired standard error)."""
+    digest = hashlib.sha256(f"{experiment}\n{run_id}".encode()).hexdigest()[:16]
+    return Path(table_dir) / "ap" / f"{digest}.npz"

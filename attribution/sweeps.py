@@ -11,9 +11,19 @@ import csv
 import json
 from pathlib import Path
 
+from attribution.common.files import DataFileError, atomic_save_npz
 from attribution.config import load_config
+from attribution.evaluation import per_query_ap
 from attribution.pipeline import Pipeline
-from attribution.sweep_spec import _dotlist, _fmt, _run_id, check_runs, expand, load_sweep
+from attribution.sweep_spec import (
+    _dotlist,
+    _fmt,
+    _run_id,
+    ap_file,
+    check_runs,
+    expand,
+    load_sweep,
+)
 
 __all__ = ["load_sweep", "expand", "check_runs", "run_sweep"]
 
@@ -40,12 +50,14 @@ def run_sweep(path: str | Path, extra: list[str] | None = None, output_root: str
             done = {row["run"] for row in csv.DictReader(f) if row.get("experiment") == base.name}
     for params in runs:
         run_id = _run_id(params)
-        if run_id in done:
-            echo(f"[sweep] skip (done) {run_id}")
-            continue
         cfg = load_config(sweep["config"], overrides + _dotlist(params))
         pipe = Pipeline(cfg, progress=progress, echo=lambda s: None)
+        if run_id in done:
+            echo(f"[sweep] skip (done) {run_id}")
+            _save_ap(pipe, out, run_id, echo)  # a row finished before these files existed
+            continue
         pipe.run()  # runs every stage, so it also writes runs/<name>/metrics.json
+        _save_ap(pipe, out, run_id, echo)
         metrics = json.loads((pipe.root / "metrics.json").read_text())
         row = {"run": run_id, "experiment": cfg.name, **{k: _fmt(v) for k, v in params.items()},
                **metrics}
@@ -53,6 +65,21 @@ def run_sweep(path: str | Path, extra: list[str] | None = None, output_root: str
              f"{metrics.get(sweep['metric']['name'], float('nan')):.4f}")
         _append(table, row)
     return table
+
+
+def _save_ap(pipe: Pipeline, out: Path, run_id: str, echo) -> None:
+    """The run's per-test-query AP (student and its untuned features), unless already saved or
+    the run has no teacher test rankings (released data: test queries are K-set only)."""
+    path = ap_file(out, pipe.cfg.name, run_id)
+    if path.is_file() or pipe.released:
+        return
+    try:
+        arrays = per_query_ap(pipe.cfg, pipe.dirs())
+    except (DataFileError, OSError) as err:  # its folders were deleted since: no paired s.e.
+        echo(f"[sweep] {run_id}: no per-query AP ({err})")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_npz(path, **arrays)
 
 
 def _append(table: Path, row: dict) -> None:

@@ -76,3 +76,33 @@ def test_check_claims_reads_only_the_experiments_rows(tmp_path):
     assert check_claims(tmp_path, "nobody", M) == []
     table = format_claims(claims, M)
     assert table[0].startswith("| claim") and "MSE trains worst" in table[2]
+
+
+def test_paired_differences_separate_what_unpaired_ones_cannot(tmp_path):
+    """Two losses 0.02 apart on every one of 50 very different queries: unpaired, their
+    standard errors (~0.04 each) hide it; paired over queries it is exact."""
+    import numpy as np
+
+    from attribution.common.files import atomic_save_npz
+    from attribution.sweep_spec import ap_file
+
+    base = np.linspace(0.1, 0.9, 50)
+    runs = {"ce": base + 0.02, "mse": base}
+    d = tmp_path / "loss"
+    d.mkdir()
+    lines = [f"run,experiment,student.loss,{M},{M}_stderr"]
+    for loss, ap in runs.items():
+        se = ap.std(ddof=1) / np.sqrt(len(ap))
+        lines.append(f"student.loss={loss},mine,{loss},{ap.mean()},{se}")
+    (d / "results.csv").write_text("\n".join(lines) + "\n")
+    unpaired = check_claims(tmp_path, "mine", M)[0]
+    assert unpaired["verdict"] == TIED and "unpaired" in unpaired["ours"]
+    for loss, ap in runs.items():
+        path = ap_file(d, "mine", f"student.loss={loss}")
+        path.parent.mkdir(exist_ok=True)
+        atomic_save_npz(path, **{"student@10": ap})
+    paired = check_claims(tmp_path, "mine", M)[0]
+    assert paired["verdict"] == HOLDS and "+0.020 ± 0.000" in paired["ours"]
+    # a file that belongs to another run (its mean is not the table's) is not used
+    atomic_save_npz(ap_file(d, "mine", "student.loss=ce"), **{"student@10": base + 0.5})
+    assert "unpaired" in check_claims(tmp_path, "mine", M)[0]["ours"]

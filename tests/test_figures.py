@@ -104,3 +104,9 @@ def test_report_of_smoke_run(smoke_run):
         assert (pipe.root / "figures" / fig).read_bytes()[:4] == b"\x89PNG"
     assert "## Beside the paper" in report and "speed-up of the student over AbU+" in report
     assert "tuned > untuned" in report or "tuned does NOT beat untuned" in report
+    # no sweep of this experiment has run here: the claims section says how to get its table
+    assert "## The paper's qualitative claims" in report
+    assert f"No sweep of experiment `{pipe.cfg.name}` has finished" in report
+    # known-answer recall carries its standard error over the concept's queries
+    for concept in ("shape=cross", "colour=pink"):
+        assert metrics[f"student.{concept}_recall@10_stderr"] >= 0

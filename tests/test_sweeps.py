@@ -36,6 +36,13 @@ def test_two_run_local_sweep_on_smoke(smoke_run, tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["student.loss"] for r in rows] == ["ce", "listwise"]
     assert {r["experiment"] for r in rows} == {smoke_run.cfg.name}
+    # each run's per-query AP (for the claims' paired differences), consistent with its row
+    from attribution.common.files import load_npz
+    from attribution.sweep_spec import ap_file
+
+    for r in rows:
+        ap = load_npz(ap_file(table.parent, r["experiment"], r["run"]))["student@5"]
+        assert ap.mean() == pytest.approx(float(r["student.mAP@5"]))
     assert all(0 <= float(r["student.mAP@5"]) <= 1 for r in rows)
     again = []
     run_sweep(sweep, output_root=str(smoke_run.cfg.output_root), echo=again.append)

@@ -152,9 +152,11 @@ def sweep_figure(rows: list[dict], x_key: str, metric: str, path: str | Path,
 
 
 def sweep_figures(sweeps_dir: str | Path, results_root: str | Path, out: str | Path,
-                  wandb_sweeps: dict[str, str] | None = None, echo=print) -> dict[str, Path]:
+                  wandb_sweeps: dict[str, str] | None = None, echo=print,
+                  experiment: str | None = None) -> dict[str, Path]:
     """A figure per sweep file with results (local table, or W&B when ``wandb_sweeps`` maps the
-    sweep's name to ``entity/project/sweep_id``); returns {sweep name: png}."""
+    sweep's name to ``entity/project/sweep_id``); returns {sweep name: png}.  ``experiment``
+    keeps only the local rows of that experiment (a run's report shows its own sweeps)."""
     made = {}
     for f in sorted(Path(sweeps_dir).glob("*.yaml")):
         sweep = load_sweep(f)
@@ -167,6 +169,10 @@ def sweep_figures(sweeps_dir: str | Path, results_root: str | Path, out: str | P
                      f"`attribution sweep {f}`")
                 continue
             rows = read_rows(table)
+            if experiment is not None:
+                rows = [r for r in rows if r.get("experiment") == experiment]
+                if not rows:
+                    continue
         keys = varied_keys(sweep)
         if not keys:
             echo(f"[figures] {f.stem}: no varied parameter")
