@@ -46,9 +46,6 @@ class Point:
     se: float
     ap: np.ndarray | None = None
 
-    def __getitem__(self, i: int) -> float:  # (mean, se) as a pair
-        return (self.mean, self.se)[i]
-
 
 def _ap_arrays(row: dict, member: str) -> np.ndarray | None:
     """The row's per-query AP (``member``, e.g. ``student@10``), or None: no file, a file that
