@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from attribution import retrieval
-from attribution.metrics import mean_average_precision
+from attribution.metrics import average_precisions, mean_average_precision, standard_error
 
 
 def rank_all(query_emb: torch.Tensor, item_emb: torch.Tensor) -> np.ndarray:
@@ -21,12 +21,17 @@ def rank_all(query_emb: torch.Tensor, item_emb: torch.Tensor) -> np.ndarray:
     return np.argsort(-scores, axis=1, kind="stable")
 
 
+def ap_at_k(rankings: np.ndarray, teacher_rank: np.ndarray, k: int) -> np.ndarray:
+    """Each query's AP@k, float (Q,): positives = the teacher's full-set top-k of the query."""
+    return average_precisions(list(rankings), [set(r[:k].tolist()) for r in teacher_rank])
+
+
 def map_at_ks(rankings: np.ndarray, teacher_rank: np.ndarray, ks: list[int]) -> dict[str, float]:
     """mAP@k: positives = the teacher's full-set top-k of each query; the whole set is ranked."""
     out = {}
     for k in ks:
-        m, se = mean_average_precision(list(rankings), [set(r[:k].tolist()) for r in teacher_rank])
-        out[f"mAP@{k}"], out[f"mAP@{k}_stderr"] = m, se
+        aps = ap_at_k(rankings, teacher_rank, k)
+        out[f"mAP@{k}"], out[f"mAP@{k}_stderr"] = float(aps.mean()), standard_error(aps)
     return out
 
 

@@ -222,8 +222,7 @@ def experiment_rows(table: Path, experiment: str) -> list[dict]:
     each knowing its table's folder (where the per-query AP files are)."""
     if not table.is_file():
         return []
-    return [{**r, "_table_dir": table.parent} for r in read_rows(table)
-            if r.get("experiment") == experiment]
+    return [{**r, "_table_dir": table.parent} for r in read_rows(table, experiment)]
 
 
 def check_claims(results_root: str | Path, experiment: str, metric: str) -> list[dict]:

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from attribution.callbacks import map_at_ks
+from attribution.callbacks import ap_at_k, map_at_ks
 from attribution.common.files import Dirs, atomic_write_bytes, load_npy, load_npz
 from attribution.config import to_dict
 from attribution.data.dataset import CaptionedImageSet
 from attribution.data.queries import QuerySet
-from attribution.metrics import average_precision
 from attribution.student.deploy import student_test_ranks
 from attribution.teacher.ceiling import self_agreement
 from attribution.teacher.evaluate import planted_known_answers, teacher_storage_bytes
@@ -140,15 +139,9 @@ def per_query_ap(cfg, dirs: Dirs) -> dict[str, np.ndarray]:
     base = Path(dirs["baselines"]) / f"rank_{cfg.student.feature}.npy"
     if base.is_file():
         ranked["baseline"] = load_npy(base, "baseline test rankings")
-    out = {}
-    for k in cfg.student.k_eval:
-        if k > teacher_rank.shape[1]:
-            continue
-        positives = [set(r[:k].tolist()) for r in teacher_rank]
-        for name, rank in ranked.items():
-            out[f"{name}@{k}"] = np.array([average_precision(r, p)
-                                           for r, p in zip(rank, positives)])
-    return out
+    return {f"{name}@{k}": ap_at_k(rank, teacher_rank, k)
+            for k in cfg.student.k_eval if k <= teacher_rank.shape[1]
+            for name, rank in ranked.items()}
 
 
 def write_metrics(cfg, dirs: Dirs, finished: Mapping[str, dict], path: Path) -> dict:

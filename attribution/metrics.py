@@ -38,12 +38,18 @@ def standard_error(values) -> float:
     return float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
 
 
+def average_precisions(rankings: Sequence[Sequence[int]],
+                       positives: Sequence[Iterable[int]]) -> np.ndarray:
+    """Each query's AP: float (Q,)."""
+    if len(rankings) != len(positives) or not len(rankings):
+        raise ValueError("need one positive set per ranking, and at least one query")
+    return np.array([average_precision(r, p) for r, p in zip(rankings, positives)])
+
+
 def mean_average_precision(rankings: Sequence[Sequence[int]],
                            positives: Sequence[Iterable[int]]) -> tuple[float, float]:
     """(mean AP over queries, standard error of that mean)."""
-    if len(rankings) != len(positives) or not len(rankings):
-        raise ValueError("need one positive set per ranking, and at least one query")
-    aps = np.array([average_precision(r, p) for r, p in zip(rankings, positives)])
+    aps = average_precisions(rankings, positives)
     return float(aps.mean()), standard_error(aps)
 
 

@@ -21,10 +21,12 @@ from attribution.metrics import standard_error
 from attribution.sweep_spec import load_sweep
 
 
-def read_rows(table: str | Path) -> list[dict]:
-    """Rows of a local sweep table (``runs/sweeps/<sweep>/results.csv``)."""
+def read_rows(table: str | Path, experiment: str | None = None) -> list[dict]:
+    """Rows of a local sweep table (``runs/sweeps/<sweep>/results.csv``); with ``experiment``,
+    only that experiment's rows (their ``experiment`` column)."""
     with open(table) as f:
-        return list(csv.DictReader(f))
+        rows = list(csv.DictReader(f))
+    return rows if experiment is None else [r for r in rows if r.get("experiment") == experiment]
 
 
 def rows_from_wandb(sweep_path: str, api=None) -> list[dict]:
@@ -168,11 +170,9 @@ def sweep_figures(sweeps_dir: str | Path, results_root: str | Path, out: str | P
                 echo(f"[figures] {f.stem}: no results yet ({table}); run "
                      f"`attribution sweep {f}`")
                 continue
-            rows = read_rows(table)
-            if experiment is not None:
-                rows = [r for r in rows if r.get("experiment") == experiment]
-                if not rows:
-                    continue
+            rows = read_rows(table, experiment)
+            if experiment is not None and not rows:  # none of this experiment's
+                continue
         keys = varied_keys(sweep)
         if not keys:
             echo(f"[figures] {f.stem}: no varied parameter")
