@@ -17,7 +17,7 @@ import numpy as np
 
 from attribution.callbacks import ap_at_k, map_at_ks
 from attribution.common.files import Dirs, atomic_write_bytes, load_npy, load_npz
-from attribution.config import to_dict
+from attribution.config import planted_for, to_dict
 from attribution.data.dataset import CaptionedImageSet
 from attribution.data.queries import QuerySet
 from attribution.student.deploy import student_test_ranks
@@ -30,7 +30,7 @@ def known_answer_recall(cfg, world_dir: Path, queries_dir: Path, rank: np.ndarra
     world = CaptionedImageSet(world_dir, verify=False)
     test = QuerySet(Path(queries_dir) / "query_test")
     known = planted_known_answers(world.attributes, test.attributes, rank,
-                                  [to_dict(p) for p in cfg.world.planted])
+                                  [to_dict(p) for p in planted_for(cfg.world, "test")])
     out = {}
     for name, r in known.items():
         out[f"{name} recall@10"] = r["recall@10"]
@@ -42,7 +42,7 @@ def query_types(cfg, queries_dir: Path) -> dict[str, np.ndarray]:
     """Boolean masks over the test queries: ``planted`` (the prompt names a planted concept,
     whose known answers the teacher finds) and ``ordinary`` (all others); {} without planted
     concepts or query attributes."""
-    planted = cfg.world.planted
+    planted = planted_for(cfg.world, "test")
     attrs = QuerySet(Path(queries_dir) / "query_test").attributes
     if not planted or attrs is None:
         return {}
@@ -77,7 +77,7 @@ def run_metrics(cfg, dirs: Dirs, finished: Mapping[str, dict]) -> dict:
         return released_metrics(student)
     teacher = finished["teacher"]
     out = {k: v for k, v in student.items()
-           if k.startswith(("student.mAP", "student.val_mAP", "baseline."))}
+           if k.startswith(("student.mAP", "student.val_", "baseline."))}
     # Test queries are scored against the whole training set: that is a query's real cost.
     out["teacher.seconds_per_query"] = teacher["seconds_per_test_query"]
     out["teacher.seconds_per_train_query"] = teacher["seconds_per_train_query"]

@@ -1,8 +1,11 @@
 """Run a W&B sweep file locally: the same YAML ``wandb sweep`` takes, expanded here (grid or
 random) and run in-process through the pipeline, so only the stages a parameter touches rerun.
 
-Each finished run appends a row (the experiment's name, the parameters and the run's metrics) to
-``runs/sweeps/<sweep>/results.csv`` and is skipped on rerun; rows of another experiment are not.
+Each finished run appends a row (the experiment's name, the hash of its resolved config, the
+parameters and the run's metrics) to ``runs/sweeps/<sweep>/results.csv`` and is skipped on
+rerun.  A row whose experiment or config hash differs from the run's (another experiment, or a
+world, teacher or default changed since) is not done: the run reruns and its row, and its
+per-query AP file, are replaced.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import json
 from pathlib import Path
 
 from attribution.common.files import DataFileError, atomic_save_npz
-from attribution.config import load_config
+from attribution.config import config_hash, load_config
 from attribution.evaluation import per_query_ap
 from attribution.pipeline import Pipeline
 from attribution.sweep_spec import (
@@ -45,33 +48,35 @@ def run_sweep(path: str | Path, extra: list[str] | None = None, output_root: str
     table = out / "results.csv"
     done = set()
     if table.is_file():
-        with open(table) as f:
-            # rows of another experiment (a sweep file whose command changed) are not this one's
-            done = {row["run"] for row in csv.DictReader(f) if row.get("experiment") == base.name}
+        with open(table) as f:  # (run, experiment, config hash) of every finished row
+            done = {(row["run"], row.get("experiment"), row.get("config"))
+                    for row in csv.DictReader(f)}
     for params in runs:
         run_id = _run_id(params)
         cfg = load_config(sweep["config"], overrides + _dotlist(params))
+        key = config_hash(cfg)
         pipe = Pipeline(cfg, progress=progress, echo=lambda s: None)
-        if run_id in done:
+        if (run_id, cfg.name, key) in done:
             echo(f"[sweep] skip (done) {run_id}")
             _save_ap(pipe, out, run_id, echo)  # a row finished before these files existed
             continue
         pipe.run()  # runs every stage, so it also writes runs/<name>/metrics.json
-        _save_ap(pipe, out, run_id, echo)
+        _save_ap(pipe, out, run_id, echo, replace=True)
         metrics = json.loads((pipe.root / "metrics.json").read_text())
-        row = {"run": run_id, "experiment": cfg.name, **{k: _fmt(v) for k, v in params.items()},
-               **metrics}
+        row = {"run": run_id, "experiment": cfg.name, "config": key,
+               **{k: _fmt(v) for k, v in params.items()}, **metrics}
         echo(f"[sweep] {run_id}: {sweep['metric']['name']}="
              f"{metrics.get(sweep['metric']['name'], float('nan')):.4f}")
         _append(table, row)
     return table
 
 
-def _save_ap(pipe: Pipeline, out: Path, run_id: str, echo) -> None:
-    """The run's per-test-query AP (student and its untuned features), unless already saved or
-    the run has no teacher test rankings (released data: test queries are K-set only)."""
+def _save_ap(pipe: Pipeline, out: Path, run_id: str, echo, replace: bool = False) -> None:
+    """The run's per-test-query AP (student and its untuned features), unless already saved
+    (``replace``: a run just finished, so a file there is an older run's) or the run has no
+    teacher test rankings (released data: test queries are K-set only)."""
     path = ap_file(out, pipe.cfg.name, run_id)
-    if path.is_file() or pipe.released:
+    if (path.is_file() and not replace) or pipe.released:
         return
     try:
         arrays = per_query_ap(pipe.cfg, pipe.dirs())
@@ -85,8 +90,9 @@ def _save_ap(pipe: Pipeline, out: Path, run_id: str, echo) -> None:
 def _append(table: Path, row: dict) -> None:
     rows = []
     if table.is_file():
-        with open(table) as f:
-            rows = list(csv.DictReader(f))
+        with open(table) as f:  # an older row of the same run and experiment is replaced
+            rows = [r for r in csv.DictReader(f)
+                    if (r["run"], r.get("experiment")) != (row["run"], row["experiment"])]
     rows.append({k: str(v) for k, v in row.items()})
     fields = list(dict.fromkeys(k for r in rows for k in r))
     tmp = table.with_suffix(".tmp")

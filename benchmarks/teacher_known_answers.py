@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attribution.config import load_config, to_dict
+from attribution.config import load_config, planted_for, to_dict
 from attribution.data.dataset import CaptionedImageSet
 from attribution.data.queries import QuerySet
 from attribution.pipeline import Pipeline
@@ -37,7 +37,7 @@ def main() -> None:
     pipe.run(["fisher", "queries"])
     world = CaptionedImageSet(pipe.dir("world"))
     test = QuerySet(pipe.dir("queries") / "query_test")
-    planted = [to_dict(p) for p in cfg.world.planted]
+    planted = [to_dict(p) for p in planted_for(cfg.world, "test")]
     wanted = [i for i, a in enumerate(test.attributes)
               if any(a[p["attribute"]] == p["value"] for p in planted)]
     with tempfile.TemporaryDirectory() as tmp:

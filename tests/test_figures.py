@@ -48,6 +48,22 @@ def test_sweep_figures_numeric_categorical_and_tuned_pairs(tmp_path):
         figures.sweep_figure([], "student.loss", "student.mAP@10", tmp_path / "none.png")
 
 
+def test_a_grid_over_two_parameters_gets_a_bar_per_combination(tmp_path):
+    from attribution.figures.sweeps import combined_axis
+
+    rows = [{"student.head": h, "student.whiten": w, "student.mAP@10": str(v),
+             "student.mAP@10_stderr": "0.01"}
+            for (h, w), v in {("linear", "0.0"): 0.4, ("linear", "0.01"): 0.6,
+                              ("residual", "0.0"): 0.5, ("residual", "0.01"): 0.3}.items()]
+    x_key, combo = combined_axis(rows, ["student.head", "student.whiten"])
+    pts = {p["x"]: p["mean"] for p in figures.aggregate(combo, x_key, "student.mAP@10")}
+    assert pts == {"head=linear, whiten=0.0": 0.4, "head=linear, whiten=0.01": 0.6,
+                   "head=residual, whiten=0.0": 0.5, "head=residual, whiten=0.01": 0.3}
+    assert combined_axis(rows, ["student.head"]) == ("student.head", rows)
+    assert figures.sweep_figure(combo, x_key, "student.mAP@10",
+                                tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_rows_from_wandb_flattens_config_like_a_local_table():
     class Run:
         state = "finished"

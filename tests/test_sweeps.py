@@ -54,6 +54,18 @@ def test_two_run_local_sweep_on_smoke(smoke_run, tmp_path):
     third = []
     run_sweep(sweep, output_root=str(smoke_run.cfg.output_root), echo=third.append)
     assert sum("skip" in ln for ln in third) == 1 and len(third) == 2
+    # nor is a row whose resolved config has changed since (a world, teacher or default): the
+    # run reruns and its row is replaced, not repeated
+    with open(table) as f:
+        mine = [r for r in csv.DictReader(f) if r["experiment"] == smoke_run.cfg.name]
+    assert len(mine) == 2 and len({r["config"] for r in mine}) == 2
+    table.write_text(table.read_text().replace(mine[0]["config"], "0123456789ab", 1))
+    fourth = []
+    run_sweep(sweep, output_root=str(smoke_run.cfg.output_root), echo=fourth.append)
+    assert sum("skip" in ln for ln in fourth) == 1 and len(fourth) == 2
+    with open(table) as f:
+        now = [r for r in csv.DictReader(f) if r["experiment"] == smoke_run.cfg.name]
+    assert sorted(r["config"] for r in now) == sorted(r["config"] for r in mine)
     # the figure of this sweep, drawn from its table by the `figures` command
     from attribution.cli import main
 
@@ -66,8 +78,11 @@ def test_two_run_local_sweep_on_smoke(smoke_run, tmp_path):
 
 def test_seeds_add_a_student_seed_axis(smoke_run, tmp_path):
     sweep = tmp_path / "seeded.yaml"
+    # no validation: the last epoch is reported (validation may keep the identity head's epoch
+    # 0, which no seed changes)
     sweep.write_text("method: grid\nmetric: {name: student.mAP@5, goal: maximize}\n"
                      "parameters:\n  student.p_outside: {values: [0.0]}\n"
+                     "  student.val_queries: {value: 0}\n"
                      f"command: [attribution, run, {SMOKE}, '${{args_no_hyphens}}']\n")
     table = run_sweep(sweep, output_root=str(smoke_run.cfg.output_root), echo=lambda s: None,
                       seeds=[1, 2])

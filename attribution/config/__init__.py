@@ -19,7 +19,8 @@ from attribution.config.load import (
 from attribution.config.rules import ConfigError, Rule, opt
 from attribution.config.schema import *  # noqa: F403  (every section's dataclass and constants)
 from attribution.config.schema import Config
-from attribution.config.validate import check_rules, val_count
+from attribution.config.validate import check_rules, planted_for, val_concept_rows, val_count
 
 __all__ = ["Config", "ConfigError", "Rule", "check_rules", "config_hash", "derive",
-           "load_config", "opt", "read_yaml_file", "save_config", "to_dict", "val_count"]
+           "load_config", "opt", "planted_for", "read_yaml_file", "save_config", "to_dict",
+           "val_concept_rows", "val_count"]

@@ -25,6 +25,11 @@ class PlantedConcept:
     attribute: str = opt("shape", choices=TOY_ATTRIBUTES)
     value: str = "cross"  # checked against the attribute's values in _validate
     count: int = opt(8, **POSITIVE)
+    # Which queries prompt it: test (queries.planted_test test queries each: the reported
+    # known-answer recall) | val (queries.planted_val training queries each, always held out for
+    # validation and never trained on: choosing on validation then sees what an unseen rare
+    # concept costs, as the test queries do, without reading them).
+    queries: str = opt("test", choices=["test", "val"])
 
 
 @dataclass
@@ -43,6 +48,8 @@ class WorldConfig:
         default_factory=lambda: [
             PlantedConcept("shape", "cross", 8),
             PlantedConcept("colour", "pink", 8),
+            PlantedConcept("shape", "heart", 8, "val"),
+            PlantedConcept("colour", "orange", 8, "val"),
         ]
     )
 
@@ -121,7 +128,10 @@ class SamplingConfig:
 class QueriesConfig:
     n_train: int = opt(120, **POSITIVE)
     n_test: int = opt(20, **POSITIVE)  # scored by the teacher over the WHOLE training set
-    planted_test: int = opt(4, ge=0)  # test queries per planted concept (known answers)
+    planted_test: int = opt(4, ge=0)  # test queries per test concept (known answers)
+    # validation queries per validation concept (world.planted[i].queries=val): the last
+    # training queries, held out of training by the student whatever student.val_queries says
+    planted_val: int = opt(3, ge=0)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
@@ -197,6 +207,11 @@ class StudentConfig:
     hidden: list[int] = opt(factory=lambda: [512, 512, 512], ge=1, nonempty=True)
     dropout: float = opt(0.1, ge=0, lt=1)
     layernorm: bool = False
+    # Whiten the input features first (shrinkage s > 0; 0 = off): x -> (x - mu) W with
+    # W = V diag((lam + s*lam_max)^-1/2) V^T from the training items' feature covariance, so a
+    # direction few items vary along (a rare attribute) counts for more.  The head then starts
+    # from the whitened features' ranking.  docs/method.md §3.
+    whiten: float = opt(0.0, ge=0)
     # Initial α of s = α·cos + β (α > 0 always).  5 gives σ(s) the range of the soft targets from
     # the start; with 1, cross-entropy trained far slower on the toy world (mAP@10 0.28 vs 0.37).
     alpha_init: float = opt(5.0, gt=0)

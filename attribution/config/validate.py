@@ -139,9 +139,13 @@ def _validate(cfg: DictConfig) -> None:
               f"generator.num_train_timesteps={g.num_train_timesteps}")
     # --- queries, teacher
     q, t = cfg.queries, cfg.teacher
-    if w.kind == "toy" and q.planted_test * len(w.planted) > q.n_test:
-        _fail(f"queries.planted_test={q.planted_test} x {len(w.planted)} planted concepts "
+    n_test_concepts, n_forced = len(planted_for(w, "test")), len(val_concept_rows(cfg))
+    if w.kind == "toy" and q.planted_test * n_test_concepts > q.n_test:
+        _fail(f"queries.planted_test={q.planted_test} x {n_test_concepts} test concepts "
               f"exceeds queries.n_test={q.n_test}")
+    if n_forced >= q.n_train:
+        _fail(f"queries.planted_val={q.planted_val} x {len(planted_for(w, 'val'))} validation "
+              f"concepts leaves none of queries.n_train={q.n_train} to train on")
     for key, steps in (("teacher.timesteps", t.timesteps),
                        ("baselines.dtrak_timesteps", cfg.baselines.dtrak_timesteps)):
         bad_t = [s for s in steps if not 0 <= s < g.num_train_timesteps]
@@ -213,6 +217,23 @@ def _validate(cfg: DictConfig) -> None:
               f"got {a.calibration_concepts}")
     if a.teacher_images > a.images:
         _fail(f"abc.teacher_images={a.teacher_images} exceeds abc.images={a.images}")
+
+
+def planted_for(world, queries: str) -> list:
+    """The planted concepts whose ``queries`` are ``"test"`` or ``"val"`` (toy world)."""
+    return [p for p in world.planted if p.queries == queries] if world.kind == "toy" else []
+
+
+def val_concept_rows(cfg) -> list[int]:
+    """Training-query rows that prompt a validation concept: the LAST ``queries.planted_val``
+    per concept, in ``world.planted`` order (the queries stage writes them there; the student
+    holds them out for validation; the first rows, which the ceiling's curation recall and
+    ``student.n_queries`` read, stay ordinary).  None for released data or a world without
+    such concepts."""
+    if cfg.data.source == "released":
+        return []
+    n = cfg.queries.planted_val * len(planted_for(cfg.world, "val"))
+    return list(range(cfg.queries.n_train - n, cfg.queries.n_train)) if n else []
 
 
 def val_count(n_train: int, val_queries: float) -> int:

@@ -72,6 +72,17 @@ def varied_keys(sweep: dict) -> list[str]:
             if k != SEED_KEY and len(spec.get("values", [spec.get("value")])) > 1]
 
 
+def combined_axis(rows: list[dict], keys: list[str]) -> tuple[str, list[dict]]:
+    """(x key, rows) for a sweep over ``keys``: the key itself for one; for a grid over several,
+    a new column naming each combination ("head=linear, whiten=0.01"), one bar each, so no
+    parameter is silently averaged over."""
+    if len(keys) == 1:
+        return keys[0], rows
+    x_key = " × ".join(k.rsplit(".", 1)[-1] for k in keys)
+    return x_key, [{**r, x_key: ", ".join(f"{k.rsplit('.', 1)[-1]}={r.get(k)}" for k in keys)}
+                   for r in rows]
+
+
 def aggregate(rows: list[dict], x_key: str, metric: str) -> list[dict]:
     """Per x value: mean of ``metric`` over seeds and its standard error.
 
@@ -181,7 +192,7 @@ def sweep_figures(sweeps_dir: str | Path, results_root: str | Path, out: str | P
         # the sweep file's metric is what a sweep CHOOSES on (validation); the figure shows the
         # reported figure: test mAP at the experiment's first k_eval
         metric = report_metric(sweep)
-        x_key = keys[0]
+        x_key, rows = combined_axis(rows, keys)
         try:
             made[f.stem] = sweep_figure(rows, x_key, metric, Path(out) / f"{f.stem}.png",
                                         title=f"{f.stem}: {sweep.get('description', '')}"

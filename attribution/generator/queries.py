@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from attribution.common.devices import torch_device
-from attribution.config import to_dict
+from attribution.config import planted_for, to_dict, val_concept_rows
 from attribution.data import toy_world
 from attribution.data.images import save_grid, to_uint8
 from attribution.data.queries import write_query_set
@@ -20,8 +20,9 @@ def query_prompts(cfg) -> dict[str, list[dict[str, str]]]:
     """Attribute dicts of the train and test queries (a pure function of the config).
 
     Train queries follow the world's distribution; test queries too, except that the first
-    ``planted_test`` per planted concept carry that concept (their known answers are the planted
-    training images).
+    ``planted_test`` per test concept carry that concept (their known answers are the planted
+    training images).  Likewise the first ``planted_val`` training queries per validation concept
+    (:func:`~attribution.config.val_concept_rows`), which the student never trains on.
     """
     rng = np.random.default_rng([cfg.seed, 101])
     qc = cfg.queries
@@ -30,11 +31,15 @@ def query_prompts(cfg) -> dict[str, list[dict[str, str]]]:
     train = toy_world.sample_attributes(rng, qc.n_train, cfg.world.zipf)
     test = toy_world.sample_attributes(rng, qc.n_test, cfg.world.zipf)
     i = 0
-    for concept in cfg.world.planted:
+    for concept in planted_for(cfg.world, "test"):
         for _ in range(qc.planted_test):
             if i < len(test):
                 test[i][concept.attribute] = concept.value
                 i += 1
+    rows = iter(val_concept_rows(cfg))
+    for concept in planted_for(cfg.world, "val"):
+        for _ in range(qc.planted_val):
+            train[next(rows)][concept.attribute] = concept.value
     return {"train": train, "test": test}
 
 

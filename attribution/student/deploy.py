@@ -36,7 +36,7 @@ def load_head(student_dir: Path) -> EmbeddingHead:
     state = load_weights(weights, "student head weights", hint)
     try:
         head = EmbeddingHead(meta["dims"], meta["dropout"], meta["layernorm"],
-                             kind=meta.get("kind", "mlp"))
+                             kind=meta.get("kind", "mlp"), whiten=meta.get("whiten", 0) > 0)
         head.load_state_dict(state)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise DataFileError(f"student head files in {student_dir} do not fit together ({err}). "

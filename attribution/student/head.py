@@ -16,6 +16,14 @@ Kinds (``student.head``):
 For ``linear`` and ``residual``, f = identity at step 0, so cos(f(q), f(x)) = cos(q, x): the
 untrained student ranks exactly as the untuned features do, and a feature direction that no
 training query exercises keeps its raw similarity instead of being thrown away.
+
+Whitening (``student.whiten`` = s > 0): a fixed first map x → (x − μ) W, W = V diag((λ + s·λ_max)^-½) Vᵀ
+from the eigendecomposition Σ = V diag(λ) Vᵀ of the TRAINING ITEMS' feature covariance (no
+labels, no queries).  It is the feature-space analogue of inverse document frequency: a
+direction few items vary along (a rare caption token, a rare shape) is scaled up, so sharing a
+rare attribute counts for more than sharing a common one — as it does for the teacher, whose
+unlearning step moves the few items that carry a rare token most.  Then the head (from the
+identity) ranks at step 0 exactly as the whitened features do.
 """
 
 from __future__ import annotations
@@ -76,6 +84,24 @@ def head_dims(kind: str, in_dim: int, hidden: list[int]) -> list[int]:
     return [in_dim, *hidden]
 
 
+def whitening(items: torch.Tensor, shrinkage: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(μ (D,), W (D, D)) of the shrunk ZCA whitening x → (x − μ) W of ``items`` (N, D):
+    W = V diag((λ + s·λ_max)^-½) Vᵀ; s > 0 bounds the gain of the rarest direction at
+    (s·λ_max)^-½ (s → 0 is exact whitening, s → ∞ the centred features up to scale)."""
+    if shrinkage <= 0:
+        raise ValueError(f"whitening shrinkage must be > 0, got {shrinkage}")
+    x = items.detach().to(torch.float64)
+    mu = x.mean(0)
+    cov = (x - mu).T @ (x - mu) / max(1, x.shape[0] - 1)
+    lam, vec = torch.linalg.eigh(cov)
+    lam = lam.clamp_min(0.0)
+    top = float(lam.max())
+    if not top > 0:
+        raise ValueError("cannot whiten features with zero variance")
+    w = vec @ torch.diag((lam + shrinkage * top).rsqrt()) @ vec.T
+    return mu.to(torch.float32), w.to(torch.float32)
+
+
 class EmbeddingHead(nn.Module):
     """f: (B, D_in) -> (B, D_out), shared by queries and training items.
 
@@ -84,11 +110,17 @@ class EmbeddingHead(nn.Module):
         layernorm: LayerNorm on the input features (for ``residual``: on the branch's input only,
             so the identity path stays exact).
         kind: a :data:`HEADS` name.
+        whiten: a fixed whitening map in front (buffers ``center`` and ``whitener``, set by
+            :meth:`set_whitening` or loaded with the state dict).
     """
 
     def __init__(self, dims: list[int], dropout: float = 0.1, layernorm: bool = False,
-                 alpha_init: float = 1.0, kind: str = "mlp"):
+                 alpha_init: float = 1.0, kind: str = "mlp", whiten: bool = False):
         super().__init__()
+        self.whiten = bool(whiten)
+        if self.whiten:  # identity until set: a state dict or set_whitening fills them
+            self.register_buffer("center", torch.zeros(dims[0]))
+            self.register_buffer("whitener", torch.eye(dims[0]))
         if len(dims) < 2:
             raise ValueError("head dims need at least [D_in, D_out]")
         if kind not in HEADS:
@@ -110,8 +142,20 @@ class EmbeddingHead(nn.Module):
         """L2-normalized embeddings (B, D_out): the vectors that go into the index."""
         if feats.shape[-1] != self.in_dim:
             raise ValueError(f"head expects {self.in_dim}-d features, got {feats.shape[-1]}")
+        if self.whiten:
+            feats = (feats - self.center) @ self.whitener
         out = self.net(feats)
         return F.normalize(feats + out if self.residual else out, dim=-1)
+
+    def set_whitening(self, center: torch.Tensor, whitener: torch.Tensor) -> None:
+        if not self.whiten:
+            raise ValueError("this head was built without whitening (whiten=False)")
+        if center.shape != self.center.shape or whitener.shape != self.whitener.shape:
+            raise ValueError(f"whitening of shape {tuple(whitener.shape)} does not fit a "
+                             f"{self.in_dim}-d head")
+        with torch.no_grad():
+            self.center.copy_(center)
+            self.whitener.copy_(whitener)
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -123,5 +167,6 @@ class EmbeddingHead(nn.Module):
 
     def flops_per_row(self) -> int:
         """Multiply-adds × 2 of one forward row through the linear layers (for FLOP/s)."""
-        return sum(2 * m.in_features * m.out_features for m in self.modules()
-                   if isinstance(m, nn.Linear))
+        fixed = 2 * self.in_dim * self.in_dim if self.whiten else 0
+        return fixed + sum(2 * m.in_features * m.out_features for m in self.modules()
+                           if isinstance(m, nn.Linear))

@@ -20,11 +20,11 @@ from attribution.callbacks import ThroughputCallback, ValidationCallback, map_at
 from attribution.common.devices import accelerator_for
 from attribution.common.files import DataFileError, atomic_write_bytes
 from attribution.common.seeds import seeded_generator
-from attribution.config import to_dict, val_count
+from attribution.config import to_dict, val_concept_rows, val_count
 from attribution.data.released import RELEASED_FILES, load_released_features
 from attribution.features.cache import load_features, space_dir
 from attribution.student.data import PairDataModule, load_rankings, select_queries
-from attribution.student.head import EmbeddingHead, head_dims
+from attribution.student.head import EmbeddingHead, head_dims, whitening
 from attribution.student.losses import build_loss
 from attribution.student.module import StudentModule
 
@@ -67,21 +67,31 @@ def _logger(cfg, out: Path):
                        name=f"{cfg.name}-{cfg.student.feature}", config=to_dict(cfg))
 
 
-def split_validation(n_queries: int, val_queries: float, seed: int) -> tuple[np.ndarray,
-                                                                              np.ndarray]:
+def split_validation(n_queries: int, val_queries: float, seed: int,
+                     held: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(validation rows, training rows) of the ``n_queries`` teacher-ranked training queries.
 
-    The validation rows are a random subset drawn with the RUN's seed (not the student's, so
-    student seeds vary only the training); the training rows keep their original order, so
-    ``student.n_queries=Q`` (data scaling) takes the first Q of them and every Q shares one
-    validation set."""
+    ``held``: rows that are never trained on whatever ``val_queries`` says (the queries that
+    prompt a validation concept); they are validation rows, and the rest of the validation set
+    is drawn at random from the other rows.  The random rows are drawn with the RUN's seed (not
+    the student's, so student seeds vary only the training); the training rows keep their
+    original order, so ``student.n_queries=Q`` (data scaling) takes the first Q of them and
+    every Q shares one validation set.  With ``val_queries=0`` there is no validation and the
+    held rows are dropped."""
+    held_rows = np.array(sorted(set(held or [])), dtype=np.int64)
+    if len(held_rows) and (held_rows.min() < 0 or held_rows.max() >= n_queries):
+        raise DataFileError(f"validation-concept rows {held_rows.tolist()[:5]}... lie outside "
+                            f"the {n_queries} ranked training queries")
     n_val = val_count(n_queries, val_queries)
-    if n_val >= n_queries:
-        raise DataFileError(f"student.val_queries={val_queries} holds out {n_val} of the "
+    n_out = max(n_val, len(held_rows)) if n_val else len(held_rows)
+    if n_out >= n_queries:
+        raise DataFileError(f"student.val_queries={val_queries} holds out {n_out} of the "
                             f"{n_queries} ranked training queries: none left to train on")
     perm = torch.randperm(n_queries, generator=seeded_generator(seed, 79)).numpy()
-    val = np.sort(perm[:n_val])
-    return val, np.setdiff1d(np.arange(n_queries), val)
+    perm = perm[~np.isin(perm, held_rows)]
+    val = np.sort(np.concatenate([held_rows, perm[:max(0, n_val - len(held_rows))]]))
+    train = np.setdiff1d(np.arange(n_queries), val)
+    return (val if n_val else val[:0]), train
 
 
 def evaluate_test(embed, feats: dict, test_rank: np.ndarray, ks: list[int]) -> dict:
@@ -109,7 +119,8 @@ def train_student(cfg, features_dir: Path, teacher_dir: Path, out: Path,
         if feats[f"query_{split}"].shape[0] != r.shape[0]:
             raise DataFileError(f"{sc.feature} features have {feats[f'query_{split}'].shape[0]} "
                                 f"{split} queries but the teacher ranked {r.shape[0]}")
-    val_rows, train_rows = split_validation(ranks.train.shape[0], sc.val_queries, cfg.seed)
+    held = val_concept_rows(cfg)
+    val_rows, train_rows = split_validation(ranks.train.shape[0], sc.val_queries, cfg.seed, held)
     q, m = select_queries(len(train_rows), sc.n_queries, sc.m, sc.budget,
                           ranks.train.shape[1])
     train_rows = train_rows[:q]
@@ -118,7 +129,9 @@ def train_student(cfg, features_dir: Path, teacher_dir: Path, out: Path,
     dm = PairDataModule(ranks.train[train_rows], n_items, sc.queries_per_batch,
                         sc.pairs_per_query, sc.p_outside, m, seed, sc.num_workers)
     head = EmbeddingHead(head_dims(sc.head, feats["items"].shape[1], list(sc.hidden)),
-                         sc.dropout, sc.layernorm, sc.alpha_init, sc.head)
+                         sc.dropout, sc.layernorm, sc.alpha_init, sc.head, whiten=sc.whiten > 0)
+    if sc.whiten > 0:  # fit on the training items' features only: no labels, no queries
+        head.set_whitening(*whitening(feats["items"], sc.whiten))
     loss = build_loss(sc.loss, n_bins=sc.ordinal_bins,
                       target_temperature=sc.listwise_temperature)
     module = StudentModule(head, loss, feats["items"], feats["query_train"][train_rows], sc.lr,
@@ -175,7 +188,7 @@ def train_student(cfg, features_dir: Path, teacher_dir: Path, out: Path,
     torch.save(head.state_dict(), out / "head.pt")
     (out / "head.json").write_text(json.dumps({"kind": sc.head, "dims": head_dims(
         sc.head, head.in_dim, list(sc.hidden)), "dropout": sc.dropout, "layernorm": sc.layernorm,
-        "feature": sc.feature}))
+        "feature": sc.feature, "whiten": sc.whiten}))
     item_emb = module.embed(feats["items"]).numpy()
     retrieval.save_index(retrieval.build_index(item_emb, sc.index), out / "index.faiss")
     if sc.index != "flat":  # what an approximate index re-ranks with at query time
@@ -191,6 +204,18 @@ def train_student(cfg, features_dir: Path, teacher_dir: Path, out: Path,
         metrics[f"student.val_mAP@{k_val}_stderr"] = chosen[1]
         metrics[f"baseline.{sc.feature}.val_mAP@{k_val}"] = valcb.baseline[0]
         metrics["val_history"] = valcb.history
+        planted = np.isin(val_rows, held)
+        if planted.any():  # the chosen head on the validation concepts' queries and the rest
+            for name, mask in (("planted", planted), ("ordinary", ~planted)):
+                if mask.any():
+                    part = ValidationCallback(feats["items"], feats["query_train"][val_rows[mask]],
+                                              ranks.train[val_rows[mask]], k_val,
+                                              scope=sc.val_scope)
+                    mean, se = part.evaluate(module.embed)
+                    metrics[f"student.val_{name}.mAP@{k_val}"] = mean
+                    metrics[f"student.val_{name}.mAP@{k_val}_stderr"] = se
+                    metrics[f"baseline.{sc.feature}.val_{name}.mAP@{k_val}"] = part.evaluate(
+                        lambda x: F.normalize(x, dim=-1))[0]
     metrics.update({f"student.{k}": v for k, v in test.items()})
     metrics.update({f"baseline.{sc.feature}.{k}": v for k, v in baseline.items()})
     metrics.update({f"student.{k}": v for k, v in thr.results.items()})

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from attribution.common.files import Dirs, atomic_write_bytes
-from attribution.config import to_dict
+from attribution.config import planted_for, to_dict
 from attribution.data.dataset import CaptionedImageSet
 from attribution.data.queries import QuerySet
 from attribution.teacher import run as scoring
@@ -36,7 +36,7 @@ def run_teacher(cfg, inputs: Dirs, out: Path, progress: bool = True) -> dict:
         rank = merged["rank"]
     known = planted_known_answers(CaptionedImageSet(inputs["world"]).attributes,
                                   test.attributes, rank,
-                                  [to_dict(p) for p in cfg.world.planted])
+                                  [to_dict(p) for p in planted_for(cfg.world, "test")])
     atomic_write_bytes(out / "known_answers.json", json.dumps(known, indent=2).encode())
     summary["known_answers"] = known
     for name, r in known.items():

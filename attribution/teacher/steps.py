@@ -36,6 +36,7 @@ from attribution.common.files import (
     load_npy,
 )
 from attribution.common.plain import to_dict
+from attribution.config import planted_for
 from attribution.data.dataset import CaptionedImageSet
 from attribution.data.queries import QuerySet
 from attribution.metrics import standard_error
@@ -106,7 +107,7 @@ def summarize(cfg, dirs: Dirs, scored: dict, k: int = 10) -> dict:
         teacher = merged["rank"][:q]
     world = CaptionedImageSet(dirs["world"], verify=False)
     test = QuerySet(dirs["queries"] / "query_test")
-    planted = [to_dict(p) for p in cfg.world.planted]
+    planted = [to_dict(p) for p in planted_for(cfg.world, "test")]
     rows = []
     for i, f in enumerate(factors):
         infl, metas = scored[f]
