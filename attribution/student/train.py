@@ -83,7 +83,7 @@ def split_validation(n_queries: int, val_queries: float, seed: int,
         raise DataFileError(f"validation-concept rows {held_rows.tolist()[:5]}... lie outside "
                             f"the {n_queries} ranked training queries")
     n_val = val_count(n_queries, val_queries)
-    n_out = max(n_val, len(held_rows)) if n_val else len(held_rows)
+    n_out = max(n_val, len(held_rows))  # held rows are out of training either way
     if n_out >= n_queries:
         raise DataFileError(f"student.val_queries={val_queries} holds out {n_out} of the "
                             f"{n_queries} ranked training queries: none left to train on")
