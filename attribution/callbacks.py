@@ -109,11 +109,16 @@ class ValidationCallback(L.Callback):
         self.baseline: tuple[float, float] = (float("nan"), float("nan"))
         self.last: tuple[float, float] = (float("nan"), float("nan"))
 
-    def evaluate(self, embed) -> tuple[float, float]:
-        """(mAP@k, s.e.) with ``embed``: float (B, D) features -> (B, D') unit embeddings."""
+    def evaluate(self, embed, rows: np.ndarray | None = None) -> tuple[float, float]:
+        """(mAP@k, s.e.) with ``embed``: float (B, D) features -> (B, D') unit embeddings;
+        ``rows``: only these validation queries (a boolean mask or indices; e.g. those on the
+        validation concepts), default all."""
+        sel = np.arange(len(self.ksets)) if rows is None else np.arange(len(self.ksets))[rows]
         if self.scope == "full":
-            return fullset_kset_map(embed(self.queries), embed(self.items), self.ksets, self.k)
-        return kset_map(embed(self.queries), embed(self.items[self.ids]), self.local, self.k)
+            return fullset_kset_map(embed(self.queries[sel]), embed(self.items),
+                                    self.ksets[sel], self.k)
+        return kset_map(embed(self.queries[sel]), embed(self.items[self.ids]), self.local[sel],
+                        self.k)
 
     def consider(self, module, epoch: int) -> None:
         """Evaluate ``module`` as the head after ``epoch`` epochs; keep it if it is the best."""

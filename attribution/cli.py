@@ -52,7 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--factors", type=float, nargs="+", default=None,
                    help="steps: multiples of the configured step η/gain (default 1e-4 ... 10)")
     p.add_argument("--queries", type=int, default=None,
-                   help="steps: the first N test queries (default all)")
+                   help="steps: the first N test queries (default all); with --split val, N "
+                        "training queries in all (default 12 + the validation-concept ones)")
+    p.add_argument("--dampings", type=float, nargs="+", default=None,
+                   help="steps: the same factors at these dampings too (teacher.damping's "
+                        "meaning; the configured one is always in)")
+    p.add_argument("--split", choices=["test", "val"], default="test",
+                   help="steps: test queries (reporting) or training queries with the "
+                        "validation concepts (choosing a step without the test set)")
     p = sub.add_parser("attribute", help="top training items for one generated image + prompt")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
@@ -163,24 +170,41 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         pipe = Pipeline(cfg, progress=not args.no_progress, config_path=args.config)
         if args.command == "counterfactual":
-            from attribution.counterfactual import format_counterfactual
+            from attribution.counterfactual import (
+                compare_schedules,
+                format_counterfactual,
+                format_schedules,
+                result_file,
+            )
             from attribution.figures import counterfactual_figure
 
             out = pipe.run_counterfactual(args.methods, args.queries, args.k,
                                           progress=not args.no_progress, steps=args.steps)
-            result = json.loads((out / "counterfactual.json").read_text())
+            path = result_file(pipe.cfg, out, args.steps)
+            result = json.loads(path.read_text())
             metrics = json.loads((pipe.root / "metrics.json").read_text())
             print(format_counterfactual(result))
-            print(f"figure: {counterfactual_figure(result, metrics, out / 'counterfactual.png')}")
+            fig = counterfactual_figure(result, metrics, path.with_suffix(".png"))
+            print(f"figure: {fig}")
+            for other in sorted(out.glob("counterfactual*.json")):
+                if other != path:  # the other schedule's result beside it: do they agree?
+                    pair = [result, json.loads(other.read_text())]
+                    full, short = sorted(pair, key=lambda r: -r["steps"])
+                    try:
+                        print(format_schedules(compare_schedules(full, short)))
+                    except ValueError as err:
+                        print(f"({other.name}: {err})")
             return 0
         if args.command == "teacher" and args.action == "steps":
             from attribution.figures import step_figure
             from attribution.teacher.steps import format_steps
 
             summary = pipe.run_step_study(args.factors, args.queries,
-                                          progress=not args.no_progress)
+                                          progress=not args.no_progress,
+                                          dampings=args.dampings, split=args.split)
             print(format_steps(summary))
-            fig = step_figure(summary, pipe.step_study_dir() / "steps.png")
+            name = "steps.png" if args.split == "test" else f"steps_{args.split}.png"
+            fig = step_figure(summary, pipe.step_study_dir() / name)
             print(f"figure: {fig}")
             return 0
         if args.command == "teacher" and args.action == "merge":

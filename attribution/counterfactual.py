@@ -11,7 +11,7 @@ training items (same seed, same schedule; every random choice of a step is a fun
   per-sample noise, mean squared difference in model space.
 
 A bigger rise means the removed items mattered more.  ``random`` (K items drawn uniformly) is the
-control.  ``teacher@<factor>`` is the teacher at a multiple of its step, from the step-size study
+control.  ``teacher@<factor>[:<damping>]`` is the teacher at a multiple of its step (and another damping), from the step-size study
 (``teacher/steps.py``; run ``attribution teacher steps`` first).  Retrained generators are cached by the set of removed items, so two methods that pick
 the same items share one retraining, and a killed run resumes.
 """
@@ -37,7 +37,7 @@ from attribution.student.deploy import student_test_ranks
 from attribution.teacher.scorer import query_loss
 from attribution.teacher.steps import load_row, query_file
 
-METHODS_HELP = ("teacher | teacher@<step factor> | student | random | dtrak | abu_diagonal | any "
+METHODS_HELP = ("teacher | teacher@<step factor>[:<damping>] | student | random | dtrak | abu_diagonal | any "
                 "features.spaces entry (raw similarity)")
 NOISE_SEED_OFFSET = 7919  # ΔLoss draws: independent of the teacher's (seed) and the ceiling's
 
@@ -58,7 +58,7 @@ def method_ranks(cfg, dirs: Dirs, methods: list[str]) -> dict[str, np.ndarray]:
         elif m == "student":
             out[m] = student_test_ranks(cfg, dirs["features"], dirs["student"])
         elif m.startswith("teacher@"):
-            out[m] = _step_ranks(dirs, m, q, n)
+            out[m] = _step_ranks(dirs, m, q, n, float(cfg.teacher.damping))
         else:
             path = dirs["baselines"] / f"rank_{m}.npy"
             if not path.is_file():
@@ -68,16 +68,23 @@ def method_ranks(cfg, dirs: Dirs, methods: list[str]) -> dict[str, np.ndarray]:
     return out
 
 
-def _step_ranks(dirs: Dirs, method: str, q: int, n: int) -> np.ndarray:
-    """``teacher@<factor>``: the step study's full-set ranking of each test query it scored;
-    rows of queries it did not score are -1 (refused when such a query is asked for)."""
+def _step_ranks(dirs: Dirs, method: str, q: int, n: int,
+                configured_damping: float) -> np.ndarray:
+    """``teacher@<factor>`` or ``teacher@<factor>:<damping>``: the step study's full-set
+    ranking of each test query it scored; rows of queries it did not score are -1 (refused when
+    such a query is asked for)."""
     try:
-        factor = float(method.split("@", 1)[1])
+        spec = method.split("@", 1)[1]
+        factor_text, _, damping_text = spec.partition(":")
+        factor = float(factor_text)
+        damping = float(damping_text) if damping_text else None
     except ValueError:
-        raise ConfigError(f"{method!r}: write teacher@<step factor>, e.g. teacher@0.01") from None
+        raise ConfigError(f"{method!r}: write teacher@<step factor>[:<damping>], e.g. "
+                          f"teacher@0.01 or teacher@0.001:0.01") from None
     out = np.full((q, n), -1, dtype=np.int64)
     for i in range(q):
-        path = query_file(dirs.get("steps", ""), factor, i)
+        path = query_file(dirs.get("steps", ""), factor, i,
+                          None if damping in (None, configured_damping) else damping)
         if path.is_file():
             out[i] = np.argsort(-load_row(path, n)[0], kind="stable")
     return out
@@ -87,10 +94,19 @@ def _removal_key(items: np.ndarray) -> str:
     return hashlib.sha256(",".join(map(str, sorted(items.tolist()))).encode()).hexdigest()[:12]
 
 
+def result_file(cfg, out: Path, steps: int | None = None) -> Path:
+    """``counterfactual.json`` for retrains as long as the generator's own schedule,
+    ``counterfactual_s<steps>.json`` for a shorter one (both can live side by side: the
+    schedule comparison reads the two)."""
+    if steps is None or steps == cfg.generator.train.steps:
+        return Path(out) / "counterfactual.json"
+    return Path(out) / f"counterfactual_s{steps}.json"
+
+
 def run_counterfactual(cfg, dirs: Dirs, out: Path, methods: list[str], queries: list[int],
                        k: int, progress: bool = True, echo=print,
                        steps: int | None = None) -> Path:
-    """Retrain without each method's top-``k`` for each test query; write ``counterfactual.json``
+    """Retrain without each method's top-``k`` for each test query; write ``result_file``
     (per method: mean ΔLoss and image distance with standard errors over queries, per-query
     rows) in ``out``; return it.  ``dirs``: the finished world, text, generator, queries,
     features, teacher, student and baselines folders.
@@ -141,7 +157,8 @@ def run_counterfactual(cfg, dirs: Dirs, out: Path, methods: list[str], queries: 
         missing = [q for q in queries if ranks[m][q, 0] < 0]
         if missing:
             raise ConfigError(f"{m}: the step study has not scored test queries {missing}; run "
-                              f"`attribution teacher steps CONFIG --factors {m.split('@')[1]}`")
+                              f"`attribution teacher steps CONFIG --factors "
+                              f"{m.split('@')[1].replace(':', ' --dampings ')}`")
     for q in queries:  # query-major: a run cut short still covers every method on its queries
         base_loss, base_img = measure(base_unet, q)
         for m in methods:
@@ -156,7 +173,7 @@ def run_counterfactual(cfg, dirs: Dirs, out: Path, methods: list[str], queries: 
                   "steps": train_cfg.generator.train.steps, "reference": str(ref_dir),
                   "noise": f"fresh: seed + {NOISE_SEED_OFFSET}",
                   "methods": summarize(rows, methods), "rows": rows}
-        atomic_write_bytes(out / "counterfactual.json", json.dumps(result, indent=2).encode())
+        atomic_write_bytes(result_file(cfg, out, steps), json.dumps(result, indent=2).encode())
     return out
 
 
@@ -216,4 +233,55 @@ def format_counterfactual(result: dict) -> str:
     if same or apart:
         lines.append("within 2 s.e. of the teacher (cannot be told apart here): "
                      + (", ".join(same) or "none") + "; beyond: " + (", ".join(apart) or "none"))
+    return "\n".join(lines)
+
+
+def compare_schedules(full: dict, short: dict) -> dict:
+    """Does the shorter retraining schedule rank methods as the full one does?  Over the
+    (method, query) removals both results measured: the correlation of their ΔLoss (Pearson,
+    and Spearman on ranks), and per pair of methods the paired difference under each schedule
+    (same queries) with its standard error and whether the two agree in sign."""
+    if full.get("k") != short.get("k"):
+        raise ValueError(f"the two schedules removed different numbers of items "
+                         f"(k = {full.get('k')} and {short.get('k')}): nothing to compare")
+    a = {(r["method"], r["query"]): r["delta_loss"] for r in full["rows"]}
+    b = {(r["method"], r["query"]): r["delta_loss"] for r in short["rows"]}
+    keys = sorted(set(a) & set(b))
+    if len(keys) < 3:
+        raise ValueError(f"the two schedules share {len(keys)} (method, query) removals; "
+                         f"need at least 3 to compare")
+    x, y = np.array([a[k] for k in keys]), np.array([b[k] for k in keys])
+
+    def ranks(v):
+        return np.argsort(np.argsort(v, kind="stable"), kind="stable").astype(float)
+
+    methods = sorted({m for m, _ in keys})
+    pairs = []
+    for i, m1 in enumerate(methods):
+        for m2 in methods[i + 1:]:
+            qs = sorted({q for m, q in keys if m == m1} & {q for m, q in keys if m == m2})
+            if len(qs) < 2:
+                continue
+            entry = {"a": m1, "b": m2, "queries": len(qs)}
+            for name, d in (("full", a), ("short", b)):
+                diff = np.array([d[(m1, q)] - d[(m2, q)] for q in qs])
+                entry[name], entry[f"{name}_stderr"] = float(diff.mean()), standard_error(diff)
+            entry["same_sign"] = bool(np.sign(entry["full"]) == np.sign(entry["short"]))
+            pairs.append(entry)
+    return {"removals": len(keys), "steps_full": full["steps"], "steps_short": short["steps"],
+            "pearson": float(np.corrcoef(x, y)[0, 1]),
+            "spearman": float(np.corrcoef(ranks(x), ranks(y))[0, 1]),
+            "scale": float(np.sum(x * y) / max(np.sum(y * y), 1e-30)),  # full ≈ scale × short
+            "pairs": pairs}
+
+
+def format_schedules(c: dict) -> str:
+    lines = [f"retraining {c['steps_short']} vs {c['steps_full']} steps over {c['removals']} "
+             f"(method, query) removals: ΔLoss correlation Pearson {c['pearson']:.3f}, "
+             f"Spearman {c['spearman']:.3f}; full ≈ {c['scale']:.2f} × short",
+             f"{'pair (a − b)':<36}{'full':>11}{'± s.e.':>9}{'short':>11}{'± s.e.':>9}"
+             f"{'same sign':>11}"]
+    for p in c["pairs"]:
+        lines.append(f"{p['a'] + ' − ' + p['b']:<36}{p['full']:>11.5f}{p['full_stderr']:>9.5f}"
+                     f"{p['short']:>11.5f}{p['short_stderr']:>9.5f}{str(p['same_sign']):>11}")
     return "\n".join(lines)

@@ -7,6 +7,7 @@ prompt fidelity, the paper's reference values beside ours (docs/method.md §5) a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -22,7 +23,7 @@ from attribution.abc.format import format_abc
 from attribution.claims import check_claims, format_claims
 from attribution.common.files import atomic_write_bytes
 from attribution.config import to_dict
-from attribution.counterfactual import format_counterfactual
+from attribution.counterfactual import compare_schedules, format_counterfactual, format_schedules
 from attribution.fidelity import format_fidelity
 from attribution.teacher.evaluate import format_known_answers
 from attribution.teacher.steps import format_steps
@@ -213,16 +214,26 @@ def _claims(cfg, k: int) -> list[str]:
 
 
 def _counterfactual(pipe, metrics: dict, figdir: Path) -> list[str]:
-    path = pipe.counterfactual_dir() / "counterfactual.json"
-    if not path.is_file():
+    """Every schedule's leave-K-out result (full length first), and whether the shorter
+    schedule ranks the removals as the full one does, when both were run."""
+    paths = sorted(pipe.counterfactual_dir().glob("counterfactual*.json"),
+                   key=lambda p: (p.name != "counterfactual.json", p.name))
+    if not paths:
         return ["## Counterfactual (leave-K-out)", "",
                 "Not run yet: `attribution counterfactual CONFIG --methods teacher student dtrak "
                 "random --queries 0 1 2 -k 10` (one generator retraining per method and query).",
                 ""]
-    result = json.loads(path.read_text())
-    fig = figures.counterfactual_figure(result, metrics, figdir / "counterfactual.png")
-    return ["## Counterfactual (leave-K-out)", "", "```", format_counterfactual(result), "```",
-            "", f"![counterfactual](figures/{fig.name})", ""]
+    L = ["## Counterfactual (leave-K-out)", ""]
+    results = [json.loads(p.read_text()) for p in paths]
+    for path, result in zip(paths, results):
+        fig = figures.counterfactual_figure(result, metrics, figdir / path.with_suffix(".png").name)
+        L += ["```", format_counterfactual(result), "```", "",
+              f"![counterfactual](figures/{fig.name})", ""]
+    if len(results) > 1 and paths[0].name == "counterfactual.json":
+        for short in results[1:]:
+            with contextlib.suppress(ValueError):  # no removals in common yet
+                L += ["```", format_schedules(compare_schedules(results[0], short)), "```", ""]
+    return L
 
 
 def _abc(pipe, figdir: Path) -> list[str]:
@@ -255,13 +266,16 @@ def _steps(pipe, figdir: Path) -> list[str]:
     """The teacher step-size study, when `attribution teacher steps` has run for this teacher."""
     if pipe.released:
         return []
-    path = pipe.step_study_dir() / "steps.json"
-    if not path.is_file():
-        return []
-    summary = json.loads(path.read_text())
-    fig = figures.step_figure(summary, figdir / "teacher_steps.png")
-    return ["## Teacher step size", "", "```", format_steps(summary), "```", "",
-            f"![teacher step size](figures/{fig.name})", ""]
+    L = []
+    for name, png in (("steps.json", "teacher_steps.png"), ("steps_val.json",
+                                                            "teacher_steps_val.png")):
+        path = pipe.step_study_dir() / name
+        if path.is_file():  # the test split reports; the val split (training queries) chooses
+            summary = json.loads(path.read_text())
+            fig = figures.step_figure(summary, figdir / png)
+            L += ["```", format_steps(summary), "```", "",
+                  f"![teacher step size](figures/{fig.name})", ""]
+    return ["## Teacher step size", "", *L] if L else []
 
 
 def _curation(pipe) -> list[str]:

@@ -58,15 +58,15 @@ def main() -> None:
     print(f"{cfg.name}: {sc.feature}, {len(types.get('planted', []))} test queries, "
           f"{len(val_rows)} validation queries ({int(planted_val.sum())} on validation concepts)")
     print(f"{'':42s} {'test ord':>9s} {'test pl.':>9s} {'val ord':>8s} {'val pl.':>8s}  recall@10")
+    val = ValidationCallback(raw["items"], raw["query_train"][val_rows], ranks.train[val_rows],
+                             10, scope=sc.val_scope)
     for name, embed in methods.items():
         with torch.no_grad():
             rank = rank_all(embed(raw["query_test"]), embed(raw["items"]))
             cells = [map_at_ks(rank[m], ranks.test[m], [10])["mAP@10"] if m.any() else np.nan
                      for m in (types["ordinary"], types["planted"])]
             for mask in (~planted_val, planted_val):
-                cells.append(ValidationCallback(
-                    raw["items"], raw["query_train"][val_rows[mask]], ranks.train[val_rows[mask]],
-                    10, scope=sc.val_scope).evaluate(embed)[0] if mask.any() else np.nan)
+                cells.append(val.evaluate(embed, mask)[0] if mask.any() else np.nan)
         rec = known_answer_recall(cfg, pipe.dir("world"), pipe.dir("queries"), rank)
         recall = "  ".join(f"{k.split()[0]} {v:.2f} ± {rec[k + '_stderr']:.2f}"
                            for k, v in rec.items() if not k.endswith("_stderr"))

@@ -153,37 +153,58 @@ def abc_figure(summary: dict, path: str | Path) -> Path:
 
 
 def step_figure(summary: dict, path: str | Path) -> Path:
-    """The teacher step-size study (``teacher/steps.py``): four panels against the step factor."""
-    rows = summary["rows"]
-    x = np.array([r["factor"] for r in rows])
+    """The teacher step-size study (``teacher/steps.py``): four panels against the step factor,
+    one line per damping when the study has several."""
     k = summary["k"]
+    groups: dict[float, list[dict]] = {}
+    for r in summary["rows"]:
+        groups.setdefault(r.get("damping", summary.get("damping", 0.0)), []).append(r)
+    several = len(groups) > 1
+    planted = [key for key in summary["rows"][0] if key.endswith(" recall@10")]
     fig, ax = plt.subplots(1, 4, figsize=(15, 3.6))
-    rise = np.array([r["query_loss_rise"] for r in rows])
-    ax[0].errorbar(x, np.maximum(rise, 1e-12), yerr=[r["query_loss_rise_stderr"] for r in rows],
-                   marker="o", capsize=3)
+    for gi, (d, rows) in enumerate(sorted(groups.items())):
+        colour = f"C{gi}"  # one colour per damping in every panel; line style per concept
+        rows = sorted(rows, key=lambda r: r["factor"])
+        x = np.array([r["factor"] for r in rows])
+        tag = f"damping {d:g}" if several else ""
+        rise = np.array([r["query_loss_rise"] for r in rows])
+        ax[0].errorbar(x, np.maximum(rise, 1e-12),
+                       yerr=[r["query_loss_rise_stderr"] for r in rows], marker="o", capsize=3,
+                       label=tag or None, color=colour)
+        ax[1].errorbar(x, [r["share_items_rising"] for r in rows],
+                       yerr=[r["share_items_rising_stderr"] for r in rows], marker="o",
+                       capsize=3, color=colour)
+        for key, style in zip(planted, ("-", "--", ":", "-.")):
+            ax[2].plot(x, [r[key] for r in rows], marker="o", ls=style,
+                       color=colour if several else None,
+                       label=" ".join(filter(None, [key.replace(" recall@10", ""), tag])))
+        nxt = [(r["factor"], r[f"vs_next.mAP@{k}"], r[f"vs_next.mAP@{k}_stderr"]) for r in rows
+               if f"vs_next.mAP@{k}" in r]
+        if nxt:
+            ax[3].errorbar([n[0] for n in nxt], [n[1] for n in nxt], yerr=[n[2] for n in nxt],
+                           marker="o", capsize=3, color=colour,
+                           label=" ".join(filter(None, ["vs the next larger step", tag])))
+        vs_t = [(r["factor"], r[f"vs_teacher.mAP@{k}"], r[f"vs_teacher.mAP@{k}_stderr"])
+                for r in rows if f"vs_teacher.mAP@{k}" in r]
+        if vs_t and not several:
+            ax[3].errorbar([v[0] for v in vs_t], [v[1] for v in vs_t],
+                           yerr=[v[2] for v in vs_t], marker="s", capsize=3,
+                           label="vs the configured teacher")
     ax[0].set(xscale="log", yscale="log", ylabel="query's own loss rise",
               title="how big the step is")
-    ax[1].errorbar(x, [r["share_items_rising"] for r in rows],
-                   yerr=[r["share_items_rising_stderr"] for r in rows], marker="o", capsize=3)
+    if several:
+        ax[0].legend(fontsize=8)
     ax[1].set(xscale="log", ylim=(0, 1.02), ylabel="share of items whose loss rises",
               title="how much it unlearns")
-    for key in [key for key in rows[0] if key.endswith(" recall@10")]:
-        ax[2].plot(x, [r[key] for r in rows], marker="o", label=key.replace(" recall@10", ""))
     ax[2].set(xscale="log", ylim=(0, 1.02), ylabel="planted recall@10", title="known answers")
-    ax[2].legend(fontsize=8)
-    nxt = [(r["factor"], r[f"vs_next.mAP@{k}"], r[f"vs_next.mAP@{k}_stderr"]) for r in rows
-           if f"vs_next.mAP@{k}" in r]
-    if nxt:
-        ax[3].errorbar([n[0] for n in nxt], [n[1] for n in nxt], yerr=[n[2] for n in nxt],
-                       marker="o", capsize=3, label="vs the next larger step")
-    ax[3].errorbar(x, [r[f"vs_teacher.mAP@{k}"] for r in rows],
-                   yerr=[r[f"vs_teacher.mAP@{k}_stderr"] for r in rows], marker="s", capsize=3,
-                   label="vs the configured teacher")
+    ax[2].legend(fontsize=7)
     ax[3].axhline(0.9, color="grey", lw=0.8, ls=":")
     ax[3].set(xscale="log", ylim=(0, 1.02), ylabel=f"mAP@{k} agreement", title="stability")
-    ax[3].legend(fontsize=8)
+    ax[3].legend(fontsize=7)
     for a in ax:
         a.set_xlabel("step factor (× configured η/gain)")
-    fig.suptitle(f"Teacher step size ({summary['fisher']}, {summary['queries']} test queries, "
+    split = summary.get("split", "test")
+    what = "test queries" if split == "test" else "training queries (for choosing)"
+    fig.suptitle(f"Teacher step size ({summary['fisher']}, {summary['queries']} {what}, "
                  f"N = {summary['n_items']}; mean ± s.e.)", fontsize=10)
     return _save(fig, path)

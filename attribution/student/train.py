@@ -208,14 +208,11 @@ def train_student(cfg, features_dir: Path, teacher_dir: Path, out: Path,
         if planted.any():  # the chosen head on the validation concepts' queries and the rest
             for name, mask in (("planted", planted), ("ordinary", ~planted)):
                 if mask.any():
-                    part = ValidationCallback(feats["items"], feats["query_train"][val_rows[mask]],
-                                              ranks.train[val_rows[mask]], k_val,
-                                              scope=sc.val_scope)
-                    mean, se = part.evaluate(module.embed)
+                    mean, se = valcb.evaluate(module.embed, mask)
                     metrics[f"student.val_{name}.mAP@{k_val}"] = mean
                     metrics[f"student.val_{name}.mAP@{k_val}_stderr"] = se
-                    metrics[f"baseline.{sc.feature}.val_{name}.mAP@{k_val}"] = part.evaluate(
-                        lambda x: F.normalize(x, dim=-1))[0]
+                    metrics[f"baseline.{sc.feature}.val_{name}.mAP@{k_val}"] = valcb.evaluate(
+                        lambda x: F.normalize(x, dim=-1), mask)[0]
     metrics.update({f"student.{k}": v for k, v in test.items()})
     metrics.update({f"baseline.{sc.feature}.{k}": v for k, v in baseline.items()})
     metrics.update({f"student.{k}": v for k, v in thr.results.items()})

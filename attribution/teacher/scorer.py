@@ -87,9 +87,15 @@ class AbUScorer:
         """Returns {"influence": float (K,), "query_loss_before", "query_loss_after", "seconds"}."""
         return self.score_steps(q, [self.tc.eta])[0]
 
-    def score_steps(self, q: Query, etas: list[float]) -> list[dict]:
+    def score_steps(self, q: Query, etas: list[float], preconditioners: list | None = None
+                    ) -> list[dict]:
         """:meth:`score` for several step sizes η from ONE query gradient (the step study):
-        θ0 is restored between steps, so each result equals a separate ``score`` with that η."""
+        θ0 is restored between steps, so each result equals a separate ``score`` with that η.
+        ``preconditioners`` (one per η; default the scorer's own): the same gradient
+        preconditioned another way, e.g. with another damping (``with_damping``)."""
+        preconditioners = preconditioners or [self.precondition] * len(etas)
+        if len(preconditioners) != len(etas):
+            raise ValueError(f"{len(etas)} step sizes but {len(preconditioners)} preconditioners")
         if len(q.candidates) == 0:
             raise ValueError(f"query {q.split}/{q.query_id} has an empty candidate set")
         start = time.time()
@@ -100,12 +106,15 @@ class AbUScorer:
                                            self.seed, q.query_id)
         if not all(torch.isfinite(g).all() for g in grads.values()):
             raise FloatingPointError(f"non-finite query gradient for {q.split}/{q.query_id}")
-        direction = self.precondition(grads)
+        directions: dict[int, dict[str, torch.Tensor]] = {}
+        for p in preconditioners:
+            if id(p) not in directions:
+                directions[id(p)] = p(grads)
         grad_seconds = time.time() - start
         out = []
-        for eta in etas:
+        for eta, p in zip(etas, preconditioners):
             t0 = time.time()
-            apply_step(self.params, direction, eta)
+            apply_step(self.params, directions[id(p)], eta)
             try:
                 after_q = self._query_loss(q)
                 after = candidate_losses(self.unet, self.alphas, self.cands, q.candidates,

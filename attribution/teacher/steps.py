@@ -16,6 +16,14 @@ the whole training set is scored with the teacher's own item noise.  Per factor:
 
 Factor 1 reproduces the stored teacher ranking exactly (same draws, same noise), a check the
 summary reports.  One file per (factor, query): a killed study resumes.
+
+Two more axes.  ``dampings``: the same factors with the EK-FAC (or diagonal) damping changed —
+λ = damping × the mean scaled eigenvalue, so a smaller damping lets the step grow along the
+Fisher's weak directions, where a rare concept lives (the preconditioner's version of the
+student's input whitening).  ``split="val"``: the study on TRAINING queries — those that prompt
+a validation concept, whose planted items are known answers no test query is needed for, and
+ordinary ones — scored over the whole set, so a step can be chosen without reading the test
+set; the test split then reports it.
 """
 
 from __future__ import annotations
@@ -36,20 +44,25 @@ from attribution.common.files import (
     load_npy,
 )
 from attribution.common.plain import to_dict
-from attribution.config import planted_for
+from attribution.config import planted_for, val_concept_rows
 from attribution.data.dataset import CaptionedImageSet
 from attribution.data.queries import QuerySet
 from attribution.metrics import standard_error
 from attribution.teacher.evaluate import planted_known_answers
 from attribution.teacher.run import build_scorer, make_queries
+from attribution.teacher.scorer import Query
 
 FACTORS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 PARTIAL = "delete it; rerunning the study recomputes only this query"
+SPLITS = ("test", "val")
 
 
-def query_file(out: Path, factor: float, qid: int) -> Path:
-    """Where the study keeps test query ``qid``'s influences at ``factor`` (+ a .json beside)."""
-    return Path(out) / f"f{factor:g}" / f"test_{qid}.npy"
+def query_file(out: Path, factor: float, qid: int, damping: float | None = None,
+               split: str = "test") -> Path:
+    """Where the study keeps query ``qid``'s influences at ``factor`` (+ a .json beside);
+    ``damping``: None for the configured one, else the damping axis's folder."""
+    sub = f"f{factor:g}" if damping is None else f"f{factor:g}-d{damping:g}"
+    return Path(out) / sub / f"{split}_{qid}.npy"
 
 
 def load_row(path: Path, n_items: int) -> tuple[np.ndarray, dict]:
@@ -62,90 +75,150 @@ def load_row(path: Path, n_items: int) -> tuple[np.ndarray, dict]:
     return row, json.loads(meta_path.read_text())
 
 
-def score_factors(cfg, dirs: Dirs, out: Path, factors: list[float],
-                  n_queries: int | None = None, progress: bool = True) -> dict:
-    """Influence over all items of the first ``n_queries`` test queries at every factor; cached
-    per (factor, query) under ``out/f<factor>/``.  -> {factor: (rows (Q, N), metas)}."""
+def study_rows(cfg, dirs: Dirs, split: str, n_queries: int | None) -> list[int]:
+    """The query rows the study scores.  ``test``: the first ``n_queries`` test queries (default
+    all) — for reporting.  ``val``: for CHOOSING the step without the test set — every training
+    query that prompts a validation concept (``world.planted[i].queries: val``: their planted
+    items are the known answers) and the first ordinary training queries, ``n_queries`` in all
+    (default 12 + the concept queries), each scored over the whole training set."""
+    if split == "test":
+        n = len(QuerySet(dirs["queries"] / "query_test"))
+        return list(range(n if n_queries is None else min(n_queries, n)))
+    if split != "val":
+        raise ValueError(f"step study split {split!r}: one of {SPLITS}")
+    held = val_concept_rows(cfg)
+    n_ord = 12 if n_queries is None else max(0, n_queries - len(held))
+    ordinary = [i for i in range(cfg.queries.n_train) if i not in set(held)][:n_ord]
+    return sorted(ordinary + held)
+
+
+Setting = tuple[float, float | None]  # (step factor, damping; None = the configured damping)
+
+
+def score_factors(cfg, dirs: Dirs, out: Path, settings: list[Setting], rows: list[int],
+                  split: str = "test", progress: bool = True) -> dict:
+    """Influence over all items of query ``rows`` of ``split`` at every (factor, damping);
+    cached per (setting, query) under ``out/f<factor>[-d<damping>]/``.
+    -> {setting: (influences (Q, N), metas)}."""
     out.mkdir(parents=True, exist_ok=True)
     n_items = len(CaptionedImageSet(dirs["world"], verify=False))
-    scorer = cands = queries = None
-    results: dict[float, tuple[list, list]] = {f: ([], []) for f in factors}
-    qs = QuerySet(dirs["queries"] / "query_test")
-    ids = list(range(len(qs) if n_queries is None else min(n_queries, len(qs))))
-    bar = tqdm(ids, desc="step study", disable=not progress)
+    scorer = queries = None
+    preconds: dict = {}
+    results: dict[Setting, tuple[list, list]] = {s: ([], []) for s in settings}
+    bar = tqdm(rows, desc=f"step study ({split})", disable=not progress)
     for qid in bar:
-        paths = {f: query_file(out, f, qid) for f in factors}
-        todo = [f for f in factors if not paths[f].is_file()]
+        paths = {s: query_file(out, s[0], qid, s[1], split) for s in settings}
+        todo = [s for s in settings if not paths[s].is_file()]
         if todo:
             if scorer is None:  # the base losses L_j(θ0) are the teacher's own (cached there)
                 scorer, cands = build_scorer(cfg, dirs["world"], dirs["text"],
                                              dirs["generator"], dirs["fisher"], dirs["teacher"])
-                queries = [q for q in make_queries(cfg, dirs["queries"], cands, dirs["teacher"])
-                           if q.split == "test"]
-            rows = scorer.score_steps(queries[qid], [cfg.teacher.eta * f for f in todo])
-            for f, r in zip(todo, rows):
-                paths[f].parent.mkdir(parents=True, exist_ok=True)
+                queries = {q.query_id: q for q in make_queries(cfg, dirs["queries"], cands,
+                                                               dirs["teacher"])
+                           if q.split == ("test" if split == "test" else "train")}
+                everything = torch.arange(len(cands))
+            q = queries[qid]
+            if split == "val":  # a training query, scored over every item (not its K-set)
+                q = Query(q.split, q.query_id, q.z, q.cond, everything)
+            for _, d in todo:
+                if d not in preconds:
+                    preconds[d] = (scorer.precondition if d is None
+                                   else scorer.precondition.with_damping(d))
+            found = scorer.score_steps(q, [cfg.teacher.eta * f for f, _ in todo],
+                                       [preconds[d] for _, d in todo])
+            for s, r in zip(todo, found):
+                paths[s].parent.mkdir(parents=True, exist_ok=True)
                 influence = r["influence"].detach().cpu().numpy().astype(np.float32)
-                atomic_write_bytes(paths[f].with_suffix(".json"), json.dumps(
+                atomic_write_bytes(paths[s].with_suffix(".json"), json.dumps(
                     {k: r[k] for k in ("query_loss_before", "query_loss_after", "seconds")}
                 ).encode())
-                atomic_save_npy(paths[f], influence)
-        for f in factors:
-            row, meta = load_row(paths[f], n_items)
-            results[f][0].append(row)
-            results[f][1].append(meta)
-    return {f: (np.stack(rows), metas) for f, (rows, metas) in results.items()}
+                atomic_save_npy(paths[s], influence)
+        for s in settings:
+            row, meta = load_row(paths[s], n_items)
+            results[s][0].append(row)
+            results[s][1].append(meta)
+    return {s: (np.stack(r), m) for s, (r, m) in results.items()}
 
 
-def summarize(cfg, dirs: Dirs, scored: dict, k: int = 10) -> dict:
-    """The study's table: per factor the loss rise, share of items rising, planted recall and
-    agreement (see the module docstring), each over the scored test queries with s.e."""
-    factors = sorted(scored)
-    ranks = {f: np.argsort(-scored[f][0], axis=1, kind="stable") for f in factors}
+def summarize(cfg, dirs: Dirs, scored: dict, k: int = 10, split: str = "test",
+              rows_scored: list[int] | None = None) -> dict:
+    """The study's table: per (damping, factor) the loss rise, share of items rising, planted
+    recall and agreement (see the module docstring), each over the scored queries with s.e.
+    Agreement "vs next" is with the next larger factor at the same damping; "vs teacher" is
+    with the configured teacher (test: its stored ranking; val: factor 1 at the configured
+    damping, when scored)."""
+    settings = sorted(scored, key=lambda s: (-1.0 if s[1] is None else s[1], s[0]))
+    ranks = {s: np.argsort(-scored[s][0], axis=1, kind="stable") for s in settings}
     q = len(next(iter(ranks.values())))
-    with np.load(dirs["teacher"] / "teacher_test.npz") as merged:
-        teacher = merged["rank"][:q]
     world = CaptionedImageSet(dirs["world"], verify=False)
-    test = QuerySet(dirs["queries"] / "query_test")
-    planted = [to_dict(p) for p in planted_for(cfg.world, "test")]
+    if split == "test":
+        with np.load(dirs["teacher"] / "teacher_test.npz") as merged:
+            teacher = merged["rank"][:q]
+        attributes = QuerySet(dirs["queries"] / "query_test").attributes[:q]
+        planted = [to_dict(p) for p in planted_for(cfg.world, "test")]
+    else:
+        teacher = ranks.get((1.0, None))
+        train_attributes = QuerySet(dirs["queries"] / "query_train").attributes
+        attributes = [train_attributes[i] for i in rows_scored] if train_attributes else []
+        planted = [to_dict(p) for p in planted_for(cfg.world, "val")]
+    damping = cfg.teacher.damping
     rows = []
-    for i, f in enumerate(factors):
-        infl, metas = scored[f]
+    for s in settings:
+        f, d = s
+        infl, metas = scored[s]
         rise = np.array([m["query_loss_after"] - m["query_loss_before"] for m in metas])
         before = np.array([m["query_loss_before"] for m in metas])
         share = (infl > 0).mean(axis=1)
-        row = {"factor": f, "eta": cfg.teacher.eta * f, "queries": q,
+        row = {"factor": f, "damping": damping if d is None else d,
+               "eta": cfg.teacher.eta * f, "queries": q,
                "query_loss_rise": float(rise.mean()), "query_loss_rise_stderr": standard_error(rise),
                "relative_query_loss_rise": float((rise / before).mean()),
                "share_items_rising": float(share.mean()),
                "share_items_rising_stderr": standard_error(share)}
-        known = planted_known_answers(world.attributes, test.attributes[:q], ranks[f], planted)
+        known = planted_known_answers(world.attributes, attributes, ranks[s], planted)
         row.update({f"{name} recall@10": r["recall@10"] for name, r in known.items()})
-        vs_teacher = map_at_ks(ranks[f], teacher, [k])
-        row[f"vs_teacher.mAP@{k}"] = vs_teacher[f"mAP@{k}"]
-        row[f"vs_teacher.mAP@{k}_stderr"] = vs_teacher[f"mAP@{k}_stderr"]
-        if i + 1 < len(factors):
-            nxt = map_at_ks(ranks[f], ranks[factors[i + 1]], [k])
+        if teacher is not None:
+            vs_teacher = map_at_ks(ranks[s], teacher, [k])
+            row[f"vs_teacher.mAP@{k}"] = vs_teacher[f"mAP@{k}"]
+            row[f"vs_teacher.mAP@{k}_stderr"] = vs_teacher[f"mAP@{k}_stderr"]
+        larger = sorted(g for g, e in settings if e == d and g > f)
+        if larger:
+            nxt = map_at_ks(ranks[s], ranks[(larger[0], d)], [k])
             row[f"vs_next.mAP@{k}"] = nxt[f"mAP@{k}"]
             row[f"vs_next.mAP@{k}_stderr"] = nxt[f"mAP@{k}_stderr"]
-            row["next_factor"] = factors[i + 1]
+            row["next_factor"] = larger[0]
         rows.append(row)
-    exact = bool(1.0 in scored and np.array_equal(ranks[1.0], teacher))
-    return {"k": k, "queries": q, "n_items": int(teacher.shape[1]), "eta": cfg.teacher.eta,
-            "gain": cfg.teacher.gain, "fisher": cfg.teacher.fisher, "rows": rows,
+    exact = bool(split == "test" and (1.0, None) in scored
+                 and np.array_equal(ranks[(1.0, None)], teacher))
+    return {"k": k, "split": split, "queries": q, "rows_scored": rows_scored,
+            "n_items": len(world), "eta": cfg.teacher.eta, "gain": cfg.teacher.gain,
+            "damping": damping, "fisher": cfg.teacher.fisher, "rows": rows,
             "factor_1_reproduces_teacher": exact}
 
 
+def summary_name(split: str) -> str:
+    return "steps.json" if split == "test" else f"steps_{split}.json"
+
+
 def run_step_study(cfg, dirs: Dirs, out: Path, factors: list[float] | None = None,
-                   n_queries: int | None = None, k: int = 10, progress: bool = True) -> dict:
-    """Score, summarize, write ``steps.json`` in ``out``; return the summary."""
+                   n_queries: int | None = None, k: int = 10, progress: bool = True,
+                   dampings: list[float] | None = None, split: str = "test") -> dict:
+    """Score, summarize, write ``steps.json`` (test) or ``steps_val.json`` in ``out``; return
+    the summary.  ``dampings``: the same factors at other dampings too (the configured one is
+    always included)."""
     factors = sorted(set(factors or FACTORS))
-    if any(not np.isfinite(f) or f <= 0 for f in factors):
-        raise ValueError(f"step factors must be positive numbers, got {factors}")
+    extra = sorted({float(d) for d in (dampings or [])} - {float(cfg.teacher.damping)})
+    if any(not np.isfinite(f) or f <= 0 for f in list(factors) + extra):
+        raise ValueError(f"step factors and dampings must be positive numbers, got "
+                         f"{factors}, {extra}")
+    settings = [(f, d) for d in [None, *extra] for f in factors]
+    rows = study_rows(cfg, dirs, split, n_queries)
+    if not rows:
+        raise ValueError(f"the {split} split has no queries to study")
     with torch.no_grad():
-        scored = score_factors(cfg, dirs, out, factors, n_queries, progress)
-    summary = summarize(cfg, dirs, scored, k)
-    atomic_write_bytes(out / "steps.json", json.dumps(summary, indent=2).encode())
+        scored = score_factors(cfg, dirs, out, settings, rows, split, progress)
+    summary = summarize(cfg, dirs, scored, k, split, rows)
+    atomic_write_bytes(out / summary_name(split), json.dumps(summary, indent=2).encode())
     return summary
 
 
@@ -153,17 +226,24 @@ def format_steps(summary: dict) -> str:
     """The study as a fixed-width table (the CLI's and the report's)."""
     k = summary["k"]
     planted = [key for key in summary["rows"][0] if key.endswith(" recall@10")]
-    head = (f"{'factor':>8}{'eta':>10}{'loss rise':>12}{'rel.':>8}{'items up':>10}"
+    head = (f"{'damping':>8}{'factor':>8}{'eta':>10}{'loss rise':>12}{'rel.':>8}{'items up':>10}"
             + "".join(f"{p.replace(' recall@10', ''):>15}" for p in planted)
             + f"{'vs next':>9}{'± s.e.':>8}{'vs teacher':>11}")
-    lines = [f"teacher step study: {summary['queries']} test queries over all "
-             f"{summary['n_items']} items, mAP@{k} agreement; factor 1 = the configured step "
-             f"(reproduces the teacher exactly: {summary['factor_1_reproduces_teacher']})", head]
+    split = summary.get("split", "test")
+    what = ("test queries" if split == "test" else
+            "training queries (validation concepts + ordinary; for choosing)")
+    lines = [f"teacher step study: {summary['queries']} {what} over all "
+             f"{summary['n_items']} items, mAP@{k} agreement; factor 1 at damping "
+             f"{summary.get('damping', '')} = the configured step"
+             + (f" (reproduces the teacher exactly: {summary['factor_1_reproduces_teacher']})"
+                if split == "test" else ""), head]
     for r in summary["rows"]:
         nxt = (f"{r[f'vs_next.mAP@{k}']:>9.3f}{r[f'vs_next.mAP@{k}_stderr']:>8.3f}"
                if f"vs_next.mAP@{k}" in r else " " * 17)
-        lines.append(f"{r['factor']:>8g}{r['eta']:>10.2e}{r['query_loss_rise']:>12.2e}"
+        vs_t = r.get(f"vs_teacher.mAP@{k}")
+        lines.append(f"{r.get('damping', summary.get('damping', 0)):>8g}"
+                     f"{r['factor']:>8g}{r['eta']:>10.2e}{r['query_loss_rise']:>12.2e}"
                      f"{r['relative_query_loss_rise']:>8.2f}{r['share_items_rising']:>10.2f}"
                      + "".join(f"{r[p]:>15.2f}" for p in planted)
-                     + f"{nxt}{r[f'vs_teacher.mAP@{k}']:>11.3f}")
+                     + nxt + (f"{vs_t:>11.3f}" if vs_t is not None else f"{'':>11}"))
     return "\n".join(lines)

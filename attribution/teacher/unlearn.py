@@ -52,8 +52,13 @@ class DiagonalPreconditioner:
     """g -> g / (s·F + λ) with F the diagonal Fisher."""
 
     def __init__(self, fisher: dict[str, torch.Tensor], gain: float, damping: float):
+        self.fisher, self.gain, self.damping = fisher, gain, damping
         self.scaled = {n: gain * f for n, f in fisher.items()}
         self.lam = {n: damping * f.mean() for n, f in self.scaled.items()}
+
+    def with_damping(self, damping: float) -> DiagonalPreconditioner:
+        """The same Fisher and gain with another damping (the step study's damping axis)."""
+        return DiagonalPreconditioner(self.fisher, self.gain, damping)
 
     def __call__(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         missing = set(grads) - set(self.scaled)
@@ -66,6 +71,7 @@ class EKFACPreconditioner:
     """g -> Q_G [(Q_Gᵀ G Q_A) ⊘ (s·Λ + λ)] Q_Aᵀ per Linear module (bias as an extra column)."""
 
     def __init__(self, factors: dict[str, torch.Tensor], gain: float, damping: float):
+        self.factors, self.gain, self.damping = factors, gain, damping
         self.modules = {}
         for key in factors:
             if key.endswith(".lambda_matrix"):
@@ -75,6 +81,10 @@ class EKFACPreconditioner:
                 self.modules[m] = (factors[f"{m}.activation_eigenvectors"],
                                    factors[f"{m}.gradient_eigenvectors"],
                                    scaled, damping * scaled.mean())
+
+    def with_damping(self, damping: float) -> EKFACPreconditioner:
+        """The same factors and gain with another damping (the step study's damping axis)."""
+        return EKFACPreconditioner(self.factors, self.gain, damping)
 
     def __call__(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}

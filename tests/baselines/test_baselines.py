@@ -127,10 +127,12 @@ def test_counterfactual_leave_k_out_on_smoke(smoke_run):
     # a shorter schedule compares against a reference retrained on that schedule
     out = pipe.run_counterfactual(["random"], [0], 0, progress=False, echo=lambda s: None,
                              steps=10)
-    short = json.loads((out / "counterfactual.json").read_text())
+    short = json.loads((out / "counterfactual_s10.json").read_text())
     assert short["steps"] == 10 and abs(short["rows"][0]["delta_loss"]) < 1e-5
     ref = json.loads((Path(short["reference"]) / "generator.json").read_text())
     assert ref["steps"] == 10 and ref["excluded"] == []
+    # the full schedule's result is still there beside it (each schedule its own file)
+    assert json.loads((out / "counterfactual.json").read_text()) == res
 
 
 def test_abu_diagonal_baseline_runs_a_second_teacher(smoke_run):

@@ -87,3 +87,56 @@ def test_counterfactual_reads_the_study_as_teacher_at_a_factor(study):
     assert not np.array_equal(ranks["teacher@0.01"], ranks["teacher"])
     with pytest.raises(ConfigError, match="attribution teacher steps"):
         pipe.run_counterfactual(["teacher@0.5"], [0], 3, progress=False, echo=lambda s: None)
+
+
+def test_a_damping_axis_preconditions_the_same_gradient_as_a_teacher_with_that_damping(study):
+    """Known answer: ``with_damping`` at the configured damping is the same step, and a study
+    setting at damping d equals a scorer BUILT with teacher.damping=d (the preconditioner is
+    the only thing the damping changes)."""
+    from attribution.teacher.run import teacher_scorer
+
+    pipe, _ = study
+    scorer, _, queries = teacher_scorer(pipe.cfg, pipe.dirs(), "test")
+    q, eta = queries[0], pipe.cfg.teacher.eta
+    same = scorer.precondition.with_damping(pipe.cfg.teacher.damping)
+    low = scorer.precondition.with_damping(pipe.cfg.teacher.damping / 100)
+    rows = scorer.score_steps(q, [eta * 0.1, eta * 0.1, eta * 0.1],
+                              [scorer.precondition, same, low])
+    torch.testing.assert_close(rows[0]["influence"], rows[1]["influence"])
+    other = derive(pipe.cfg, {"teacher": {"damping": pipe.cfg.teacher.damping / 100}})
+    built, _, _ = teacher_scorer(other, pipe.dirs(), "test")
+    torch.testing.assert_close(rows[2]["influence"],
+                               built.score_steps(q, [eta * 0.1])[0]["influence"])
+    assert not torch.allclose(rows[0]["influence"], rows[2]["influence"])
+    with pytest.raises(ValueError, match="preconditioners"):
+        scorer.score_steps(q, [eta], [scorer.precondition, low])
+
+
+def test_study_with_dampings_and_on_validation_concepts(study):
+    """The damping axis adds rows at each damping (agreement only within one damping) and
+    leaves the configured rows as they were; the val split scores the training queries that
+    prompt a validation concept (heart) over every item, with that concept's known answers."""
+    from attribution.config import val_concept_rows
+    from attribution.counterfactual import method_ranks
+
+    pipe, s = study
+    d0 = pipe.cfg.teacher.damping
+    both = pipe.run_step_study(FACTORS, progress=False, dampings=[d0 / 100])
+    configured = [r for r in both["rows"] if r["damping"] == d0]
+    assert configured == s["rows"]  # the configured files are reused, not rescored
+    low = {r["factor"]: r for r in both["rows"] if r["damping"] == d0 / 100}
+    assert sorted(low) == FACTORS and low[0.01]["next_factor"] == 1.0
+    assert "vs_next.mAP@10" not in low[100.0]
+    dirs = {**pipe.dirs(), "steps": pipe.step_study_dir()}
+    ranks = method_ranks(pipe.cfg, dirs, ["teacher", f"teacher@1:{d0:g}", f"teacher@1:{d0 / 100:g}"])
+    np.testing.assert_array_equal(ranks[f"teacher@1:{d0:g}"], ranks["teacher"])
+    assert (ranks[f"teacher@1:{d0 / 100:g}"] >= 0).all()
+
+    val = pipe.run_step_study([1.0], n_queries=3, progress=False, split="val")
+    held = val_concept_rows(pipe.cfg)
+    assert held and set(held) <= set(val["rows_scored"]) and len(val["rows_scored"]) == 3
+    (row,) = val["rows"]
+    assert any(k.startswith("shape=heart") for k in row), row.keys()
+    assert not any("cross" in k for k in row)  # the test concept is not a choosing answer
+    assert (pipe.step_study_dir() / "steps_val.json").is_file()
+    assert "training queries" in format_steps(val)
