@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["test", "val"], default="test",
                    help="steps: test queries (reporting) or training queries with the "
                         "validation concepts (choosing a step without the test set)")
+    p.add_argument("--path", type=int, default=0, metavar="M",
+                   help="steps: unlearn along a path of M natural-gradient steps per decade "
+                        "(the query gradient recomputed at each) instead of one step")
     p = sub.add_parser("attribute", help="top training items for one generated image + prompt")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
@@ -79,11 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--methods", nargs="+", default=["teacher", "student", "dtrak", "random"],
                    help="teacher | student | random | dtrak | abu_diagonal | a feature space")
-    p.add_argument("--queries", type=int, nargs="+", default=[0, 1, 2],
-                   help="test query ids")
+    p.add_argument("--queries", type=int, nargs="+", default=None,
+                   help="query ids (default: test 0 1 2; val: the training queries that "
+                        "prompt a validation concept)")
     p.add_argument("-k", type=int, default=10, help="training items removed per query")
     p.add_argument("--steps", type=int, default=None,
                    help="retrain on this shorter schedule (reference retrained the same way)")
+    p.add_argument("--split", choices=["test", "val"], default="test",
+                   help="test queries (reporting) or the step study's training queries "
+                        "(--split val there first): judging the teacher's step without the "
+                        "test set; val has teacher, teacher@<factor> and random")
     p = sub.add_parser("figures", help="draw the paper's figures from sweep results")
     p.add_argument("--sweeps", default="sweeps", help="folder of sweep files")
     p.add_argument("--results", default="runs/sweeps", help="folder of local sweep tables")
@@ -170,41 +178,42 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         pipe = Pipeline(cfg, progress=not args.no_progress, config_path=args.config)
         if args.command == "counterfactual":
-            from attribution.counterfactual import (
-                compare_schedules,
+            from attribution.config import val_concept_rows
+            from attribution.counterfactual.results import (
                 format_counterfactual,
-                format_schedules,
+                format_schedule_pairs,
                 result_file,
+                schedule_pairs,
             )
             from attribution.figures import counterfactual_figure
 
-            out = pipe.run_counterfactual(args.methods, args.queries, args.k,
-                                          progress=not args.no_progress, steps=args.steps)
-            path = result_file(pipe.cfg, out, args.steps)
+            queries = args.queries
+            if queries is None:  # test: the first three; val: the known-answer queries
+                queries = [0, 1, 2] if args.split == "test" else val_concept_rows(pipe.cfg)
+            out = pipe.run_counterfactual(args.methods, queries, args.k,
+                                          progress=not args.no_progress, steps=args.steps,
+                                          split=args.split)
+            path = result_file(pipe.cfg, out, args.steps, args.split)
             result = json.loads(path.read_text())
             metrics = json.loads((pipe.root / "metrics.json").read_text())
             print(format_counterfactual(result))
             fig = counterfactual_figure(result, metrics, path.with_suffix(".png"))
             print(f"figure: {fig}")
-            for other in sorted(out.glob("counterfactual*.json")):
-                if other != path:  # the other schedule's result beside it: do they agree?
-                    pair = [result, json.loads(other.read_text())]
-                    full, short = sorted(pair, key=lambda r: -r["steps"])
-                    try:
-                        print(format_schedules(compare_schedules(full, short)))
-                    except ValueError as err:
-                        print(f"({other.name}: {err})")
+            pairs = [p for p in schedule_pairs(out) if p["split"] == args.split]
+            if pairs:  # the other schedules' results beside it: do they agree?
+                print(format_schedule_pairs(pairs))
             return 0
         if args.command == "teacher" and args.action == "steps":
             from attribution.figures import step_figure
-            from attribution.teacher.steps import format_steps
+            from attribution.teacher.steps import format_steps, study_dir
 
             summary = pipe.run_step_study(args.factors, args.queries,
                                           progress=not args.no_progress,
-                                          dampings=args.dampings, split=args.split)
+                                          dampings=args.dampings, split=args.split,
+                                          path=args.path)
             print(format_steps(summary))
             name = "steps.png" if args.split == "test" else f"steps_{args.split}.png"
-            fig = step_figure(summary, pipe.step_study_dir() / name)
+            fig = step_figure(summary, study_dir(pipe.step_study_dir(), args.path) / name)
             print(f"figure: {fig}")
             return 0
         if args.command == "teacher" and args.action == "merge":

@@ -254,20 +254,21 @@ class Pipeline:
 
     def run_step_study(self, factors: list[float] | None = None, n_queries: int | None = None,
                        progress: bool = True, dampings: list[float] | None = None,
-                       split: str = "test") -> dict:
+                       split: str = "test", path: int = 0) -> dict:
         """The teacher step-size study (``teacher/steps.py``) on this run's finished teacher."""
         from attribution.teacher.steps import run_step_study
 
         self.run(["teacher"])
         return run_step_study(self.cfg, self.dirs(), self.step_study_dir(), factors, n_queries,
-                              progress=progress, dampings=dampings, split=split)
+                              progress=progress, dampings=dampings, split=split, path=path)
 
     def run_counterfactual(self, methods: list[str], queries: list[int], k: int,
-                           progress: bool = True, echo=print, steps: int | None = None) -> Path:
-        """Leave-K-out (``counterfactual.py``) on this run's finished student and baselines."""
-        from attribution.counterfactual import run_counterfactual
+                           progress: bool = True, echo=print, steps: int | None = None,
+                           split: str = "test") -> Path:
+        """Leave-K-out (``counterfactual/run.py``) on this run's finished student and baselines."""
+        from attribution.counterfactual.run import run_counterfactual
 
         self.run(["student", "baselines"])
         dirs = {**self.dirs(), "steps": self.step_study_dir()}
         return run_counterfactual(self.cfg, dirs, self.counterfactual_dir(), methods, queries, k,
-                                  progress, echo, steps)
+                                  progress, echo, steps, split)

@@ -7,7 +7,6 @@ prompt fidelity, the paper's reference values beside ours (docs/method.md §5) a
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -23,7 +22,12 @@ from attribution.abc.format import format_abc
 from attribution.claims import check_claims, format_claims
 from attribution.common.files import atomic_write_bytes
 from attribution.config import to_dict
-from attribution.counterfactual import compare_schedules, format_counterfactual, format_schedules
+from attribution.counterfactual.results import (
+    format_counterfactual,
+    format_schedule_pairs,
+    result_files,
+    schedule_pairs,
+)
 from attribution.fidelity import format_fidelity
 from attribution.teacher.evaluate import format_known_answers
 from attribution.teacher.steps import format_steps
@@ -216,23 +220,21 @@ def _claims(cfg, k: int) -> list[str]:
 def _counterfactual(pipe, metrics: dict, figdir: Path) -> list[str]:
     """Every schedule's leave-K-out result (full length first), and whether the shorter
     schedule ranks the removals as the full one does, when both were run."""
-    paths = sorted(pipe.counterfactual_dir().glob("counterfactual*.json"),
-                   key=lambda p: (p.name != "counterfactual.json", p.name))
+    paths = result_files(pipe.counterfactual_dir())
     if not paths:
         return ["## Counterfactual (leave-K-out)", "",
                 "Not run yet: `attribution counterfactual CONFIG --methods teacher student dtrak "
                 "random --queries 0 1 2 -k 10` (one generator retraining per method and query).",
                 ""]
     L = ["## Counterfactual (leave-K-out)", ""]
-    results = [json.loads(p.read_text()) for p in paths]
-    for path, result in zip(paths, results):
+    for path in paths:
+        result = json.loads(path.read_text())
         fig = figures.counterfactual_figure(result, metrics, figdir / path.with_suffix(".png").name)
         L += ["```", format_counterfactual(result), "```", "",
               f"![counterfactual](figures/{fig.name})", ""]
-    if len(results) > 1 and paths[0].name == "counterfactual.json":
-        for short in results[1:]:
-            with contextlib.suppress(ValueError):  # no removals in common yet
-                L += ["```", format_schedules(compare_schedules(results[0], short)), "```", ""]
+    pairs = schedule_pairs(pipe.counterfactual_dir())
+    if pairs:
+        L += ["```", format_schedule_pairs(pairs), "```", ""]
     return L
 
 
@@ -267,9 +269,12 @@ def _steps(pipe, figdir: Path) -> list[str]:
     if pipe.released:
         return []
     L = []
-    for name, png in (("steps.json", "teacher_steps.png"), ("steps_val.json",
-                                                            "teacher_steps_val.png")):
-        path = pipe.step_study_dir() / name
+    studies = [(pipe.step_study_dir(), "teacher_steps")] + [
+        (d, f"teacher_steps_{d.name}") for d in sorted(pipe.step_study_dir().glob("path*"))
+        if d.is_dir()]  # the one-step study, then each unlearning-path one
+    files = [(folder / name, f"{stem}{suffix}.png") for folder, stem in studies
+             for name, suffix in (("steps.json", ""), ("steps_val.json", "_val"))]
+    for path, png in files:
         if path.is_file():  # the test split reports; the val split (training queries) chooses
             summary = json.loads(path.read_text())
             fig = figures.step_figure(summary, figdir / png)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from attribution.counterfactual import compare_schedules, format_schedules
+from attribution.counterfactual.results import compare_schedules, format_schedules
 
 
 def _result(steps, values):
@@ -31,3 +31,37 @@ def test_a_scaled_copy_agrees_exactly_and_a_reversal_is_caught():
         compare_schedules(_result(1000, full), {**_result(300, full), "k": 5})
     with pytest.raises(ValueError, match="share 0"):
         compare_schedules(_result(1000, full), _result(300, {("x", 99): 1.0}))
+
+
+def test_result_files_and_schedule_pairs_pair_each_split_full_with_its_shorter(tmp_path):
+    """One rule for the CLI and the report: within a split the full-length file is compared
+    with each shorter one (a reason instead where they cannot be compared); splits never mix."""
+    import json
+
+    from attribution.counterfactual.results import (
+        format_schedule_pairs,
+        result_files,
+        schedule_pairs,
+    )
+
+    rng = np.random.default_rng(1)
+    full = {(m, q): base + rng.normal(0, 0.1) for q in range(4)
+            for m, base in (("teacher", 2.0), ("random", 0.0))}
+    files = {"counterfactual.json": _result(1000, full),
+             "counterfactual_s300.json": _result(300, {k: 0.5 * v for k, v in full.items()}),
+             "counterfactual_s50.json": {**_result(50, full), "k": 3},
+             "counterfactual_val_s300.json": _result(300, full)}
+    for name, r in files.items():
+        (tmp_path / name).write_text(json.dumps(r))
+    assert [p.name for p in result_files(tmp_path)] == [
+        "counterfactual.json", "counterfactual_s50.json", "counterfactual_s300.json",
+        "counterfactual_val_s300.json"]
+    pairs = schedule_pairs(tmp_path)  # the val split has no full-length file: nothing to pair
+    assert [(p["split"], p["short"]) for p in pairs] == [
+        ("test", "counterfactual_s50.json"), ("test", "counterfactual_s300.json")]
+    assert pairs[0]["comparison"] is None and "different numbers" in pairs[0]["why"]
+    assert pairs[1]["comparison"]["scale"] == pytest.approx(2.0)
+    text = format_schedule_pairs(pairs)
+    assert "not compared" in text and "Spearman" in text
+    (tmp_path / "counterfactual_val.json").write_text(json.dumps(_result(1000, full)))
+    assert [p["split"] for p in schedule_pairs(tmp_path)] == ["test", "test", "val"]

@@ -122,8 +122,9 @@ def counterfactual_figure(result: dict, metrics: dict, path: str | Path) -> Path
     ax.set_xlabel("attribution queries / s (batch 1, this machine)")
     what = "ΔLoss − random's ΔLoss" if paired else "ΔLoss"
     ax.set_ylabel(f"{what}, top-{result['k']} removed (retrained)")
-    ax.set_title(f"Counterfactual quality vs throughput ({len(result['queries'])} test queries, "
-                 "s.e. bars)", fontsize=10)
+    what = "test" if result.get("split", "test") == "test" else "training (choosing)"
+    ax.set_title(f"Counterfactual quality vs throughput ({len(result['queries'])} {what} "
+                 "queries, s.e. bars)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     return _save(fig, path)
 

@@ -1,4 +1,5 @@
-"""AbU for one query: gradient, one natural-gradient step, candidate losses, restore θ0."""
+"""AbU for one query: gradient, one natural-gradient step, candidate losses, restore θ0
+(or, for the step study, a path of many small steps: :meth:`AbUScorer.score_path`)."""
 
 from __future__ import annotations
 
@@ -83,6 +84,29 @@ class AbUScorer:
         return query_loss(self.unet, self.alphas, q.z.to(self.device), q.cond.to(self.device),
                           q.query_id, self.tc.query_draws, self.seed, self.tc.query_batch_size)
 
+    def _gradient(self, q: Query, where: str = "") -> tuple[dict[str, torch.Tensor], float]:
+        """The query's gradient and loss at the current parameters (its own (t, ε) draws)."""
+        with torch.enable_grad():
+            grads, loss = query_gradient(self.unet, self.params, self.alphas,
+                                         q.z.to(self.device), q.cond.to(self.device),
+                                         self.tc.query_draws, self.tc.query_batch_size,
+                                         self.seed, q.query_id)
+        if not all(torch.isfinite(g).all() for g in grads.values()):
+            raise FloatingPointError(f"non-finite query gradient for {q.split}/{q.query_id}"
+                                     + where)
+        return grads, loss
+
+    def _influence(self, q: Query, where: str) -> torch.Tensor:
+        """Candidate loss changes (K,) at the current parameters against θ0's base losses."""
+        after = candidate_losses(self.unet, self.alphas, self.cands, q.candidates,
+                                 list(self.tc.timesteps), self.tc.captions, self.tc.flips,
+                                 self.seed, self.tc.batch_size, self.device)
+        influence = influence_from_losses(after, self.base[q.candidates])
+        if not torch.isfinite(influence).all():
+            raise FloatingPointError(f"non-finite influence for query {q.split}/{q.query_id}"
+                                     f" ({where})")
+        return influence
+
     def score(self, q: Query) -> dict:
         """Returns {"influence": float (K,), "query_loss_before", "query_loss_after", "seconds"}."""
         return self.score_steps(q, [self.tc.eta])[0]
@@ -99,13 +123,7 @@ class AbUScorer:
         if len(q.candidates) == 0:
             raise ValueError(f"query {q.split}/{q.query_id} has an empty candidate set")
         start = time.time()
-        with torch.enable_grad():
-            grads, before = query_gradient(self.unet, self.params, self.alphas,
-                                           q.z.to(self.device), q.cond.to(self.device),
-                                           self.tc.query_draws, self.tc.query_batch_size,
-                                           self.seed, q.query_id)
-        if not all(torch.isfinite(g).all() for g in grads.values()):
-            raise FloatingPointError(f"non-finite query gradient for {q.split}/{q.query_id}")
+        grads, before = self._gradient(q)
         directions: dict[int, dict[str, torch.Tensor]] = {}
         for p in preconditioners:
             if id(p) not in directions:
@@ -117,17 +135,52 @@ class AbUScorer:
             apply_step(self.params, directions[id(p)], eta)
             try:
                 after_q = self._query_loss(q)
-                after = candidate_losses(self.unet, self.alphas, self.cands, q.candidates,
-                                         list(self.tc.timesteps), self.tc.captions,
-                                         self.tc.flips, self.seed, self.tc.batch_size,
-                                         self.device)
+                influence = self._influence(q, f"step η={eta:g}")
             finally:
                 self.snapshot.restore()
-            influence = influence_from_losses(after, self.base[q.candidates])
-            if not torch.isfinite(influence).all():
-                raise FloatingPointError(f"non-finite influence for query {q.split}/{q.query_id}"
-                                         f" (step η={eta:g})")
             out.append({"influence": influence, "query_loss_before": before,
                         "query_loss_after": after_q,
                         "seconds": grad_seconds + time.time() - t0})
+        return out
+
+    def score_path(self, q: Query, etas: list[float], per_decade: int,
+                   precondition=None) -> list[dict]:
+        """Unlearning along a PATH instead of one step (the step study's ``--path``): the
+        natural-gradient ascent is taken in small steps, the query gradient recomputed at each
+        point with the same (t, ε) draws (the preconditioner stays the Fisher at θ0), and the
+        candidates are scored where the accumulated step reaches each η of ``etas``.  The
+        accumulated step grows geometrically, ``per_decade`` steps per factor of 10, from η_min/10
+        (one plain step, in the first-order regime); ``path_steps`` (len(etas) results) counts
+        the gradients each result took.  One step per decade or fewer approaches :meth:`score`
+        only at the first η; as ``per_decade`` grows the path tends to the natural-gradient flow.
+        """
+        if per_decade < 1:
+            raise ValueError(f"a path needs at least 1 step per decade, got {per_decade}")
+        etas = sorted(float(e) for e in etas)
+        if not etas or etas[0] <= 0:
+            raise ValueError(f"path step sizes must be positive, got {etas}")
+        if len(q.candidates) == 0:
+            raise ValueError(f"query {q.split}/{q.query_id} has an empty candidate set")
+        precondition = precondition or self.precondition
+        ratio = 10.0 ** (1.0 / per_decade)
+        points, c = [], etas[0] / 10
+        while c < etas[-1] * (1 - 1e-9):
+            points.append(c)
+            c *= ratio
+        near = [c for c in points if any(abs(c - e) <= 1e-6 * e for e in etas)]
+        points = sorted((set(points) - set(near)) | set(etas))
+        start, out, done, before = time.time(), [], 0.0, None
+        try:
+            for i, c in enumerate(points):
+                grads, loss = self._gradient(q, f" on the unlearning path (η={c:g})")
+                before = loss if before is None else before
+                apply_step(self.params, precondition(grads), c - done)
+                done = c
+                if c in etas:
+                    influence = self._influence(q, f"path η={c:g}")
+                    out.append({"influence": influence, "query_loss_before": before,
+                                "query_loss_after": self._query_loss(q), "path_steps": i + 1,
+                                "seconds": time.time() - start})
+        finally:
+            self.snapshot.restore()
         return out

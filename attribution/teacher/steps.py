@@ -24,6 +24,13 @@ student's input whitening).  ``split="val"``: the study on TRAINING queries — 
 a validation concept, whose planted items are known answers no test query is needed for, and
 ordinary ones — scored over the whole set, so a step can be chosen without reading the test
 set; the test split then reports it.
+
+And a third: ``path`` (M > 0) unlearns along a path of M small natural-gradient steps per decade
+of accumulated step, the query gradient recomputed at each point (``AbUScorer.score_path``),
+instead of one step; each factor is where the path's accumulated step reaches it.  The
+question it answers: is the rankings' dependence on the step a property of unlearning the query
+that far, or of taking one large linear step there?  Its files and summary live in
+``out/path<M>/``, beside the one-step study's.
 """
 
 from __future__ import annotations
@@ -96,9 +103,10 @@ Setting = tuple[float, float | None]  # (step factor, damping; None = the config
 
 
 def score_factors(cfg, dirs: Dirs, out: Path, settings: list[Setting], rows: list[int],
-                  split: str = "test", progress: bool = True) -> dict:
+                  split: str = "test", progress: bool = True, path: int = 0) -> dict:
     """Influence over all items of query ``rows`` of ``split`` at every (factor, damping);
-    cached per (setting, query) under ``out/f<factor>[-d<damping>]/``.
+    cached per (setting, query) under ``out/f<factor>[-d<damping>]/``; ``path`` > 0: along an
+    unlearning path of that many steps per decade (``out`` is then the path's own folder).
     -> {setting: (influences (Q, N), metas)}."""
     out.mkdir(parents=True, exist_ok=True)
     n_items = len(CaptionedImageSet(dirs["world"], verify=False))
@@ -124,13 +132,23 @@ def score_factors(cfg, dirs: Dirs, out: Path, settings: list[Setting], rows: lis
                 if d not in preconds:
                     preconds[d] = (scorer.precondition if d is None
                                    else scorer.precondition.with_damping(d))
-            found = scorer.score_steps(q, [cfg.teacher.eta * f for f, _ in todo],
-                                       [preconds[d] for _, d in todo])
+            if path:  # one path per damping; its results come back in increasing η
+                found = []
+                for d in dict.fromkeys(d for _, d in todo):
+                    group = sorted(f for f, e in todo if e == d)
+                    scored = scorer.score_path(q, [cfg.teacher.eta * f for f in group], path,
+                                               preconds[d])
+                    found += [(f, d, r) for f, r in zip(group, scored)]
+                found = [next(r for f, d, r in found if (f, d) == s) for s in todo]
+            else:
+                found = scorer.score_steps(q, [cfg.teacher.eta * f for f, _ in todo],
+                                           [preconds[d] for _, d in todo])
             for s, r in zip(todo, found):
                 paths[s].parent.mkdir(parents=True, exist_ok=True)
                 influence = r["influence"].detach().cpu().numpy().astype(np.float32)
                 atomic_write_bytes(paths[s].with_suffix(".json"), json.dumps(
-                    {k: r[k] for k in ("query_loss_before", "query_loss_after", "seconds")}
+                    {k: r[k] for k in ("query_loss_before", "query_loss_after", "seconds",
+                                       "path_steps") if k in r}
                 ).encode())
                 atomic_save_npy(paths[s], influence)
         for s in settings:
@@ -141,25 +159,25 @@ def score_factors(cfg, dirs: Dirs, out: Path, settings: list[Setting], rows: lis
 
 
 def summarize(cfg, dirs: Dirs, scored: dict, k: int = 10, split: str = "test",
-              rows_scored: list[int] | None = None) -> dict:
+              rows_scored: list[int] | None = None, path: int = 0) -> dict:
     """The study's table: per (damping, factor) the loss rise, share of items rising, planted
     recall and agreement (see the module docstring), each over the scored queries with s.e.
     Agreement "vs next" is with the next larger factor at the same damping; "vs teacher" is
     with the configured teacher (test: its stored ranking; val: factor 1 at the configured
-    damping, when scored)."""
+    damping, when scored — for a ``path`` study, the path's own factor 1)."""
     settings = sorted(scored, key=lambda s: (-1.0 if s[1] is None else s[1], s[0]))
     ranks = {s: np.argsort(-scored[s][0], axis=1, kind="stable") for s in settings}
     q = len(next(iter(ranks.values())))
+    rows_scored = list(range(q)) if rows_scored is None else list(rows_scored)
     world = CaptionedImageSet(dirs["world"], verify=False)
+    queries = QuerySet(dirs["queries"] / f"query_{'test' if split == 'test' else 'train'}")
+    attributes = [queries.attributes[i] for i in rows_scored] if queries.attributes else []
     if split == "test":
         with np.load(dirs["teacher"] / "teacher_test.npz") as merged:
-            teacher = merged["rank"][:q]
-        attributes = QuerySet(dirs["queries"] / "query_test").attributes[:q]
+            teacher = merged["rank"][rows_scored]
         planted = [to_dict(p) for p in planted_for(cfg.world, "test")]
     else:
         teacher = ranks.get((1.0, None))
-        train_attributes = QuerySet(dirs["queries"] / "query_train").attributes
-        attributes = [train_attributes[i] for i in rows_scored] if train_attributes else []
         planted = [to_dict(p) for p in planted_for(cfg.world, "val")]
     damping = cfg.teacher.damping
     rows = []
@@ -188,24 +206,54 @@ def summarize(cfg, dirs: Dirs, scored: dict, k: int = 10, split: str = "test",
             row[f"vs_next.mAP@{k}_stderr"] = nxt[f"mAP@{k}_stderr"]
             row["next_factor"] = larger[0]
         rows.append(row)
-    exact = bool(split == "test" and (1.0, None) in scored
+    exact = bool(split == "test" and (1.0, None) in scored and not path
                  and np.array_equal(ranks[(1.0, None)], teacher))
     return {"k": k, "split": split, "queries": q, "rows_scored": rows_scored,
             "n_items": len(world), "eta": cfg.teacher.eta, "gain": cfg.teacher.gain,
             "damping": damping, "fisher": cfg.teacher.fisher, "rows": rows,
-            "factor_1_reproduces_teacher": exact}
+            "path": path, "factor_1_reproduces_teacher": exact}
+
+
+def _add_one_step_agreement(summary: dict, scored: dict, one_step: Path, rows: list[int],
+                            split: str, k: int) -> None:
+    """A path study's rows gain ``vs_one_step.mAP@k``: agreement with the ONE-step teacher at
+    the same factor and damping (its top-k the positives), where the one-step study scored the
+    same queries — does taking the step as a path change what is found?"""
+    n = next(iter(scored.values()))[0].shape[1]
+    damping = summary["damping"]
+    for row in summary["rows"]:
+        d = None if row["damping"] == damping else row["damping"]
+        files = [query_file(one_step, row["factor"], qid, d, split) for qid in rows]
+        if not all(f.is_file() for f in files):
+            continue
+        other = np.stack([load_row(f, n)[0] for f in files])
+        mine = scored[(row["factor"], d)][0]
+        agree = map_at_ks(np.argsort(-mine, axis=1, kind="stable"),
+                          np.argsort(-other, axis=1, kind="stable"), [k])
+        row[f"vs_one_step.mAP@{k}"] = agree[f"mAP@{k}"]
+        row[f"vs_one_step.mAP@{k}_stderr"] = agree[f"mAP@{k}_stderr"]
 
 
 def summary_name(split: str) -> str:
     return "steps.json" if split == "test" else f"steps_{split}.json"
 
 
+def study_dir(out: Path, path: int = 0) -> Path:
+    """The one-step study's folder, or the ``path``-step one's inside it."""
+    return Path(out) / f"path{path}" if path else Path(out)
+
+
 def run_step_study(cfg, dirs: Dirs, out: Path, factors: list[float] | None = None,
                    n_queries: int | None = None, k: int = 10, progress: bool = True,
-                   dampings: list[float] | None = None, split: str = "test") -> dict:
-    """Score, summarize, write ``steps.json`` (test) or ``steps_val.json`` in ``out``; return
-    the summary.  ``dampings``: the same factors at other dampings too (the configured one is
-    always included)."""
+                   dampings: list[float] | None = None, split: str = "test",
+                   path: int = 0) -> dict:
+    """Score, summarize, write ``steps.json`` (test) or ``steps_val.json`` in
+    ``study_dir(out, path)``; return the summary.  ``dampings``: the same factors at other
+    dampings too (the configured one is always included); ``path``: steps per decade of an
+    unlearning path (0: the one-step teacher)."""
+    if path < 0:
+        raise ValueError(f"path steps per decade must be ≥ 0 (0: one step), got {path}")
+    out = study_dir(out, path)
     factors = sorted(set(factors or FACTORS))
     extra = sorted({float(d) for d in (dampings or [])} - {float(cfg.teacher.damping)})
     if any(not np.isfinite(f) or f <= 0 for f in list(factors) + extra):
@@ -216,8 +264,10 @@ def run_step_study(cfg, dirs: Dirs, out: Path, factors: list[float] | None = Non
     if not rows:
         raise ValueError(f"the {split} split has no queries to study")
     with torch.no_grad():
-        scored = score_factors(cfg, dirs, out, settings, rows, split, progress)
-    summary = summarize(cfg, dirs, scored, k, split, rows)
+        scored = score_factors(cfg, dirs, out, settings, rows, split, progress, path)
+    summary = summarize(cfg, dirs, scored, k, split, rows, path)
+    if path:
+        _add_one_step_agreement(summary, scored, study_dir(out.parent), rows, split, k)
     atomic_write_bytes(out / summary_name(split), json.dumps(summary, indent=2).encode())
     return summary
 
@@ -228,15 +278,18 @@ def format_steps(summary: dict) -> str:
     planted = [key for key in summary["rows"][0] if key.endswith(" recall@10")]
     head = (f"{'damping':>8}{'factor':>8}{'eta':>10}{'loss rise':>12}{'rel.':>8}{'items up':>10}"
             + "".join(f"{p.replace(' recall@10', ''):>15}" for p in planted)
-            + f"{'vs next':>9}{'± s.e.':>8}{'vs teacher':>11}")
+            + f"{'vs next':>9}{'± s.e.':>8}{'vs teacher':>11}"
+            + (f"{'vs 1-step':>11}" if summary.get("path") else ""))
     split = summary.get("split", "test")
     what = ("test queries" if split == "test" else
             "training queries (validation concepts + ordinary; for choosing)")
-    lines = [f"teacher step study: {summary['queries']} {what} over all "
+    how = (f" along an unlearning path ({summary['path']} steps per decade)"
+           if summary.get("path") else "")
+    lines = [f"teacher step study{how}: {summary['queries']} {what} over all "
              f"{summary['n_items']} items, mAP@{k} agreement; factor 1 at damping "
              f"{summary.get('damping', '')} = the configured step"
              + (f" (reproduces the teacher exactly: {summary['factor_1_reproduces_teacher']})"
-                if split == "test" else ""), head]
+                if split == "test" and not summary.get("path") else ""), head]
     for r in summary["rows"]:
         nxt = (f"{r[f'vs_next.mAP@{k}']:>9.3f}{r[f'vs_next.mAP@{k}_stderr']:>8.3f}"
                if f"vs_next.mAP@{k}" in r else " " * 17)
@@ -245,5 +298,7 @@ def format_steps(summary: dict) -> str:
                      f"{r['factor']:>8g}{r['eta']:>10.2e}{r['query_loss_rise']:>12.2e}"
                      f"{r['relative_query_loss_rise']:>8.2f}{r['share_items_rising']:>10.2f}"
                      + "".join(f"{r[p]:>15.2f}" for p in planted)
-                     + nxt + (f"{vs_t:>11.3f}" if vs_t is not None else f"{'':>11}"))
+                     + nxt + (f"{vs_t:>11.3f}" if vs_t is not None else f"{'':>11}")
+                     + (f"{r.get(f'vs_one_step.mAP@{k}', float('nan')):>11.3f}"
+                        if summary.get("path") else ""))
     return "\n".join(lines)

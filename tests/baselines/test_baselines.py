@@ -103,7 +103,7 @@ def test_baselines_stage_on_smoke_run(smoke_run):
 def test_counterfactual_leave_k_out_on_smoke(smoke_run):
     """Removing nothing reproduces the generator (ΔLoss 0, same image); removing the teacher's
     top-3 retrains without exactly those items."""
-    from attribution.counterfactual import format_counterfactual
+    from attribution.counterfactual.results import format_counterfactual
     from attribution.pipeline import Pipeline
 
     pipe = Pipeline(smoke_run.cfg, progress=False, echo=lambda s: None)
@@ -156,7 +156,7 @@ def test_abu_diagonal_baseline_runs_a_second_teacher(smoke_run):
 
 
 def test_counterfactual_summary_pairs_each_method_with_random_on_the_same_queries():
-    from attribution.counterfactual import format_counterfactual, summarize
+    from attribution.counterfactual.results import format_counterfactual, summarize
 
     rows = [{"method": m, "query": q, "delta_loss": d, "image_distance": 0.0}
             for m, q, d in [("teacher", 0, 0.5), ("teacher", 1, 0.2), ("random", 0, 0.4),

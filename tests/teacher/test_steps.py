@@ -78,7 +78,7 @@ def test_counterfactual_reads_the_study_as_teacher_at_a_factor(study):
     """``teacher@1`` in the counterfactual is the configured teacher's ranking exactly; a factor
     the study did not score is refused with the command that scores it."""
     from attribution.config import ConfigError
-    from attribution.counterfactual import method_ranks
+    from attribution.counterfactual.run import method_ranks
 
     pipe, _ = study
     dirs = {**pipe.dirs(), "steps": pipe.step_study_dir()}
@@ -117,7 +117,7 @@ def test_study_with_dampings_and_on_validation_concepts(study):
     leaves the configured rows as they were; the val split scores the training queries that
     prompt a validation concept (heart) over every item, with that concept's known answers."""
     from attribution.config import val_concept_rows
-    from attribution.counterfactual import method_ranks
+    from attribution.counterfactual.run import method_ranks
 
     pipe, s = study
     d0 = pipe.cfg.teacher.damping
@@ -140,3 +140,100 @@ def test_study_with_dampings_and_on_validation_concepts(study):
     assert not any("cross" in k for k in row)  # the test concept is not a choosing answer
     assert (pipe.step_study_dir() / "steps_val.json").is_file()
     assert "training queries" in format_steps(val)
+
+
+def test_counterfactual_on_the_choosing_split_reads_the_val_study(study):
+    """The val split measures TRAINING queries: its teacher is the val study's factor 1, its
+    removal is that ranking's top-k, its ΔLoss is measured on the training query's latent, and
+    it lands in its own file; methods the split cannot rank, and queries the study did not
+    score, are refused with what to run."""
+    from attribution.config import ConfigError, val_concept_rows
+    from attribution.counterfactual.results import result_files
+    from attribution.counterfactual.run import method_ranks
+    from attribution.teacher.steps import load_row, query_file
+
+    pipe, _ = study
+    val = pipe.run_step_study([1.0], n_queries=3, progress=False, split="val")
+    rows = val["rows_scored"]
+    dirs = {**pipe.dirs(), "steps": pipe.step_study_dir()}
+    ranks = method_ranks(pipe.cfg, dirs, ["teacher", "random"], split="val")
+    n = ranks["teacher"].shape[1]
+    for q in range(ranks["teacher"].shape[0]):
+        if q in rows:
+            infl, _ = load_row(query_file(pipe.step_study_dir(), 1.0, q, split="val"), n)
+            np.testing.assert_array_equal(ranks["teacher"][q], np.argsort(-infl, kind="stable"))
+        else:
+            assert (ranks["teacher"][q] == -1).all()
+    test_random = method_ranks(pipe.cfg, dirs, ["random"])["random"]
+    assert not np.array_equal(ranks["random"][0], test_random[0])  # its own stream
+    with pytest.raises(ConfigError, match="val split"):
+        method_ranks(pipe.cfg, dirs, ["student"], split="val")
+    unscored = next(i for i in range(ranks["teacher"].shape[0]) if i not in rows)
+    with pytest.raises(ConfigError, match="--split val"):
+        pipe.run_counterfactual(["teacher"], [unscored], 2, progress=False, echo=lambda s: None,
+                                split="val")
+    q = val_concept_rows(pipe.cfg)[0]
+    out = pipe.run_counterfactual(["teacher"], [q], 2, progress=False, echo=lambda s: None,
+                                  split="val")
+    res = json.loads((out / "counterfactual_val.json").read_text())
+    assert res["split"] == "val" and res["queries"] == [q]
+    assert res["rows"][0]["removed"] == ranks["teacher"][q, :2].tolist()
+    assert abs(res["rows"][0]["delta_loss"]) > 0  # two items removed: the query's loss moves
+    assert "counterfactual_val.json" in [p.name for p in result_files(out)]
+
+
+def test_an_unlearning_path_is_first_order_equal_to_one_step_and_restores_theta(study):
+    """Known answers for ``score_path``: the path and the one step are the same first-order
+    update, so they differ at second order — little at a small step (≤ 5 % of the influences
+    here) and far less than at a 10× larger one; the path takes the gradients its schedule
+    says (from η_min/10, ``per_decade`` per factor of 10, landing on each η); θ0 is restored,
+    so the teacher's own score is reproduced afterwards; at a large step recomputing the
+    gradient changes the result."""
+    from attribution.teacher.run import teacher_scorer
+
+    pipe, _ = study
+    scorer, _, queries = teacher_scorer(pipe.cfg, pipe.dirs(), "test")
+    q, eta = queries[0], pipe.cfg.teacher.eta
+    before = scorer.score(q)["influence"]
+
+    def gap(factor):
+        (one,) = scorer.score_steps(q, [eta * factor])
+        (walk,) = scorer.score_path(q, [eta * factor], per_decade=4)
+        assert walk["path_steps"] == 5  # η/10 and 3 points between, then η itself
+        return float((walk["influence"] - one["influence"]).abs().max()
+                     / one["influence"].abs().max())
+
+    small, larger = gap(1e-3), gap(1e-2)
+    assert small <= 0.05 and small < larger / 3, (small, larger)
+    small, big = scorer.score_path(q, [eta, eta * 0.01], per_decade=2)  # any order in
+    assert (small["path_steps"], big["path_steps"]) == (3, 7)  # 1e-3 .. 1e-2, then .. 1
+    assert big["query_loss_after"] > small["query_loss_after"] > small["query_loss_before"]
+    (jump,) = scorer.score_steps(q, [eta])
+    assert not torch.allclose(big["influence"], jump["influence"], rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(scorer.score(q)["influence"], before)
+    with pytest.raises(ValueError, match="at least 1 step"):
+        scorer.score_path(q, [eta], per_decade=0)
+
+
+def test_path_study_lives_beside_the_one_step_study_and_compares_with_it(study, capsys):
+    """``--path M``: files and summary in ``path<M>/``; each row says how far the path's
+    ranking agrees with the one-step teacher at the same factor; the CLI prints it."""
+    pipe, one = study
+    s = pipe.run_step_study([0.01, 1.0], n_queries=2, progress=False, path=2)
+    folder = pipe.step_study_dir() / "path2"
+    assert (folder / "steps.json").is_file() and (folder / "f1" / "test_0.npy").is_file()
+    assert s["path"] == 2 and not s["factor_1_reproduces_teacher"]
+    for r in s["rows"]:
+        assert 0 <= r["vs_one_step.mAP@10"] <= 1
+    meta = json.loads((folder / "f1" / "test_0.json").read_text())
+    assert meta["path_steps"] == 7
+    assert "along an unlearning path (2 steps per decade)" in format_steps(s)
+    assert one["path"] == 0 and not (pipe.step_study_dir() / "f1" / "test_0.json").read_text() \
+        .count("path_steps")
+    code, text, err = run_cli(capsys, "teacher", "steps", "configs/experiment/toy_smoke.yaml",
+                              f"output_root={pipe.cfg.output_root}", "--factors", "0.01", "1",
+                              "--queries", "2", "--path", "2", "--no-progress")
+    assert code == 0, err
+    assert "vs 1-step" in text and (folder / "steps.png").is_file()
+    pipe.run(["student"])  # the report shows the path study beside the one-step one
+    assert "figures/teacher_steps_path2.png" in (pipe.root / "report.md").read_text()

@@ -1,0 +1,199 @@
+"""Leave-K-out counterfactual evaluation (docs/method.md §4): does removing a method's top-K matter?
+
+For every method and test query: retrain the generator from scratch without the method's top-K
+training items (same seed, same schedule; every random choice of a step is a function of
+(seed, step), so only the removed items change what is learned), then measure
+
+- ΔLoss: the query's denoising loss under the retrained generator minus under the original, with
+  the same fixed (t, ε) draws for both — FRESH draws (scoring seed + ``NOISE_SEED_OFFSET``), not
+  the ones the teacher's unlearning step ascended on, which would favour the teacher;
+- the regenerated image's distance from the original: sampled with the same prompt and the same
+  per-sample noise, mean squared difference in model space.
+
+A bigger rise means the removed items mattered more.  ``random`` (K items drawn uniformly) is the
+control.  ``teacher@<factor>[:<damping>]`` is the teacher at a multiple of its step (and another damping), from the step-size study
+(``teacher/steps.py``; run ``attribution teacher steps`` first).  Retrained generators are cached by the set of removed items, so two methods that pick
+the same items share one retraining, and a killed run resumes.
+
+Two splits.  ``test`` (the default) reports.  ``val`` measures on TRAINING queries — the ones the
+step study's choosing split scored over the whole set (``attribution teacher steps CONFIG
+--split val``): the queries that prompt a validation concept, whose planted items are known
+answers, and ordinary ones — so that retraining can judge the teacher's step without reading
+the test set.  On ``val`` the methods are the teacher (the study's factor 1), ``teacher@…`` and
+``random``: the student was trained on these queries and the baselines rank test queries only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attribution.common.files import Dirs, atomic_write_bytes
+from attribution.config import ConfigError, derive
+from attribution.counterfactual.results import query_split, result_file, summarize
+from attribution.data.dataset import CaptionedImageSet
+from attribution.data.queries import QuerySet
+from attribution.data.text_cache import TextTable
+from attribution.generator.model import build_scheduler, load_unet
+from attribution.generator.sampling import sample
+from attribution.generator.train import train_generator
+from attribution.student.deploy import student_test_ranks
+from attribution.teacher.scorer import query_loss
+from attribution.teacher.steps import load_row, query_file
+
+METHODS_HELP = ("teacher | teacher@<step factor>[:<damping>] | student | random | dtrak | abu_diagonal | any "
+                "features.spaces entry (raw similarity)")
+NOISE_SEED_OFFSET = 7919  # ΔLoss draws: independent of the teacher's (seed) and the ceiling's
+VAL_METHODS = "teacher, teacher@<factor>[:<damping>] and random"
+
+
+def method_ranks(cfg, dirs: Dirs, methods: list[str], split: str = "test"
+                 ) -> dict[str, np.ndarray]:
+    """Rankings (Q, N), most influential first, for each named method: on ``test`` from the
+    finished teacher, student and baselines folders; on ``val`` (rows = training query ids)
+    from the step study's choosing split, rows it did not score -1."""
+    if query_split(split) == "test":
+        with np.load(dirs["teacher"] / "teacher_test.npz") as merged:
+            teacher = merged["rank"]
+        q, n = teacher.shape
+    else:
+        q = len(QuerySet(dirs["queries"] / "query_train"))
+        n = len(CaptionedImageSet(dirs["world"], verify=False))
+    damping = float(cfg.teacher.damping)
+    out = {}
+    for m in methods:
+        if m == "teacher":
+            out[m] = teacher if split == "test" else _step_ranks(dirs, "teacher@1", q, n,
+                                                                 damping, split)
+        elif m == "random":  # the val split draws its own stream (its rows are other queries)
+            stream = [cfg.seed, 97] if split == "test" else [cfg.seed, 98]
+            out[m] = np.stack([np.random.default_rng([*stream, i]).permutation(n)
+                               for i in range(q)])
+        elif m.startswith("teacher@"):
+            out[m] = _step_ranks(dirs, m, q, n, damping, split)
+        elif split != "test":
+            raise ConfigError(f"method {m!r} on the val split: it has {VAL_METHODS} (the "
+                              "student was trained on these queries; baselines rank test "
+                              "queries only)")
+        elif m == "student":
+            out[m] = student_test_ranks(cfg, dirs["features"], dirs["student"])
+        else:
+            path = dirs["baselines"] / f"rank_{m}.npy"
+            if not path.is_file():
+                raise ConfigError(f"unknown method {m!r} or its baseline was not run ({path}); "
+                                 f"methods: {METHODS_HELP}")
+            out[m] = np.load(path)
+    return out
+
+
+def _step_ranks(dirs: Dirs, method: str, q: int, n: int,
+                configured_damping: float, split: str = "test") -> np.ndarray:
+    """``teacher@<factor>`` or ``teacher@<factor>:<damping>``: the step study's full-set
+    ranking of each query of ``split`` it scored; rows of queries it did not score are -1
+    (refused when such a query is asked for)."""
+    try:
+        spec = method.split("@", 1)[1]
+        factor_text, _, damping_text = spec.partition(":")
+        factor = float(factor_text)
+        damping = float(damping_text) if damping_text else None
+    except ValueError:
+        raise ConfigError(f"{method!r}: write teacher@<step factor>[:<damping>], e.g. "
+                          f"teacher@0.01 or teacher@0.001:0.01") from None
+    out = np.full((q, n), -1, dtype=np.int64)
+    for i in range(q):
+        path = query_file(dirs.get("steps", ""), factor, i,
+                          None if damping in (None, configured_damping) else damping, split)
+        if path.is_file():
+            out[i] = np.argsort(-load_row(path, n)[0], kind="stable")
+    return out
+
+
+def _removal_key(items: np.ndarray) -> str:
+    return hashlib.sha256(",".join(map(str, sorted(items.tolist()))).encode()).hexdigest()[:12]
+
+
+def run_counterfactual(cfg, dirs: Dirs, out: Path, methods: list[str], queries: list[int],
+                       k: int, progress: bool = True, echo=print,
+                       steps: int | None = None, split: str = "test") -> Path:
+    """Retrain without each method's top-``k`` for each query of ``split``; write
+    ``result_file`` (per method: mean ΔLoss and image distance with standard errors over
+    queries, per-query rows) in ``out``; return it.  ``dirs``: the finished world, text,
+    generator, queries, features, teacher, student and baselines folders (and ``steps``, the
+    step study's, for ``teacher@…`` and the val split).
+
+    ``steps``: retrain on a shorter schedule (cheaper); the reference is then the generator
+    retrained on that same schedule with nothing removed, not the pipeline's generator."""
+    which = query_split(split)
+    ranks = method_ranks(cfg, dirs, methods, split)
+    n_rows = next(iter(ranks.values())).shape[0]
+    if len(set(queries)) != len(queries):
+        raise ConfigError(f"{which} queries {queries} repeat an id")
+    bad = [q for q in queries if not 0 <= q < n_rows]
+    if bad:
+        raise ConfigError(f"{which} queries {bad} out of range (there are {n_rows})")
+    out.mkdir(parents=True, exist_ok=True)
+    qs = QuerySet(dirs["queries"] / f"query_{which}", need_embeddings=True)
+    alphas = build_scheduler(cfg.generator).alphas_cumprod
+    train_cfg = cfg
+    if steps is not None:
+        train_cfg = derive(cfg, {"generator": {"train": {"steps": steps}}})
+    tag = f"s{train_cfg.generator.train.steps}-crn-"  # crn: common random numbers (module.py)
+
+    def generator_without(removed: np.ndarray, label: str) -> Path:
+        gdir = out / "generators" / (tag + _removal_key(removed))
+        if not (gdir / "generator.json").is_file():
+            echo(f"[counterfactual] {label}: retraining without {len(removed)} items -> {gdir}")
+            train_generator(train_cfg, dirs["world"], dirs["text"], gdir, progress,
+                            exclude=removed.tolist())
+        return gdir
+
+    ref_dir = dirs["generator"] if steps is None else generator_without(
+        np.zeros(0, dtype=np.int64), "reference")
+    base_unet, _ = load_unet(ref_dir)
+    uncond = TextTable.load(dirs["text"]).lookup(torch.tensor([0]))[0]
+    sc = cfg.queries.sampling
+    draws = cfg.teacher.query_draws
+
+    def measure(unet, q: int) -> tuple[float, torch.Tensor]:
+        z = torch.from_numpy(np.asarray(qs.latents[q])).float()
+        cond = torch.from_numpy(np.asarray(qs.text_embeddings[q])).float()
+        loss = query_loss(unet.eval(), alphas, z, cond, q, draws, cfg.seed + NOISE_SEED_OFFSET)
+        regen = sample(unet, build_scheduler(cfg.generator), cond[None], uncond,
+                       [1_000_000 + q], tuple(z.shape), seed=sc.seed, sampler=sc.sampler,
+                       steps=sc.steps, guidance=sc.guidance, progress=False)[0]
+        return loss, regen
+
+    rows = []
+    for m in methods:
+        missing = [q for q in queries if ranks[m][q, 0] < 0]
+        if missing:
+            spec = m.split("@")[1] if "@" in m else "1"
+            raise ConfigError(f"{m}: the step study has not scored {which} queries {missing}; "
+                              f"run `attribution teacher steps CONFIG --factors "
+                              f"{spec.replace(':', ' --dampings ')}"
+                              + (" --split val`" if split == "val" else "`")
+                              + (" (its val split scores the validation-concept training "
+                                 "queries and the first ordinary ones; --queries N for more)"
+                                 if split == "val" else ""))
+    for q in queries:  # query-major: a run cut short still covers every method on its queries
+        base_loss, base_img = measure(base_unet, q)
+        for m in methods:
+            removed = ranks[m][q, :k]
+            unet, _ = load_unet(generator_without(removed, f"{m} q{q}"))
+            loss, regen = measure(unet, q)
+            rows.append({"method": m, "query": q, "removed": removed.tolist(),
+                         "delta_loss": loss - base_loss,
+                         "image_distance": float((regen - base_img).pow(2).mean())})
+        done = queries[:queries.index(q) + 1]
+        result = {"k": k, "split": split, "queries": done, "queries_asked": queries,
+                  "complete": q == queries[-1],
+                  "steps": train_cfg.generator.train.steps, "reference": str(ref_dir),
+                  "noise": f"fresh: seed + {NOISE_SEED_OFFSET}",
+                  "methods": summarize(rows, methods), "rows": rows}
+        atomic_write_bytes(result_file(cfg, out, steps, split),
+                           json.dumps(result, indent=2).encode())
+    return out
