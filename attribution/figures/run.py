@@ -185,12 +185,13 @@ def step_figure(summary: dict, path: str | Path) -> Path:
             ax[3].errorbar([n[0] for n in nxt], [n[1] for n in nxt], yerr=[n[2] for n in nxt],
                            marker="o", capsize=3, color=colour,
                            label=" ".join(filter(None, ["vs the next larger step", tag])))
-        vs_t = [(r["factor"], r[f"vs_teacher.mAP@{k}"], r[f"vs_teacher.mAP@{k}_stderr"])
-                for r in rows if f"vs_teacher.mAP@{k}" in r]
-        if vs_t and not several:
-            ax[3].errorbar([v[0] for v in vs_t], [v[1] for v in vs_t],
-                           yerr=[v[2] for v in vs_t], marker="s", capsize=3,
-                           label="vs the configured teacher")
+        for key, marker, label in (("vs_teacher", "s", "vs the configured teacher"),
+                                   ("vs_one_step", "^", "vs one step of the same size")):
+            vs = [(r["factor"], r[f"{key}.mAP@{k}"], r[f"{key}.mAP@{k}_stderr"])
+                  for r in rows if f"{key}.mAP@{k}" in r]
+            if vs and not several:
+                ax[3].errorbar([v[0] for v in vs], [v[1] for v in vs],
+                               yerr=[v[2] for v in vs], marker=marker, capsize=3, label=label)
     ax[0].set(xscale="log", yscale="log", ylabel="query's own loss rise",
               title="how big the step is")
     if several:
@@ -206,6 +207,8 @@ def step_figure(summary: dict, path: str | Path) -> Path:
         a.set_xlabel("step factor (× configured η/gain)")
     split = summary.get("split", "test")
     what = "test queries" if split == "test" else "training queries (for choosing)"
-    fig.suptitle(f"Teacher step size ({summary['fisher']}, {summary['queries']} {what}, "
+    how = (f", along an unlearning path of {summary['path']} steps per decade"
+           if summary.get("path") else "")
+    fig.suptitle(f"Teacher step size{how} ({summary['fisher']}, {summary['queries']} {what}, "
                  f"N = {summary['n_items']}; mean ± s.e.)", fontsize=10)
     return _save(fig, path)

@@ -164,7 +164,7 @@ def summarize(cfg, dirs: Dirs, scored: dict, k: int = 10, split: str = "test",
     recall and agreement (see the module docstring), each over the scored queries with s.e.
     Agreement "vs next" is with the next larger factor at the same damping; "vs teacher" is
     with the configured teacher (test: its stored ranking; val: factor 1 at the configured
-    damping, when scored — for a ``path`` study, the path's own factor 1)."""
+    damping, when scored; for a ``path`` study on val, added by ``_add_one_step_agreement``)."""
     settings = sorted(scored, key=lambda s: (-1.0 if s[1] is None else s[1], s[0]))
     ranks = {s: np.argsort(-scored[s][0], axis=1, kind="stable") for s in settings}
     q = len(next(iter(ranks.values())))
@@ -176,8 +176,8 @@ def summarize(cfg, dirs: Dirs, scored: dict, k: int = 10, split: str = "test",
         with np.load(dirs["teacher"] / "teacher_test.npz") as merged:
             teacher = merged["rank"][rows_scored]
         planted = [to_dict(p) for p in planted_for(cfg.world, "test")]
-    else:
-        teacher = ranks.get((1.0, None))
+    else:  # a path study's "vs teacher" is the ONE-step teacher's (_add_one_step_agreement)
+        teacher = None if path else ranks.get((1.0, None))
         planted = [to_dict(p) for p in planted_for(cfg.world, "val")]
     damping = cfg.teacher.damping
     rows = []
@@ -218,20 +218,27 @@ def _add_one_step_agreement(summary: dict, scored: dict, one_step: Path, rows: l
                             split: str, k: int) -> None:
     """A path study's rows gain ``vs_one_step.mAP@k``: agreement with the ONE-step teacher at
     the same factor and damping (its top-k the positives), where the one-step study scored the
-    same queries — does taking the step as a path change what is found?"""
+    same queries — does taking the step as a path change what is found?  On the val split
+    "vs teacher" is the one-step configured teacher's too (test: the stored teacher already)."""
     n = next(iter(scored.values()))[0].shape[1]
     damping = summary["damping"]
+
+    def one_step_ranks(factor: float, d: float | None) -> np.ndarray | None:
+        files = [query_file(one_step, factor, qid, d, split) for qid in rows]
+        if not all(f.is_file() for f in files):
+            return None
+        return np.argsort(-np.stack([load_row(f, n)[0] for f in files]), axis=1, kind="stable")
+
+    teacher = one_step_ranks(1.0, None) if split != "test" else None
     for row in summary["rows"]:
         d = None if row["damping"] == damping else row["damping"]
-        files = [query_file(one_step, row["factor"], qid, d, split) for qid in rows]
-        if not all(f.is_file() for f in files):
-            continue
-        other = np.stack([load_row(f, n)[0] for f in files])
-        mine = scored[(row["factor"], d)][0]
-        agree = map_at_ks(np.argsort(-mine, axis=1, kind="stable"),
-                          np.argsort(-other, axis=1, kind="stable"), [k])
-        row[f"vs_one_step.mAP@{k}"] = agree[f"mAP@{k}"]
-        row[f"vs_one_step.mAP@{k}_stderr"] = agree[f"mAP@{k}_stderr"]
+        mine = np.argsort(-scored[(row["factor"], d)][0], axis=1, kind="stable")
+        for key, other in (("vs_one_step", one_step_ranks(row["factor"], d)),
+                           ("vs_teacher", teacher)):
+            if other is not None:
+                agree = map_at_ks(mine, other, [k])
+                row[f"{key}.mAP@{k}"] = agree[f"mAP@{k}"]
+                row[f"{key}.mAP@{k}_stderr"] = agree[f"mAP@{k}_stderr"]
 
 
 def summary_name(split: str) -> str:

@@ -225,6 +225,12 @@ def test_path_study_lives_beside_the_one_step_study_and_compares_with_it(study, 
     assert s["path"] == 2 and not s["factor_1_reproduces_teacher"]
     for r in s["rows"]:
         assert 0 <= r["vs_one_step.mAP@10"] <= 1
+    # on val, "vs teacher" is the ONE-step configured teacher (its factor-1 files), not the
+    # path's own factor 1
+    pipe.run_step_study([1.0], n_queries=3, progress=False, split="val")
+    val = pipe.run_step_study([1.0], n_queries=3, progress=False, split="val", path=2)
+    (row,) = val["rows"]
+    assert row["vs_teacher.mAP@10"] == row["vs_one_step.mAP@10"] < 1
     meta = json.loads((folder / "f1" / "test_0.json").read_text())
     assert meta["path_steps"] == 7
     assert "along an unlearning path (2 steps per decade)" in format_steps(s)
