@@ -133,13 +133,13 @@ def score_factors(cfg, dirs: Dirs, out: Path, settings: list[Setting], rows: lis
                     preconds[d] = (scorer.precondition if d is None
                                    else scorer.precondition.with_damping(d))
             if path:  # one path per damping; its results come back in increasing η
-                found = []
+                walked: dict[Setting, dict] = {}
                 for d in dict.fromkeys(d for _, d in todo):
                     group = sorted(f for f, e in todo if e == d)
-                    scored = scorer.score_path(q, [cfg.teacher.eta * f for f in group], path,
-                                               preconds[d])
-                    found += [(f, d, r) for f, r in zip(group, scored)]
-                found = [next(r for f, d, r in found if (f, d) == s) for s in todo]
+                    along = scorer.score_path(q, [cfg.teacher.eta * f for f in group], path,
+                                              preconds[d])
+                    walked.update({(f, d): r for f, r in zip(group, along)})
+                found = [walked[s] for s in todo]
             else:
                 found = scorer.score_steps(q, [cfg.teacher.eta * f for f, _ in todo],
                                            [preconds[d] for _, d in todo])
