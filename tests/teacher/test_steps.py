@@ -142,7 +142,7 @@ def test_study_with_dampings_and_on_validation_concepts(study):
     assert "training queries" in format_steps(val)
 
 
-def test_counterfactual_on_the_choosing_split_reads_the_val_study(study):
+def test_counterfactual_on_the_choosing_split_reads_the_val_study(study, capsys):
     """The val split measures TRAINING queries: its teacher is the val study's factor 1, its
     removal is that ranking's top-k, its ΔLoss is measured on the training query's latent, and
     it lands in its own file; methods the split cannot rank, and queries the study did not
@@ -180,6 +180,13 @@ def test_counterfactual_on_the_choosing_split_reads_the_val_study(study):
     assert res["rows"][0]["removed"] == ranks["teacher"][q, :2].tolist()
     assert abs(res["rows"][0]["delta_loss"]) > 0  # two items removed: the query's loss moves
     assert "counterfactual_val.json" in [p.name for p in result_files(out)]
+    code, text, err = run_cli(capsys, "counterfactual", "configs/experiment/toy_smoke.yaml",
+                              f"output_root={pipe.cfg.output_root}", "--split", "val",
+                              "--methods", "teacher", "-k", "2", "--queries", str(q),
+                              "--no-progress")  # the same removal: cached, nothing retrained
+    assert code == 0, err
+    assert "1 training queries (the choosing split)" in text
+    assert (out / "counterfactual_val.png").is_file()
 
 
 def test_an_unlearning_path_is_first_order_equal_to_one_step_and_restores_theta(study):
