@@ -58,9 +58,9 @@ def schedule_pairs(out: Path) -> list[dict]:
     """The full-length result of each split beside each shorter schedule of the same split:
     ``{"split", "short": file name, "comparison": compare_schedules(...) or None, "why": the
     reason it could not be compared, or ""}`` — what the CLI and the report print."""
-    pairs = []
+    pairs, everything = [], result_files(out)
     for split in SPLITS:
-        files = [p for p in result_files(out) if _split_and_steps(p)[0] == split]
+        files = [p for p in everything if _split_and_steps(p)[0] == split]
         if not files or _split_and_steps(files[0])[1] is not None:
             continue  # no full-length result of this split: nothing to compare against
         reference = json.loads(files[0].read_text())
