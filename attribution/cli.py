@@ -11,7 +11,7 @@ import sys
 from attribution.common.files import DataFileError
 from attribution.config import ConfigError, load_config
 from attribution.data.dataset import CaptionedImageSet
-from attribution.data.queries import QuerySet
+from attribution.data.queries import STUDY_SPLITS, QuerySet
 from attribution.generator.text_encoder import TextEncoderError
 
 STAGE_COMMANDS = {
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dampings", type=float, nargs="+", default=None,
                    help="steps: the same factors at these dampings too (teacher.damping's "
                         "meaning; the configured one is always in)")
-    p.add_argument("--split", choices=["test", "val"], default="test",
+    p.add_argument("--split", choices=STUDY_SPLITS, default="test",
                    help="steps: test queries (reporting) or training queries with the "
                         "validation concepts (choosing a step without the test set)")
     p.add_argument("--path", type=int, default=0, metavar="M",
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10, help="training items removed per query")
     p.add_argument("--steps", type=int, default=None,
                    help="retrain on this shorter schedule (reference retrained the same way)")
-    p.add_argument("--split", choices=["test", "val"], default="test",
+    p.add_argument("--split", choices=STUDY_SPLITS, default="test",
                    help="test queries (reporting) or the step study's training queries "
                         "(--split val there first): judging the teacher's step without the "
                         "test set; val has teacher, teacher@<factor> and random")

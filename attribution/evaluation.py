@@ -21,8 +21,12 @@ from attribution.config import planted_for, to_dict
 from attribution.data.dataset import CaptionedImageSet
 from attribution.data.queries import QuerySet
 from attribution.student.deploy import student_test_ranks
-from attribution.teacher.ceiling import self_agreement
-from attribution.teacher.evaluate import planted_known_answers, teacher_storage_bytes
+from attribution.teacher.ceiling import replicate_ranks, self_agreement
+from attribution.teacher.evaluate import (
+    planted_known_answers,
+    planted_mask,
+    teacher_storage_bytes,
+)
 
 
 def known_answer_recall(cfg, world_dir: Path, queries_dir: Path, rank: np.ndarray) -> dict:
@@ -46,7 +50,7 @@ def query_types(cfg, queries_dir: Path) -> dict[str, np.ndarray]:
     attrs = QuerySet(Path(queries_dir) / "query_test").attributes
     if not planted or attrs is None:
         return {}
-    mask = np.array([any(a.get(p.attribute) == p.value for p in planted) for a in attrs])
+    mask = planted_mask(attrs, [to_dict(p) for p in planted])
     return {"ordinary": ~mask, "planted": mask}
 
 
@@ -97,8 +101,13 @@ def run_metrics(cfg, dirs: Dirs, finished: Mapping[str, dict]) -> dict:
     ceiling = finished.get("ceiling")
     if ceiling is not None:  # the teacher against itself: every method's ceiling
         out.update({f"teacher.{k}": v for k, v in ceiling.items()})
+        n_self = ceiling.get("self_queries", 0)
         out.update({f"teacher.{k}": v for k, v in self_agreement(
-            dirs["ceiling"], teacher_rank, ks, ceiling.get("self_queries", 0)).items()})
+            dirs["ceiling"], teacher_rank, ks, n_self).items()})
+        if n_self:  # the ceiling of each query type, beside each method's figure on it
+            out.update({f"teacher.self.{k}": v for k, v in map_by_type(
+                replicate_ranks(dirs["ceiling"], n_self), teacher_rank[:n_self], ks,
+                {t: mask[:n_self] for t, mask in types.items()}).items()})
     ranked = {"student": student_rank}
     baselines = finished.get("baselines") is not None
     if baselines:

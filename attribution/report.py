@@ -132,7 +132,8 @@ def _methods_table(metrics: dict, k: int) -> list[str]:
          + " | ".join(p.replace("_recall@10", " recall@10") for p in planted) + " |",
          "|---|---|" + "---|" * len(types) + "---:|---:|" + "---:|" * len(planted)]
     for m in sorted(figures.methods_of_run(metrics, k), key=lambda m: -m["quality"]):
-        prefix = m["key"] if m["key"] in ("student", "teacher") else f"baseline.{m['key']}"
+        prefix = {"student": "student", "teacher": "teacher",
+                  "teacher_replicate": "teacher.self"}.get(m["key"], f"baseline.{m['key']}")
         rec = [metrics.get(f"{prefix}.{p}") for p in planted]
         by_type = "".join(
             "— | " if metrics.get(f"{prefix}.{t}.mAP@{k}") is None else
@@ -152,6 +153,9 @@ def _methods_table(metrics: dict, k: int) -> list[str]:
               f"{metrics.get('teacher.self_queries', '?')} test queries with fresh noise (new "
               f"query draws and item noise) agrees with itself at mAP@{k} {ceiling:.3f} "
               f"(s.e. {se:.3f}): no method can be expected above it. "
+              + "".join(f"On {t} queries alone: {metrics[f'teacher.self.{t}.mAP@{k}']:.3f} "
+                        f"(s.e. {metrics[f'teacher.self.{t}.mAP@{k}_stderr']:.3f}). "
+                        for t in types if f"teacher.self.{t}.mAP@{k}" in metrics)
               + (f"Within two standard errors of it: {', '.join(near)}." if near else
                  "No method is within two standard errors of it.")]
     recall = metrics.get("teacher.curation_recall@10")

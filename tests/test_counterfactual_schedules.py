@@ -65,3 +65,19 @@ def test_result_files_and_schedule_pairs_pair_each_split_full_with_its_shorter(t
     assert "not compared" in text and "Spearman" in text
     (tmp_path / "counterfactual_val.json").write_text(json.dumps(_result(1000, full)))
     assert [p["split"] for p in schedule_pairs(tmp_path)] == ["test", "test", "val"]
+
+
+def test_both_studies_read_the_same_query_set_per_split():
+    """One mapping serves the step study and the counterfactual: ``test`` reads the test
+    queries, ``val`` (choosing) the training queries; an unknown split is refused by each in its
+    own error type (the counterfactual's is a config error, shown without a traceback)."""
+    from attribution.config import ConfigError
+    from attribution.counterfactual.results import query_split
+    from attribution.data.queries import study_query_set
+
+    assert [study_query_set(s) for s in ("test", "val")] == ["test", "train"]
+    assert [query_split(s) for s in ("test", "val")] == ["test", "train"]
+    with pytest.raises(ValueError, match="'train'"):
+        study_query_set("train")
+    with pytest.raises(ConfigError, match="counterfactual split 'dev'"):
+        query_split("dev")

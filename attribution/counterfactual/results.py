@@ -10,16 +10,17 @@ from pathlib import Path
 import numpy as np
 
 from attribution.config import ConfigError
+from attribution.data.queries import STUDY_SPLITS as SPLITS
+from attribution.data.queries import study_query_set
 from attribution.metrics import standard_error
-
-SPLITS = ("test", "val")
 
 
 def query_split(split: str) -> str:
     """The query set a counterfactual split measures: test, or the training queries (val)."""
-    if split not in SPLITS:
-        raise ConfigError(f"counterfactual split {split!r}: one of {SPLITS}")
-    return "test" if split == "test" else "train"
+    try:
+        return study_query_set(split)
+    except ValueError as e:
+        raise ConfigError(f"counterfactual {e}") from None
 
 
 def result_file(cfg, out: Path, steps: int | None = None, split: str = "test") -> Path:

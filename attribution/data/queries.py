@@ -44,6 +44,17 @@ def write_query_set(root: Path, images: np.ndarray, captions: list[str], latents
     atomic_write_bytes(root / "manifest.json", json.dumps(dict(meta or {}, n=n), indent=2).encode())
 
 
+STUDY_SPLITS = ("test", "val")
+
+
+def study_query_set(split: str) -> str:
+    """The query set a study's ``split`` reads: ``test`` the test queries (for reporting),
+    ``val`` the training queries (for choosing: no test query is read).  ValueError otherwise."""
+    if split not in STUDY_SPLITS:
+        raise ValueError(f"split {split!r}: one of {STUDY_SPLITS}")
+    return "test" if split == "test" else "train"
+
+
 _HINT = "rerun `attribution queries CONFIG` (delete the folder first)"
 
 

@@ -185,6 +185,12 @@ def step_figure(summary: dict, path: str | Path) -> Path:
             ax[3].errorbar([n[0] for n in nxt], [n[1] for n in nxt], yerr=[n[2] for n in nxt],
                            marker="o", capsize=3, color=colour,
                            label=" ".join(filter(None, ["vs the next larger step", tag])))
+        for kind, style, c in (("planted", "--", "C2"), ("ordinary", ":", "C3")):
+            by_kind = [(r["factor"], r[f"vs_next.{kind}.mAP@{k}"]) for r in rows
+                       if f"vs_next.{kind}.mAP@{k}" in r]
+            if by_kind and not several:
+                ax[3].plot([b[0] for b in by_kind], [b[1] for b in by_kind], marker=".",
+                           ls=style, color=c, label=f"vs the next step, {kind} queries")
         for key, marker, label in (("vs_teacher", "s", "vs the configured teacher"),
                                    ("vs_one_step", "^", "vs one step of the same size")):
             vs = [(r["factor"], r[f"{key}.mAP@{k}"], r[f"{key}.mAP@{k}_stderr"])

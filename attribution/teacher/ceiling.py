@@ -55,6 +55,13 @@ def _scores(scorer, queries: list[Query], out: Path, stem: str, n_items: int,
     return np.stack(rows) if rows else np.zeros((0, n_items), np.float32)
 
 
+def replicate_ranks(out: Path, n_queries: int) -> np.ndarray:
+    """int (n_queries, N): the stored fresh-noise replicate's ranking of the first test queries."""
+    rep = np.stack([load_npy(out / f"replicate_test_{i}.npy", "A ceiling query's influences",
+                             rebuild=PARTIAL) for i in range(n_queries)])
+    return np.argsort(-rep, axis=1, kind="stable")
+
+
 def self_agreement(out: Path, teacher_rank: np.ndarray, ks: list[int],
                    n_queries: int) -> dict:
     """``self_mAP@k`` (+ ``_stderr``) of the stored replicate of the first ``n_queries`` test
@@ -62,11 +69,9 @@ def self_agreement(out: Path, teacher_rank: np.ndarray, ks: list[int],
     ``student.k_eval`` never rescores)."""
     if not n_queries:
         return {}
-    rep = np.stack([load_npy(out / f"replicate_test_{i}.npy", "A ceiling query's influences",
-                             rebuild=PARTIAL) for i in range(n_queries)])
-    rep_rank = np.argsort(-rep, axis=1, kind="stable")
     ks = [k for k in ks if k <= teacher_rank.shape[1]]
-    return {f"self_{k}": v for k, v in map_at_ks(rep_rank, teacher_rank[:n_queries], ks).items()}
+    return {f"self_{k}": v for k, v in map_at_ks(replicate_ranks(out, n_queries),
+                                                  teacher_rank[:n_queries], ks).items()}
 
 
 def curation_recall(full_scores: np.ndarray, ksets: np.ndarray, ks: list[int]) -> dict:

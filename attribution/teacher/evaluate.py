@@ -43,6 +43,13 @@ def planted_known_answers(item_attributes: list[dict], query_attributes: list[di
     return out
 
 
+def planted_mask(query_attributes: list[dict], planted: list[dict]) -> np.ndarray:
+    """bool (Q,): which queries prompt one of the ``planted`` concepts (their top-k is a known
+    answer); the others are *ordinary*."""
+    return np.array([any(a.get(p["attribute"]) == p["value"] for p in planted)
+                     for a in query_attributes], dtype=bool)
+
+
 def format_known_answers(known: dict) -> str:
     lines = [f"{'concept':<16}{'queries':>8}{'recall@10':>11}{'chance':>9}{'MRR':>8}{'chance':>9}"]
     for name, r in known.items():

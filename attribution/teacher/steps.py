@@ -53,15 +53,14 @@ from attribution.common.files import (
 from attribution.common.plain import to_dict
 from attribution.config import planted_for, val_concept_rows
 from attribution.data.dataset import CaptionedImageSet
-from attribution.data.queries import QuerySet
+from attribution.data.queries import QuerySet, study_query_set
 from attribution.metrics import standard_error
-from attribution.teacher.evaluate import planted_known_answers
+from attribution.teacher.evaluate import planted_known_answers, planted_mask
 from attribution.teacher.run import build_scorer, make_queries
 from attribution.teacher.scorer import Query
 
 FACTORS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 PARTIAL = "delete it; rerunning the study recomputes only this query"
-SPLITS = ("test", "val")
 
 
 def query_file(out: Path, factor: float, qid: int, damping: float | None = None,
@@ -88,11 +87,9 @@ def study_rows(cfg, dirs: Dirs, split: str, n_queries: int | None) -> list[int]:
     query that prompts a validation concept (``world.planted[i].queries: val``: their planted
     items are the known answers) and the first ordinary training queries, ``n_queries`` in all
     (default 12 + the concept queries), each scored over the whole training set."""
-    if split == "test":
+    if study_query_set(split) == "test":
         n = len(QuerySet(dirs["queries"] / "query_test"))
         return list(range(n if n_queries is None else min(n_queries, n)))
-    if split != "val":
-        raise ValueError(f"step study split {split!r}: one of {SPLITS}")
     held = val_concept_rows(cfg)
     n_ord = 12 if n_queries is None else max(0, n_queries - len(held))
     ordinary = [i for i in range(cfg.queries.n_train) if i not in set(held)][:n_ord]
@@ -123,7 +120,7 @@ def score_factors(cfg, dirs: Dirs, out: Path, settings: list[Setting], rows: lis
                                              dirs["generator"], dirs["fisher"], dirs["teacher"])
                 queries = {q.query_id: q for q in make_queries(cfg, dirs["queries"], cands,
                                                                dirs["teacher"])
-                           if q.split == ("test" if split == "test" else "train")}
+                           if q.split == study_query_set(split)}
                 everything = torch.arange(len(cands))
             q = queries[qid]
             if split == "val":  # a training query, scored over every item (not its K-set)
@@ -170,7 +167,7 @@ def summarize(cfg, dirs: Dirs, scored: dict, k: int = 10, split: str = "test",
     q = len(next(iter(ranks.values())))
     rows_scored = list(range(q)) if rows_scored is None else list(rows_scored)
     world = CaptionedImageSet(dirs["world"], verify=False)
-    queries = QuerySet(dirs["queries"] / f"query_{'test' if split == 'test' else 'train'}")
+    queries = QuerySet(dirs["queries"] / f"query_{study_query_set(split)}")
     attributes = [queries.attributes[i] for i in rows_scored] if queries.attributes else []
     if split == "test":
         with np.load(dirs["teacher"] / "teacher_test.npz") as merged:
@@ -179,6 +176,10 @@ def summarize(cfg, dirs: Dirs, scored: dict, k: int = 10, split: str = "test",
     else:  # a path study's "vs teacher" is the ONE-step teacher's (_add_one_step_agreement)
         teacher = None if path else ranks.get((1.0, None))
         planted = [to_dict(p) for p in planted_for(cfg.world, "val")]
+    # agreement "vs next" also on each query kind apart: a prompt that names a planted concept
+    # (a known answer) and an ordinary one can differ in how stable their top k is
+    mask = planted_mask(attributes, planted) if attributes else np.zeros(q, bool)
+    kinds = {"planted": mask, "ordinary": ~mask} if mask.any() and (~mask).any() else {}
     damping = cfg.teacher.damping
     rows = []
     for s in settings:
@@ -205,13 +206,17 @@ def summarize(cfg, dirs: Dirs, scored: dict, k: int = 10, split: str = "test",
             row[f"vs_next.mAP@{k}"] = nxt[f"mAP@{k}"]
             row[f"vs_next.mAP@{k}_stderr"] = nxt[f"mAP@{k}_stderr"]
             row["next_factor"] = larger[0]
+            for kind, m in kinds.items():
+                by_kind = map_at_ks(ranks[s][m], ranks[(larger[0], d)][m], [k])
+                row.update({f"vs_next.{kind}.{key}": v for key, v in by_kind.items()})
         rows.append(row)
     exact = bool(split == "test" and (1.0, None) in scored and not path
                  and np.array_equal(ranks[(1.0, None)], teacher))
     return {"k": k, "split": split, "queries": q, "rows_scored": rows_scored,
             "n_items": len(world), "eta": cfg.teacher.eta, "gain": cfg.teacher.gain,
             "damping": damping, "fisher": cfg.teacher.fisher, "rows": rows,
-            "path": path, "factor_1_reproduces_teacher": exact}
+            "path": path, "factor_1_reproduces_teacher": exact,
+            "query_kinds": {kind: int(m.sum()) for kind, m in kinds.items()}}
 
 
 def _add_one_step_agreement(summary: dict, scored: dict, one_step: Path, rows: list[int],
@@ -283,9 +288,11 @@ def format_steps(summary: dict) -> str:
     """The study as a fixed-width table (the CLI's and the report's)."""
     k = summary["k"]
     planted = [key for key in summary["rows"][0] if key.endswith(" recall@10")]
+    kinds = summary.get("query_kinds", {})
     head = (f"{'damping':>8}{'factor':>8}{'eta':>10}{'loss rise':>12}{'rel.':>8}{'items up':>10}"
             + "".join(f"{p.replace(' recall@10', ''):>15}" for p in planted)
-            + f"{'vs next':>9}{'± s.e.':>8}{'vs teacher':>11}"
+            + f"{'vs next':>9}{'± s.e.':>8}"
+            + "".join(f"{'(' + kind + ')':>11}" for kind in kinds) + f"{'vs teacher':>11}"
             + (f"{'vs 1-step':>11}" if summary.get("path") else ""))
     split = summary.get("split", "test")
     what = ("test queries" if split == "test" else
@@ -305,7 +312,14 @@ def format_steps(summary: dict) -> str:
                      f"{r['factor']:>8g}{r['eta']:>10.2e}{r['query_loss_rise']:>12.2e}"
                      f"{r['relative_query_loss_rise']:>8.2f}{r['share_items_rising']:>10.2f}"
                      + "".join(f"{r[p]:>15.2f}" for p in planted)
-                     + nxt + (f"{vs_t:>11.3f}" if vs_t is not None else f"{'':>11}")
+                     + nxt + "".join(f"{r[f'vs_next.{kind}.mAP@{k}']:>11.3f}"
+                                     if f"vs_next.{kind}.mAP@{k}" in r else " " * 11
+                                     for kind in kinds)
+                     + (f"{vs_t:>11.3f}" if vs_t is not None else f"{'':>11}")
                      + (f"{r.get(f'vs_one_step.mAP@{k}', float('nan')):>11.3f}"
                         if summary.get("path") else ""))
+    if kinds:
+        lines.append("vs next (" + ") / (".join(kinds) + "): the same agreement on the "
+                     + " / ".join(f"{n} {kind}" for kind, n in kinds.items())
+                     + " queries apart (planted: the prompt names a planted concept)")
     return "\n".join(lines)

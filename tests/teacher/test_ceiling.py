@@ -50,10 +50,21 @@ def test_replicate_uses_fresh_noise_and_lands_in_the_metrics(ceiling_run):
     k = ceiling_run.cfg.student.k_eval[0]
     assert 0 < m[f"teacher.self_mAP@{k}"] <= 1 and m[f"teacher.self_mAP@{k}_stderr"] >= 0
     assert 0 <= m["teacher.curation_recall@10"] <= 1
+    # the ceiling per query type (planted concepts / ordinary) recombines into the whole: the
+    # query-weighted mean of the two is the overall figure
+    from attribution.evaluation import query_types
+
+    n = m["teacher.self_queries"]
+    masks = {t: mask[:n] for t, mask in query_types(ceiling_run.cfg,
+                                                    ceiling_run.dir("queries")).items()}
+    assert masks["planted"].any() and masks["ordinary"].any()
+    assert sum(masks[t].sum() * m[f"teacher.self.{t}.mAP@{k}"] for t in masks) / n == (
+        pytest.approx(m[f"teacher.self_mAP@{k}"]))
     from attribution.report import write_report
 
     report = write_report(ceiling_run).read_text()
     assert "**Ceiling.**" in report and "fresh noise (ceiling)" in report
+    assert f"On planted queries alone: {m[f'teacher.self.planted.mAP@{k}']:.3f}" in report
     assert "## Curation recall" in report
 
 

@@ -33,6 +33,12 @@ def test_factor_one_reproduces_the_teacher_and_steps_grow(study):
     assert 0 <= rows[0.01]["share_items_rising"] <= 1
     assert "vs_next.mAP@10" in rows[0.01] and "vs_next.mAP@10" not in rows[100.0]
     assert rows[0.01]["next_factor"] == 1.0
+    # agreement on planted-concept and on ordinary queries apart recombines into the whole
+    kinds = s["query_kinds"]
+    assert kinds["planted"] > 0 and kinds["ordinary"] > 0
+    assert sum(n * rows[0.01][f"vs_next.{kind}.mAP@10"] for kind, n in kinds.items()) / sum(
+        kinds.values()) == pytest.approx(rows[0.01]["vs_next.mAP@10"])
+    assert "(planted)" in format_steps(s)
     planted = [k for k in rows[1.0] if k.endswith(" recall@10")]
     assert planted, "the smoke world plants concepts: their recall is part of the study"
     assert "factor" in format_steps(s)
