@@ -191,13 +191,15 @@ def step_figure(summary: dict, path: str | Path) -> Path:
             if by_kind and not several:
                 ax[3].plot([b[0] for b in by_kind], [b[1] for b in by_kind], marker=".",
                            ls=style, color=c, label=f"vs the next step, {kind} queries")
-        for key, marker, label in (("vs_teacher", "s", "vs the configured teacher"),
-                                   ("vs_one_step", "^", "vs one step of the same size")):
+        for key, marker, label, c in (("vs_teacher", "s", "vs the configured teacher", "k"),
+                                      ("vs_one_step", "^", "vs one step of the same size",
+                                       "C4")):
             vs = [(r["factor"], r[f"{key}.mAP@{k}"], r[f"{key}.mAP@{k}_stderr"])
                   for r in rows if f"{key}.mAP@{k}" in r]
             if vs and not several:
                 ax[3].errorbar([v[0] for v in vs], [v[1] for v in vs],
-                               yerr=[v[2] for v in vs], marker=marker, capsize=3, label=label)
+                               yerr=[v[2] for v in vs], marker=marker, capsize=3, label=label,
+                               color=c)
     ax[0].set(xscale="log", yscale="log", ylabel="query's own loss rise",
               title="how big the step is")
     if several:
