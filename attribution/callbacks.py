@@ -35,6 +35,18 @@ def map_at_ks(rankings: np.ndarray, teacher_rank: np.ndarray, ks: list[int]) -> 
     return out
 
 
+def map_by_type(rank: np.ndarray, teacher_rank: np.ndarray, ks: list[int],
+                types: dict[str, np.ndarray]) -> dict[str, float]:
+    """``{"<type>.mAP@k": ..., "<type>.mAP@k_stderr": ...}`` over each type's queries (boolean
+    masks over the rows; an empty type is left out)."""
+    out = {}
+    for name, mask in types.items():
+        if mask.any():
+            out.update({f"{name}.{k}": v
+                        for k, v in map_at_ks(rank[mask], teacher_rank[mask], ks).items()})
+    return out
+
+
 def feature_baseline(item_feats, query_feats, teacher_rank, ks) -> dict[str, float]:
     """mAP of the untuned features: cosine similarity in the raw feature space."""
     qi = F.normalize(torch.as_tensor(np.asarray(query_feats), dtype=torch.float32), dim=-1)

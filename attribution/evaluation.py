@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from attribution.callbacks import ap_at_k, map_at_ks
+from attribution.callbacks import ap_at_k, map_by_type
 from attribution.common.files import Dirs, atomic_write_bytes, load_npy, load_npz
 from attribution.config import planted_for, to_dict
 from attribution.data.dataset import CaptionedImageSet
 from attribution.data.queries import QuerySet
 from attribution.student.deploy import student_test_ranks
-from attribution.teacher.ceiling import replicate_ranks, self_agreement
+from attribution.teacher.ceiling import self_agreement
 from attribution.teacher.evaluate import (
     planted_known_answers,
     planted_mask,
@@ -52,17 +52,6 @@ def query_types(cfg, queries_dir: Path) -> dict[str, np.ndarray]:
         return {}
     mask = planted_mask(attrs, [to_dict(p) for p in planted])
     return {"ordinary": ~mask, "planted": mask}
-
-
-def map_by_type(rank: np.ndarray, teacher_rank: np.ndarray, ks: list[int],
-                types: dict[str, np.ndarray]) -> dict[str, float]:
-    """``{"<type>.mAP@k": ..., "<type>.mAP@k_stderr": ...}`` over each type's test queries."""
-    out = {}
-    for name, mask in types.items():
-        if mask.any():
-            out.update({f"{name}.{k}": v
-                        for k, v in map_at_ks(rank[mask], teacher_rank[mask], ks).items()})
-    return out
 
 
 def released_metrics(student: dict) -> dict:
@@ -101,13 +90,9 @@ def run_metrics(cfg, dirs: Dirs, finished: Mapping[str, dict]) -> dict:
     ceiling = finished.get("ceiling")
     if ceiling is not None:  # the teacher against itself: every method's ceiling
         out.update({f"teacher.{k}": v for k, v in ceiling.items()})
-        n_self = ceiling.get("self_queries", 0)
+        # overall and per query type, beside each method's figure of that type
         out.update({f"teacher.{k}": v for k, v in self_agreement(
-            dirs["ceiling"], teacher_rank, ks, n_self).items()})
-        if n_self:  # the ceiling of each query type, beside each method's figure on it
-            out.update({f"teacher.self.{k}": v for k, v in map_by_type(
-                replicate_ranks(dirs["ceiling"], n_self), teacher_rank[:n_self], ks,
-                {t: mask[:n_self] for t, mask in types.items()}).items()})
+            dirs["ceiling"], teacher_rank, ks, ceiling.get("self_queries", 0), types).items()})
     ranked = {"student": student_rank}
     baselines = finished.get("baselines") is not None
     if baselines:

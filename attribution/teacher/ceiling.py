@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attribution.callbacks import map_at_ks
+from attribution.callbacks import map_at_ks, map_by_type
 from attribution.common.devices import torch_device
 from attribution.common.files import DataFileError, atomic_save_npy, atomic_write_bytes, load_npy
 from attribution.config import derive
@@ -62,16 +62,20 @@ def replicate_ranks(out: Path, n_queries: int) -> np.ndarray:
     return np.argsort(-rep, axis=1, kind="stable")
 
 
-def self_agreement(out: Path, teacher_rank: np.ndarray, ks: list[int],
-                   n_queries: int) -> dict:
+def self_agreement(out: Path, teacher_rank: np.ndarray, ks: list[int], n_queries: int,
+                   types: dict[str, np.ndarray] | None = None) -> dict:
     """``self_mAP@k`` (+ ``_stderr``) of the stored replicate of the first ``n_queries`` test
     queries against the teacher's ranking, at any k (read when metrics are written, so changing
-    ``student.k_eval`` never rescores)."""
+    ``student.k_eval`` never rescores); with ``types`` (boolean masks over the test queries)
+    also ``self.<type>.mAP@k`` on each type's queries."""
     if not n_queries:
         return {}
     ks = [k for k in ks if k <= teacher_rank.shape[1]]
-    return {f"self_{k}": v for k, v in map_at_ks(replicate_ranks(out, n_queries),
-                                                  teacher_rank[:n_queries], ks).items()}
+    rep, teacher = replicate_ranks(out, n_queries), teacher_rank[:n_queries]
+    agreement = {f"self_{k}": v for k, v in map_at_ks(rep, teacher, ks).items()}
+    agreement.update({f"self.{k}": v for k, v in map_by_type(
+        rep, teacher, ks, {t: m[:n_queries] for t, m in (types or {}).items()}).items()})
+    return agreement
 
 
 def curation_recall(full_scores: np.ndarray, ksets: np.ndarray, ks: list[int]) -> dict:

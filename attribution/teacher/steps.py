@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from attribution.callbacks import map_at_ks
+from attribution.callbacks import map_at_ks, map_by_type
 from attribution.common.files import (
     DataFileError,
     Dirs,
@@ -206,9 +206,8 @@ def summarize(cfg, dirs: Dirs, scored: dict, k: int = 10, split: str = "test",
             row[f"vs_next.mAP@{k}"] = nxt[f"mAP@{k}"]
             row[f"vs_next.mAP@{k}_stderr"] = nxt[f"mAP@{k}_stderr"]
             row["next_factor"] = larger[0]
-            for kind, m in kinds.items():
-                by_kind = map_at_ks(ranks[s][m], ranks[(larger[0], d)][m], [k])
-                row.update({f"vs_next.{kind}.{key}": v for key, v in by_kind.items()})
+            row.update({f"vs_next.{key}": v for key, v in map_by_type(
+                ranks[s], ranks[(larger[0], d)], [k], kinds).items()})
         rows.append(row)
     exact = bool(split == "test" and (1.0, None) in scored and not path
                  and np.array_equal(ranks[(1.0, None)], teacher))
