@@ -265,10 +265,17 @@ class Pipeline:
     def run_counterfactual(self, methods: list[str], queries: list[int], k: int,
                            progress: bool = True, echo=print, steps: int | None = None,
                            split: str = "test") -> Path:
-        """Leave-K-out (``counterfactual/run.py``) on this run's finished student and baselines."""
+        """Leave-K-out (``counterfactual/run.py``) on the stages its methods rank from: the
+        teacher always (and its step study for ``teacher@…``), the student and the baselines
+        only when asked for — teacher against random does not wait for them."""
         from attribution.counterfactual.run import run_counterfactual
 
-        self.run(["student", "baselines"])
+        own = {"teacher", "random"}
+        self.run(["teacher"]
+                 + (["student"] if "student" in methods else [])
+                 + (["baselines"] if any(m not in own | {"student"}
+                                         and not m.startswith("teacher@") for m in methods)
+                    else []))
         dirs = {**self.dirs(), "steps": self.step_study_dir()}
         return run_counterfactual(self.cfg, dirs, self.counterfactual_dir(), methods, queries, k,
                                   progress, echo, steps, split)

@@ -8,7 +8,8 @@ import pytest
 from attribution.cli import main
 from attribution.common.files import DataFileError
 from attribution.data.queries import QuerySet
-from tests.conftest import SMOKE
+from attribution.pipeline import Pipeline
+from tests.conftest import SMOKE, smoke_config
 
 
 def test_smoke_pipeline_end_to_end_and_cached(smoke_run, capsys):
@@ -46,9 +47,6 @@ def test_smoke_pipeline_end_to_end_and_cached(smoke_run, capsys):
 
 
 def test_changed_setting_recomputes_only_downstream(smoke_run):
-    from attribution.pipeline import Pipeline
-    from tests.conftest import smoke_config
-
     other = Pipeline(smoke_config(smoke_run.cfg.output_root, "queries.sampling.guidance=2.0"))
     assert other.dir("generator") == smoke_run.dir("generator")
     assert other.dir("queries") != smoke_run.dir("queries")
@@ -90,3 +88,17 @@ def test_teacher_merge_command(smoke_run, capsys):
     assert main(["teacher", "merge", str(SMOKE), f"output_root={root}"]) == 0
     assert "seconds_per_query" in json.loads(capsys.readouterr().out)
     assert out_pkl.is_file()
+
+
+def test_counterfactual_runs_only_the_stages_its_methods_rank_from(tmp_path, monkeypatch):
+    """Teacher against random needs the teacher stage, not the student or the baselines."""
+    import attribution.counterfactual.run as cf
+
+    pipe = Pipeline(smoke_config(tmp_path), progress=False, echo=lambda s: None)
+    asked = []
+    monkeypatch.setattr(pipe, "run", lambda stages: asked.append(stages))
+    monkeypatch.setattr(cf, "run_counterfactual", lambda *a, **kw: None)
+    pipe.run_counterfactual(["teacher", "random", "teacher@0.1"], [0], 3)
+    pipe.run_counterfactual(["student", "random"], [0], 3)
+    pipe.run_counterfactual(["dtrak", "teacher"], [0], 3)
+    assert asked == [["teacher"], ["teacher", "student"], ["teacher", "baselines"]]

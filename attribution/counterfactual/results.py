@@ -80,10 +80,51 @@ def _separated(d: np.ndarray) -> bool:
     return bool(len(d) > 1 and abs(d.mean()) > 2 * standard_error(d))
 
 
+def _paired(r: list[dict], by: dict, other: str) -> np.ndarray | None:
+    """ΔLoss of rows ``r`` minus ``other``'s on the same queries (None unless it ran on all)."""
+    if not r or not all((other, row["query"]) in by for row in r):
+        return None
+    return np.array([row["delta_loss"] - by[(other, row["query"])]["delta_loss"] for row in r])
+
+
+def _known_answers(r: list[dict], by: dict) -> dict:
+    """A method's removals on the queries that prompt a planted concept (rows carrying
+    ``known_removed``): how many of the concept's training items (its known sources) the top-k
+    held, ΔLoss where it held every one and where it did not, and the paired difference from
+    random on these queries alone; ``ordinary_vs_random`` the same difference on the others."""
+    known = [row for row in r if "known_removed" in row]
+
+    def split(pairs: list[tuple[int, int, float]]) -> dict:  # (removed, of, ΔLoss) per query
+        every = [d for gone, total, d in pairs if gone == total]
+        some = [d for gone, total, d in pairs if gone < total]
+        return {"queries": len(pairs),
+                "sources_removed": float(np.mean([gone / total for gone, total, _ in pairs])),
+                "every_source_removed": len(every),
+                "delta_loss_every": float(np.mean(every)) if every else None,
+                "delta_loss_some": float(np.mean(some)) if some else None}
+
+    out = split([(row["known_removed"], row["known_sources"], row["delta_loss"])
+                 for row in known])
+    concepts = sorted({c for row in known for c in row.get("known", {})})
+    out["by_concept"] = {c: split([(*row["known"][c], row["delta_loss"]) for row in known
+                                   if c in row.get("known", {})]) for c in concepts}
+    for name, subset in (("", known), ("ordinary_", [row for row in r
+                                                      if "known_removed" not in row])):
+        d = _paired(subset, by, "random") if r[0]["method"] != "random" else None
+        if d is not None:
+            out[f"{name}vs_random"], out[f"{name}vs_random_stderr"] = (float(d.mean()),
+                                                                       standard_error(d))
+            out[f"{name}wins_vs_random"] = int((d > 0).sum())
+            if name:  # the known-answer queries' count is ``queries``
+                out[f"{name}queries"] = len(d)
+    return out
+
+
 def summarize(rows: list[dict], methods: list[str]) -> dict:
     """Per method: mean ΔLoss / image distance with standard errors over its queries, and the
     paired differences (same queries) from the random control and from the teacher, where
-    those were run; ``separated`` says whether a difference is beyond 2 standard errors."""
+    those were run; ``separated`` says whether a difference is beyond 2 standard errors;
+    ``known_answers`` (where some queries prompt a planted concept): :func:`_known_answers`."""
     summary = {}
     by = {(r["method"], r["query"]): r for r in rows}
     for m in methods:
@@ -93,17 +134,17 @@ def summarize(rows: list[dict], methods: list[str]) -> dict:
             v = np.array([row[key] for row in r])
             entry[key] = float(v.mean())
             entry[f"{key}_stderr"] = standard_error(v)
-        if m != "random" and all(("random", row["query"]) in by for row in r):
-            d = np.array([row["delta_loss"] - by[("random", row["query"])]["delta_loss"]
-                          for row in r])
+        d = _paired(r, by, "random") if m != "random" else None
+        if d is not None:
             entry["vs_random"], entry["vs_random_stderr"] = float(d.mean()), standard_error(d)
             entry["wins_vs_random"] = int((d > 0).sum())
             entry["separated_from_random"] = _separated(d)
-        if m != "teacher" and r and all(("teacher", row["query"]) in by for row in r):
-            d = np.array([row["delta_loss"] - by[("teacher", row["query"])]["delta_loss"]
-                          for row in r])
+        d = _paired(r, by, "teacher") if m != "teacher" else None
+        if d is not None:
             entry["vs_teacher"], entry["vs_teacher_stderr"] = float(d.mean()), standard_error(d)
             entry["separated_from_teacher"] = _separated(d)
+        if any("known_removed" in row for row in r):
+            entry["known_answers"] = _known_answers(r, by)
         summary[m] = entry
     return summary
 
@@ -128,12 +169,41 @@ def format_counterfactual(result: dict) -> str:
               else " " * 21)
         lines.append(f"{m:<24}{r['delta_loss']:>11.5f}{r['delta_loss_stderr']:>9.5f}{vs}{vt}"
                      f"{r['image_distance']:>12.5f}{r['image_distance_stderr']:>9.5f}")
+    lines += _format_known(ranked)
     apart = [m for m, r in ranked if r.get("separated_from_teacher")]
     same = [m for m, r in ranked if "vs_teacher" in r and not r.get("separated_from_teacher")]
     if same or apart:
         lines.append("within 2 s.e. of the teacher (cannot be told apart here): "
                      + (", ".join(same) or "none") + "; beyond: " + (", ".join(apart) or "none"))
     return "\n".join(lines)
+
+
+def _format_known(ranked: list[tuple[str, dict]]) -> list[str]:
+    """The known-answer lines of :func:`format_counterfactual` (none without planted queries)."""
+    known = [(m, r["known_answers"]) for m, r in ranked if "known_answers" in r]
+    if not known:
+        return []
+
+    def mean(v):
+        return f"{v:>11.5f}" if v is not None else f"{'—':>11}"
+
+    lines = [f"on the {known[0][1]['queries']} queries that prompt a planted concept (its "
+             "training items are the known sources): share of them in the removed top-k, on how "
+             "many queries all were removed, mean ΔLoss then and otherwise, paired vs random",
+             f"{'method':<24}{'sources':>9}{'all':>6}{'ΔLoss all':>11}{'otherwise':>11}"
+             f"{'vs random':>11}{'± s.e.':>9}{'wins':>6}{'ordinary vs random':>20}"]
+    for m, k in known:
+        vs = (f"{k['vs_random']:>11.5f}{k['vs_random_stderr']:>9.5f}"
+              f"{k['wins_vs_random']:>3}/{k['queries']:<2}") if "vs_random" in k else " " * 26
+        ordinary = (f"{k['ordinary_vs_random']:>11.5f} ± {k['ordinary_vs_random_stderr']:.5f}"
+                    if "ordinary_vs_random" in k else "")
+        lines.append(f"{m:<24}{k['sources_removed']:>9.2f}{k['every_source_removed']:>6}"
+                     f"{mean(k['delta_loss_every'])}{mean(k['delta_loss_some'])}{vs}{ordinary}")
+        for c, b in k.get("by_concept", {}).items():
+            lines.append(f"{'  ' + c + ' (' + str(b['queries']) + ')':<24}"
+                         f"{b['sources_removed']:>9.2f}{b['every_source_removed']:>6}"
+                         f"{mean(b['delta_loss_every'])}{mean(b['delta_loss_some'])}")
+    return lines
 
 
 def compare_schedules(full: dict, short: dict) -> dict:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from attribution.common.files import Dirs, atomic_write_bytes
-from attribution.config import ConfigError, derive
+from attribution.config import ConfigError, derive, to_dict
 from attribution.counterfactual.results import query_split, result_file, summarize
 from attribution.data.dataset import CaptionedImageSet
 from attribution.data.queries import QuerySet
@@ -42,6 +42,7 @@ from attribution.generator.model import build_scheduler, load_unet
 from attribution.generator.sampling import sample
 from attribution.generator.train import train_generator
 from attribution.student.deploy import student_test_ranks
+from attribution.teacher.evaluate import known_sources
 from attribution.teacher.scorer import query_loss
 from attribution.teacher.steps import load_row, query_file
 
@@ -112,6 +113,15 @@ def _step_ranks(dirs: Dirs, method: str, q: int, n: int,
     return out
 
 
+def _known(cfg, world_dir: Path, qs: QuerySet) -> list[dict[str, set[int]]]:
+    """Per query of ``qs``, the planted training items of each concept it prompts (its known
+    answers; empty for ordinary queries and worlds without attributes)."""
+    if cfg.world.kind != "toy" or qs.attributes is None or not cfg.world.planted:
+        return [{} for _ in range(len(qs))]
+    items = CaptionedImageSet(world_dir, verify=False).attributes
+    return known_sources(items, qs.attributes, [to_dict(p) for p in cfg.world.planted])
+
+
 def _removal_key(items: np.ndarray) -> str:
     return hashlib.sha256(",".join(map(str, sorted(items.tolist()))).encode()).hexdigest()[:12]
 
@@ -137,6 +147,7 @@ def run_counterfactual(cfg, dirs: Dirs, out: Path, methods: list[str], queries: 
         raise ConfigError(f"{which} queries {bad} out of range (there are {n_rows})")
     out.mkdir(parents=True, exist_ok=True)
     qs = QuerySet(dirs["queries"] / f"query_{which}", need_embeddings=True)
+    known = _known(cfg, dirs["world"], qs)
     alphas = build_scheduler(cfg.generator).alphas_cumprod
     train_cfg = cfg
     if steps is not None:
@@ -185,9 +196,15 @@ def run_counterfactual(cfg, dirs: Dirs, out: Path, methods: list[str], queries: 
             removed = ranks[m][q, :k]
             unet, _ = load_unet(generator_without(removed, f"{m} q{q}"))
             loss, regen = measure(unet, q)
-            rows.append({"method": m, "query": q, "removed": removed.tolist(),
-                         "delta_loss": loss - base_loss,
-                         "image_distance": float((regen - base_img).pow(2).mean())})
+            row = {"method": m, "query": q, "removed": removed.tolist(),
+                   "delta_loss": loss - base_loss,
+                   "image_distance": float((regen - base_img).pow(2).mean())}
+            if known[q]:  # a query that prompts a planted concept: how many sources went
+                gone = set(removed.tolist())
+                row["known"] = {c: [len(ids & gone), len(ids)] for c, ids in known[q].items()}
+                every = set().union(*known[q].values())
+                row["known_sources"], row["known_removed"] = len(every), len(every & gone)
+            rows.append(row)
         done = queries[:queries.index(q) + 1]
         result = {"k": k, "split": split, "queries": done, "queries_asked": queries,
                   "complete": q == queries[-1],

@@ -50,6 +50,17 @@ def planted_mask(query_attributes: list[dict], planted: list[dict]) -> np.ndarra
                      for a in query_attributes], dtype=bool)
 
 
+def known_sources(item_attributes: list[dict], query_attributes: list[dict],
+                  planted: list[dict]) -> list[dict[str, set[int]]]:
+    """Per query, ``{"<attr>=<value>": training ids}`` of every planted concept it prompts —
+    the only items that show that concept, so its known answers; empty for an ordinary query."""
+    items = {f"{p['attribute']}={p['value']}": (p["attribute"], p["value"], {
+        i for i, a in enumerate(item_attributes) if a.get(p["attribute"]) == p["value"]})
+        for p in planted}
+    return [{name: ids for name, (a, v, ids) in items.items() if attrs.get(a) == v}
+            for attrs in query_attributes]
+
+
 def format_known_answers(known: dict) -> str:
     lines = [f"{'concept':<16}{'queries':>8}{'recall@10':>11}{'chance':>9}{'MRR':>8}{'chance':>9}"]
     for name, r in known.items():

@@ -118,6 +118,15 @@ def test_counterfactual_leave_k_out_on_smoke(smoke_run):
         top = merged["rank"][0, :3]
     row = next(r for r in res["rows"] if r["method"] == "teacher" and r["query"] == 0)
     assert row["removed"] == top.tolist()
+    # smoke test query 0 prompts the planted cross: its known sources are the cross items
+    from attribution.data.dataset import CaptionedImageSet
+
+    cross = {i for i, a in enumerate(CaptionedImageSet(pipe.dir("world")).attributes)
+             if a["shape"] == "cross"}
+    assert row["known_sources"] == len(cross) == 4
+    assert row["known_removed"] == len(cross & set(top.tolist()))
+    assert row["known"] == {"shape=cross": [row["known_removed"], 4]}
+    assert res["methods"]["teacher"]["known_answers"]["queries"] == 2
     gens = [json.loads(p.read_text()) for p in (out / "generators").glob("*/generator.json")]
     assert sorted(top.tolist()) in [g["excluded"] for g in gens]
     assert set(res["methods"]) == {"teacher", "random"}
@@ -179,3 +188,50 @@ def test_counterfactual_summary_pairs_each_method_with_random_on_the_same_querie
     text = format_counterfactual({"k": 3, "queries": [0, 1], "queries_asked": [0, 1, 2],
                                   "steps": 5, "methods": s})
     assert "of 3 asked" in text and "2/2" in text
+
+
+def test_counterfactual_known_answers_count_the_planted_sources_each_removal_held():
+    """Queries that prompt a planted concept: how many of its items (known sources) the removed
+    top-k held, ΔLoss where it held all and where it did not, and the paired difference from
+    random on those queries apart from the ordinary ones — worked by hand."""
+    from attribution.counterfactual.results import format_counterfactual, summarize
+    from attribution.teacher.evaluate import known_sources
+
+    items = [{"shape": "cross"}, {"shape": "cross"}, {"shape": "disc"}, {"colour": "pink"}]
+    queries = [{"shape": "cross"}, {"shape": "cross", "colour": "pink"}, {"shape": "disc"}]
+    planted = [{"attribute": "shape", "value": "cross"}, {"attribute": "colour", "value": "pink"}]
+    assert known_sources(items, queries, planted) == [
+        {"shape=cross": {0, 1}}, {"shape=cross": {0, 1}, "colour=pink": {3}}, {}]
+    # teacher: q0 removes both cross items (ΔL 0.9), q1 both cross but not the pink one (0.3),
+    # q2 is ordinary
+    rows = [{"method": "teacher", "query": 0, "delta_loss": 0.9, "known_sources": 2,
+             "known_removed": 2, "known": {"shape=cross": [2, 2]}},
+            {"method": "teacher", "query": 1, "delta_loss": 0.3, "known_sources": 3,
+             "known_removed": 2, "known": {"shape=cross": [2, 2], "colour=pink": [0, 1]}},
+            {"method": "teacher", "query": 2, "delta_loss": 0.05},
+            {"method": "random", "query": 0, "delta_loss": 0.1, "known_sources": 2,
+             "known_removed": 0, "known": {"shape=cross": [0, 2]}},
+            {"method": "random", "query": 1, "delta_loss": -0.1, "known_sources": 3,
+             "known_removed": 1, "known": {"shape=cross": [1, 2], "colour=pink": [0, 1]}},
+            {"method": "random", "query": 2, "delta_loss": 0.0}]
+    for r in rows:
+        r["image_distance"] = 0.0
+    s = summarize(rows, ["teacher", "random"])
+    k = s["teacher"]["known_answers"]
+    assert k["queries"] == 2 and k["every_source_removed"] == 1
+    assert k["sources_removed"] == pytest.approx((1 + 2 / 3) / 2)
+    assert k["delta_loss_every"] == pytest.approx(0.9)
+    assert k["delta_loss_some"] == pytest.approx(0.3)
+    # paired on the two known-answer queries: 0.8, 0.4 -> 0.6 ± 0.2; ordinary: 0.05 (one query)
+    assert k["vs_random"] == pytest.approx(0.6) and k["vs_random_stderr"] == pytest.approx(0.2)
+    assert k["wins_vs_random"] == 2
+    assert k["ordinary_vs_random"] == pytest.approx(0.05) and k["ordinary_queries"] == 1
+    cross, pink = k["by_concept"]["shape=cross"], k["by_concept"]["colour=pink"]
+    assert cross["queries"] == 2 and cross["every_source_removed"] == 2
+    assert cross["delta_loss_every"] == pytest.approx(0.6) and cross["delta_loss_some"] is None
+    assert pink["queries"] == 1 and pink["delta_loss_some"] == pytest.approx(0.3)
+    r = s["random"]["known_answers"]
+    assert r["every_source_removed"] == 0 and r["delta_loss_every"] is None
+    assert "vs_random" not in r
+    text = format_counterfactual({"k": 2, "queries": [0, 1, 2], "steps": 5, "methods": s})
+    assert "2 queries that prompt a planted concept" in text and "2/2" in text
