@@ -270,12 +270,10 @@ class Pipeline:
         only when asked for — teacher against random does not wait for them."""
         from attribution.counterfactual.run import run_counterfactual
 
-        own = {"teacher", "random"}
-        self.run(["teacher"]
-                 + (["student"] if "student" in methods else [])
-                 + (["baselines"] if any(m not in own | {"student"}
-                                         and not m.startswith("teacher@") for m in methods)
-                    else []))
+        baseline = [m for m in methods if m not in ("teacher", "random", "student")
+                    and not m.startswith("teacher@")]
+        self.run(["teacher"] + (["student"] if "student" in methods else [])
+                 + (["baselines"] if baseline else []))
         dirs = {**self.dirs(), "steps": self.step_study_dir()}
         return run_counterfactual(self.cfg, dirs, self.counterfactual_dir(), methods, queries, k,
                                   progress, echo, steps, split)

@@ -108,15 +108,17 @@ def _known_answers(r: list[dict], by: dict) -> dict:
     concepts = sorted({c for row in known for c in row.get("known", {})})
     out["by_concept"] = {c: split([(*row["known"][c], row["delta_loss"]) for row in known
                                    if c in row.get("known", {})]) for c in concepts}
-    for name, subset in (("", known), ("ordinary_", [row for row in r
-                                                      if "known_removed" not in row])):
-        d = _paired(subset, by, "random") if r[0]["method"] != "random" else None
+    if r[0]["method"] == "random":
+        return out
+    ordinary = [row for row in r if "known_removed" not in row]
+    for prefix, subset in (("", known), ("ordinary_", ordinary)):
+        d = _paired(subset, by, "random")
         if d is not None:
-            out[f"{name}vs_random"], out[f"{name}vs_random_stderr"] = (float(d.mean()),
-                                                                       standard_error(d))
-            out[f"{name}wins_vs_random"] = int((d > 0).sum())
-            if name:  # the known-answer queries' count is ``queries``
-                out[f"{name}queries"] = len(d)
+            out[f"{prefix}vs_random"] = float(d.mean())
+            out[f"{prefix}vs_random_stderr"] = standard_error(d)
+            out[f"{prefix}wins_vs_random"] = int((d > 0).sum())
+    if ordinary and "ordinary_vs_random" in out:  # the known-answer count is ``queries``
+        out["ordinary_queries"] = len(ordinary)
     return out
 
 

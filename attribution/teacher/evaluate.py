@@ -23,16 +23,17 @@ def planted_known_answers(item_attributes: list[dict], query_attributes: list[di
         rank: int (Q, N) training ids, most influential first (test queries: the whole set).
     """
     n_items = rank.shape[1]
+    sources = known_sources(item_attributes, query_attributes, planted)
     out = {}
     for concept in planted:
-        a, v = concept["attribute"], concept["value"]
-        positives = {i for i, attrs in enumerate(item_attributes) if attrs[a] == v}
-        qids = [q for q, attrs in enumerate(query_attributes) if attrs[a] == v]
-        if not qids or not positives:
+        name = f"{concept['attribute']}={concept['value']}"
+        qids = [q for q, s in enumerate(sources) if name in s]
+        positives = sources[qids[0]][name] if qids else set()
+        if not positives:
             continue
         recalls = [recall_at_k(rank[q], positives, k) for q in qids]
         rrs = [reciprocal_rank(rank[q], positives) for q in qids]
-        out[f"{a}={v}"] = {
+        out[name] = {
             "queries": len(qids), "planted_items": len(positives),
             f"recall@{k}": float(np.mean(recalls)),
             f"recall@{k}_stderr": standard_error(recalls),  # over the concept's queries
