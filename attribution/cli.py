@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path", type=int, default=0, metavar="M",
                    help="steps: unlearn along a path of M natural-gradient steps per decade "
                         "(the query gradient recomputed at each) instead of one step")
+    p.add_argument("--even", action="store_true",
+                   help="steps: score each factor both ways (ascent and descent) and rank by "
+                        "the even part of the loss change, ½[ΔL(+η) + ΔL(−η)]: the curvature "
+                        "along the step, its first-order term cancelled")
     p = sub.add_parser("attribute", help="top training items for one generated image + prompt")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
@@ -205,14 +209,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "teacher" and args.action == "steps":
             from attribution.figures import step_figure
-            from attribution.teacher.steps import format_steps, study_dir
+            from attribution.teacher.steps import format_steps, study_dir, summary_name
 
             summary = pipe.run_step_study(args.factors, args.queries,
                                           progress=not args.no_progress,
                                           dampings=args.dampings, split=args.split,
-                                          path=args.path)
+                                          path=args.path, even=args.even)
             print(format_steps(summary))
-            name = "steps.png" if args.split == "test" else f"steps_{args.split}.png"
+            name = summary_name(args.split, args.even).replace(".json", ".png")
             fig = step_figure(summary, study_dir(pipe.step_study_dir(), args.path) / name)
             print(f"figure: {fig}")
             return 0

@@ -254,13 +254,14 @@ class Pipeline:
 
     def run_step_study(self, factors: list[float] | None = None, n_queries: int | None = None,
                        progress: bool = True, dampings: list[float] | None = None,
-                       split: str = "test", path: int = 0) -> dict:
+                       split: str = "test", path: int = 0, even: bool = False) -> dict:
         """The teacher step-size study (``teacher/steps.py``) on this run's finished teacher."""
         from attribution.teacher.steps import run_step_study
 
         self.run(["teacher"])
         return run_step_study(self.cfg, self.dirs(), self.step_study_dir(), factors, n_queries,
-                              progress=progress, dampings=dampings, split=split, path=path)
+                              progress=progress, dampings=dampings, split=split, path=path,
+                              even=even)
 
     def run_counterfactual(self, methods: list[str], queries: list[int], k: int,
                            progress: bool = True, echo=print, steps: int | None = None,

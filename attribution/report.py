@@ -30,7 +30,7 @@ from attribution.counterfactual.results import (
 )
 from attribution.fidelity import format_fidelity
 from attribution.teacher.evaluate import format_known_answers
-from attribution.teacher.steps import format_steps
+from attribution.teacher.steps import format_steps, summary_name
 
 # The paper's MSCOCO numbers (docs/method.md §5) that have a counterpart in every run.
 PAPER_FEATURE_TUNING = {  # mAP@1000 before -> after tuning (Fig. 3 left)
@@ -276,8 +276,9 @@ def _steps(pipe, figdir: Path) -> list[str]:
     studies = [(pipe.step_study_dir(), "teacher_steps")] + [
         (d, f"teacher_steps_{d.name}") for d in sorted(pipe.step_study_dir().glob("path*"))
         if d.is_dir()]  # the one-step study, then each unlearning-path one
-    files = [(folder / name, f"{stem}{suffix}.png") for folder, stem in studies
-             for name, suffix in (("steps.json", ""), ("steps_val.json", "_val"))]
+    names = [summary_name(split, even) for split in ("test", "val") for even in (False, True)]
+    files = [(folder / name, f"{stem}{name.removeprefix('steps').removesuffix('.json')}.png")
+             for folder, stem in studies for name in names]
     for path, png in files:
         if path.is_file():  # the test split reports; the val split (training queries) chooses
             summary = json.loads(path.read_text())

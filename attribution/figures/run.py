@@ -216,7 +216,8 @@ def step_figure(summary: dict, path: str | Path) -> Path:
     split = summary.get("split", "test")
     what = "test queries" if split == "test" else "training queries (for choosing)"
     how = (f", along an unlearning path of {summary['path']} steps per decade"
-           if summary.get("path") else "")
+           if summary.get("path") else
+           ", ranked by the even part ½[ΔL(+η) + ΔL(−η)]" if summary.get("even") else "")
     fig.suptitle(f"Teacher step size{how} ({summary['fisher']}, {summary['queries']} {what}, "
                  f"N = {summary['n_items']}; mean ± s.e.)", fontsize=10)
     return _save(fig, path)

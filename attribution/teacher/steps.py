@@ -31,6 +31,18 @@ instead of one step; each factor is where the path's accumulated step reaches it
 question it answers: is the rankings' dependence on the step a property of unlearning the query
 that far, or of taking one large linear step there?  Its files and summary live in
 ``out/path<M>/``, beside the one-step study's.
+
+And a fourth: ``even`` scores every factor both ways — the ascent θ0 + η·d that AbU takes and
+the descent θ0 − η·d — and ranks by the EVEN part of the loss change,
+    E_j(η) = ½·[ΔL_j(+η) + ΔL_j(−η)] = ½·η²·dᵀ∇²L_j·d + O(η⁴),
+in which the first-order term g_jᵀd (a near-zero-mean gradient of an item the generator has
+fit, the part that dominates small steps) cancels exactly.  What is left is the loss's
+curvature along the unlearning direction: how much item j depends on the parameters the query's
+unlearning moves.  Its ranking is free of η up to the fourth-order term, so the question it
+answers is whether a teacher that finds the planted concepts can have rankings that do not move
+with the step.  The descents' files sit beside the ascents' (``f-<factor>/``; the ascents are
+the one-step study's own files); the summary is ``steps[_val]_even.json``.  With float32
+losses the even part drowns in rounding below a factor of about 10⁻² (it is ~η² of the scale).
 """
 
 from __future__ import annotations
@@ -156,9 +168,11 @@ def score_factors(cfg, dirs: Dirs, out: Path, settings: list[Setting], rows: lis
 
 
 def summarize(cfg, dirs: Dirs, scored: dict, k: int = 10, split: str = "test",
-              rows_scored: list[int] | None = None, path: int = 0) -> dict:
+              rows_scored: list[int] | None = None, path: int = 0, even: bool = False) -> dict:
     """The study's table: per (damping, factor) the loss rise, share of items rising, planted
     recall and agreement (see the module docstring), each over the scored queries with s.e.
+    ``even``: ``scored`` holds the even parts (``even_part``): the loss rise is the ascent's,
+    "items rising" the share with positive curvature along the step.
     Agreement "vs next" is with the next larger factor at the same damping; "vs teacher" is
     with the configured teacher (test: its stored ranking; val: factor 1 at the configured
     damping, when scored; for a ``path`` study on val, added by ``_add_one_step_agreement``)."""
@@ -209,12 +223,12 @@ def summarize(cfg, dirs: Dirs, scored: dict, k: int = 10, split: str = "test",
             row.update({f"vs_next.{key}": v for key, v in map_by_type(
                 ranks[s], ranks[(larger[0], d)], [k], kinds).items()})
         rows.append(row)
-    exact = bool(split == "test" and (1.0, None) in scored and not path
+    exact = bool(split == "test" and (1.0, None) in scored and not path and not even
                  and np.array_equal(ranks[(1.0, None)], teacher))
     return {"k": k, "split": split, "queries": q, "rows_scored": rows_scored,
             "n_items": len(world), "eta": cfg.teacher.eta, "gain": cfg.teacher.gain,
             "damping": damping, "fisher": cfg.teacher.fisher, "rows": rows,
-            "path": path, "factor_1_reproduces_teacher": exact,
+            "path": path, "even": even, "factor_1_reproduces_teacher": exact,
             "query_kinds": {kind: int(m.sum()) for kind, m in kinds.items()}}
 
 
@@ -245,8 +259,20 @@ def _add_one_step_agreement(summary: dict, scored: dict, one_step: Path, rows: l
                 row[f"{key}.mAP@{k}_stderr"] = agree[f"mAP@{k}_stderr"]
 
 
-def summary_name(split: str) -> str:
-    return "steps.json" if split == "test" else f"steps_{split}.json"
+def summary_name(split: str, even: bool = False) -> str:
+    """``steps[_<split>][_even].json``: the test split's name carries no split."""
+    return ("steps" + ("" if split == "test" else f"_{split}") + ("_even" if even else "")
+            + ".json")
+
+
+def even_part(scored: dict) -> dict:
+    """{(factor, damping): (½·[ΔL(+factor) + ΔL(−factor)] (Q, N), the ascent's metas)} for
+    every positive factor scored both ways (see the module docstring)."""
+    out = {}
+    for (f, d), (infl, metas) in scored.items():
+        if f > 0 and (-f, d) in scored:
+            out[(f, d)] = (0.5 * (infl + scored[(-f, d)][0]), metas)
+    return out
 
 
 def study_dir(out: Path, path: int = 0) -> Path:
@@ -257,29 +283,35 @@ def study_dir(out: Path, path: int = 0) -> Path:
 def run_step_study(cfg, dirs: Dirs, out: Path, factors: list[float] | None = None,
                    n_queries: int | None = None, k: int = 10, progress: bool = True,
                    dampings: list[float] | None = None, split: str = "test",
-                   path: int = 0) -> dict:
-    """Score, summarize, write ``steps.json`` (test) or ``steps_val.json`` in
-    ``study_dir(out, path)``; return the summary.  ``dampings``: the same factors at other
-    dampings too (the configured one is always included); ``path``: steps per decade of an
-    unlearning path (0: the one-step teacher)."""
+                   path: int = 0, even: bool = False) -> dict:
+    """Score, summarize, write ``summary_name(split, even)`` (``steps.json`` for the test
+    split's one-step study) in ``study_dir(out, path)``; return the summary.  ``dampings``: the
+    same factors at other dampings too (the configured one is always included); ``path``: steps
+    per decade of an unlearning path (0: the one-step teacher); ``even``: each factor scored
+    both ways and ranked by the even part of the loss change (one step only)."""
     if path < 0:
         raise ValueError(f"path steps per decade must be ≥ 0 (0: one step), got {path}")
+    if even and path:
+        raise ValueError("the even part is taken of one step each way (--even), not of a "
+                         "path (--path): ask for one of them")
     out = study_dir(out, path)
     factors = sorted(set(factors or FACTORS))
     extra = sorted({float(d) for d in (dampings or [])} - {float(cfg.teacher.damping)})
     if any(not np.isfinite(f) or f <= 0 for f in list(factors) + extra):
         raise ValueError(f"step factors and dampings must be positive numbers, got "
                          f"{factors}, {extra}")
-    settings = [(f, d) for d in [None, *extra] for f in factors]
+    signs = (1.0, -1.0) if even else (1.0,)
+    settings = [(sign * f, d) for d in [None, *extra] for f in factors for sign in signs]
     rows = study_rows(cfg, dirs, split, n_queries)
     if not rows:
         raise ValueError(f"the {split} split has no queries to study")
     with torch.no_grad():
         scored = score_factors(cfg, dirs, out, settings, rows, split, progress, path)
-    summary = summarize(cfg, dirs, scored, k, split, rows, path)
+    summary = summarize(cfg, dirs, even_part(scored) if even else scored, k, split, rows, path,
+                        even)
     if path:
         _add_one_step_agreement(summary, scored, study_dir(out.parent), rows, split, k)
-    atomic_write_bytes(out / summary_name(split), json.dumps(summary, indent=2).encode())
+    atomic_write_bytes(out / summary_name(split, even), json.dumps(summary, indent=2).encode())
     return summary
 
 
@@ -297,12 +329,15 @@ def format_steps(summary: dict) -> str:
     what = ("test queries" if split == "test" else
             "training queries (validation concepts + ordinary; for choosing)")
     how = (f" along an unlearning path ({summary['path']} steps per decade)"
-           if summary.get("path") else "")
+           if summary.get("path") else
+           " of the EVEN part ½[ΔL(+η) + ΔL(−η)] (curvature along the step)"
+           if summary.get("even") else "")
     lines = [f"teacher step study{how}: {summary['queries']} {what} over all "
              f"{summary['n_items']} items, mAP@{k} agreement; factor 1 at damping "
              f"{summary.get('damping', '')} = the configured step"
              + (f" (reproduces the teacher exactly: {summary['factor_1_reproduces_teacher']})"
-                if split == "test" and not summary.get("path") else ""), head]
+                if split == "test" and not summary.get("path") and not summary.get("even")
+                else ""), head]
     for r in summary["rows"]:
         nxt = (f"{r[f'vs_next.mAP@{k}']:>9.3f}{r[f'vs_next.mAP@{k}_stderr']:>8.3f}"
                if f"vs_next.mAP@{k}" in r else " " * 17)

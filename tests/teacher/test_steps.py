@@ -256,3 +256,40 @@ def test_path_study_lives_beside_the_one_step_study_and_compares_with_it(study, 
     assert "vs 1-step" in text and (folder / "steps.png").is_file()
     pipe.run(["student"])  # the report shows the path study beside the one-step one
     assert "figures/teacher_steps_path2.png" in (pipe.root / "report.md").read_text()
+
+
+def test_the_even_part_of_the_loss_change_is_second_order_and_free_of_the_gradient_term(study):
+    """Known answers for ``--even``: ½[ΔL(+η) + ΔL(−η)] cancels the first-order term, so
+    doubling a step that is still near-quadratic (factors 0.05 → 0.1 here) multiplies the even
+    part by ≈ 4 while the odd part ½[ΔL(+η) − ΔL(−η)] (the first-order term) only doubles;
+    the study writes the descents beside the one-step study's ascents, reuses those, and ranks
+    by exactly the even part of the two files."""
+    from attribution.teacher.run import teacher_scorer
+    from attribution.teacher.steps import even_part, load_row, query_file
+
+    pipe, _ = study
+    scorer, _, queries = teacher_scorer(pipe.cfg, pipe.dirs(), "test")
+    q, eta = queries[0], pipe.cfg.teacher.eta
+    with torch.no_grad():
+        r = [x["influence"] for x in scorer.score_steps(q, [eta * f for f in
+                                                            (0.05, -0.05, 0.1, -0.1)])]
+    even = [float((0.5 * (a + b)).abs().mean()) for a, b in (r[:2], r[2:])]
+    odd = [float((0.5 * (a - b)).abs().mean()) for a, b in (r[:2], r[2:])]
+    assert 3.0 < even[1] / even[0] < 5.0, even
+    assert 1.8 < odd[1] / odd[0] < 2.2, odd
+
+    ascent = query_file(pipe.step_study_dir(), 1.0, 0)
+    stamp = ascent.stat().st_mtime_ns
+    s = pipe.run_step_study([1.0, 100.0], n_queries=2, progress=False, even=True)
+    assert ascent.stat().st_mtime_ns == stamp  # the one-step study's ascent, not rescored
+    n = r[0].numel()
+    up = load_row(ascent, n)[0]
+    down = load_row(query_file(pipe.step_study_dir(), -1.0, 0), n)[0]
+    scored = {(1.0, None): (np.stack([up]), [{}]), (-1.0, None): (np.stack([down]), [{}])}
+    np.testing.assert_array_equal(even_part(scored)[(1.0, None)][0][0], 0.5 * (up + down))
+    assert s["even"] is True and not s["factor_1_reproduces_teacher"]
+    assert [r["factor"] for r in s["rows"]] == [1.0, 100.0]
+    assert (pipe.step_study_dir() / "steps_even.json").is_file()
+    assert "EVEN part" in format_steps(s)
+    with pytest.raises(ValueError, match="not of a path"):
+        pipe.run_step_study([1.0], n_queries=1, progress=False, even=True, path=2)
