@@ -175,7 +175,8 @@ def summarize(cfg, dirs: Dirs, scored: dict, k: int = 10, split: str = "test",
     "items rising" the share with positive curvature along the step.
     Agreement "vs next" is with the next larger factor at the same damping; "vs teacher" is
     with the configured teacher (test: its stored ranking; val: factor 1 at the configured
-    damping, when scored; for a ``path`` study on val, added by ``_add_one_step_agreement``)."""
+    damping, when scored; for a ``path`` or ``even`` study on val, added by
+    ``_add_one_step_agreement``)."""
     settings = sorted(scored, key=lambda s: (-1.0 if s[1] is None else s[1], s[0]))
     ranks = {s: np.argsort(-scored[s][0], axis=1, kind="stable") for s in settings}
     q = len(next(iter(ranks.values())))
@@ -187,8 +188,8 @@ def summarize(cfg, dirs: Dirs, scored: dict, k: int = 10, split: str = "test",
         with np.load(dirs["teacher"] / "teacher_test.npz") as merged:
             teacher = merged["rank"][rows_scored]
         planted = [to_dict(p) for p in planted_for(cfg.world, "test")]
-    else:  # a path study's "vs teacher" is the ONE-step teacher's (_add_one_step_agreement)
-        teacher = None if path else ranks.get((1.0, None))
+    else:  # a path's or even study's "vs teacher" is the ONE-step teacher's, added after
+        teacher = None if path or even else ranks.get((1.0, None))  # (_add_one_step_agreement)
         planted = [to_dict(p) for p in planted_for(cfg.world, "val")]
     # agreement "vs next" also on each query kind apart: a prompt that names a planted concept
     # (a known answer) and an ordinary one can differ in how stable their top k is
@@ -234,10 +235,11 @@ def summarize(cfg, dirs: Dirs, scored: dict, k: int = 10, split: str = "test",
 
 def _add_one_step_agreement(summary: dict, scored: dict, one_step: Path, rows: list[int],
                             split: str, k: int) -> None:
-    """A path study's rows gain ``vs_one_step.mAP@k``: agreement with the ONE-step teacher at
-    the same factor and damping (its top-k the positives), where the one-step study scored the
-    same queries — does taking the step as a path change what is found?  On the val split
-    "vs teacher" is the one-step configured teacher's too (test: the stored teacher already)."""
+    """A path (or even) study's rows gain ``vs_one_step.mAP@k``: agreement with the ONE-step
+    teacher at the same factor and damping (its top-k the positives), where the one-step study
+    scored the same queries — does taking the step as a path (or ranking by the even part)
+    change what is found?  On the val split "vs teacher" is the one-step configured teacher's
+    too (test: the stored teacher already).  ``scored``: what the study ranks by."""
     n = next(iter(scored.values()))[0].shape[1]
     damping = summary["damping"]
 
@@ -307,10 +309,11 @@ def run_step_study(cfg, dirs: Dirs, out: Path, factors: list[float] | None = Non
         raise ValueError(f"the {split} split has no queries to study")
     with torch.no_grad():
         scored = score_factors(cfg, dirs, out, settings, rows, split, progress, path)
-    summary = summarize(cfg, dirs, even_part(scored) if even else scored, k, split, rows, path,
-                        even)
-    if path:
-        _add_one_step_agreement(summary, scored, study_dir(out.parent), rows, split, k)
+    ranked = even_part(scored) if even else scored
+    summary = summarize(cfg, dirs, ranked, k, split, rows, path, even)
+    if path or even:  # the one-step study's folder: the path's parent, or the even's own
+        _add_one_step_agreement(summary, ranked, study_dir(out.parent) if path else out, rows,
+                                split, k)
     atomic_write_bytes(out / summary_name(split, even), json.dumps(summary, indent=2).encode())
     return summary
 
@@ -324,7 +327,7 @@ def format_steps(summary: dict) -> str:
             + "".join(f"{p.replace(' recall@10', ''):>15}" for p in planted)
             + f"{'vs next':>9}{'± s.e.':>8}"
             + "".join(f"{'(' + kind + ')':>11}" for kind in kinds) + f"{'vs teacher':>11}"
-            + (f"{'vs 1-step':>11}" if summary.get("path") else ""))
+            + (f"{'vs 1-step':>11}" if summary.get("path") or summary.get("even") else ""))
     split = summary.get("split", "test")
     what = ("test queries" if split == "test" else
             "training queries (validation concepts + ordinary; for choosing)")
@@ -351,7 +354,7 @@ def format_steps(summary: dict) -> str:
                                      for kind in kinds)
                      + (f"{vs_t:>11.3f}" if vs_t is not None else f"{'':>11}")
                      + (f"{r.get(f'vs_one_step.mAP@{k}', float('nan')):>11.3f}"
-                        if summary.get("path") else ""))
+                        if summary.get("path") or summary.get("even") else ""))
     if kinds:
         lines.append("vs next (" + ") / (".join(kinds) + "): the same agreement on the "
                      + " / ".join(f"{n} {kind}" for kind, n in kinds.items())

@@ -289,6 +289,14 @@ def test_the_even_part_of_the_loss_change_is_second_order_and_free_of_the_gradie
     np.testing.assert_array_equal(even_part(scored)[(1.0, None)][0][0], 0.5 * (up + down))
     assert s["even"] is True and not s["factor_1_reproduces_teacher"]
     assert [r["factor"] for r in s["rows"]] == [1.0, 100.0]
+    # against the one step of the same size: at factor 1 that is the stored teacher itself
+    one = s["rows"][0]
+    assert one["vs_one_step.mAP@10"] == pytest.approx(one["vs_teacher.mAP@10"])
+    assert one["vs_one_step.mAP@10"] < 1  # the even part ranks otherwise than the ascent
+    val = pipe.run_step_study([1.0], n_queries=3, progress=False, split="val", even=True)
+    (row,) = val["rows"]  # val: "vs teacher" is the one-step factor 1, not the even part's
+    assert row["vs_teacher.mAP@10"] == row["vs_one_step.mAP@10"] < 1
+    assert (pipe.step_study_dir() / "steps_val_even.json").is_file()
     assert (pipe.step_study_dir() / "steps_even.json").is_file()
     assert "EVEN part" in format_steps(s)
     with pytest.raises(ValueError, match="not of a path"):
