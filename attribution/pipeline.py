@@ -269,10 +269,10 @@ class Pipeline:
         """Leave-K-out (``counterfactual/run.py``) on the stages its methods rank from: the
         teacher always (and its step study for ``teacher@…``), the student and the baselines
         only when asked for — teacher against random does not wait for them."""
-        from attribution.counterfactual.run import run_counterfactual
+        from attribution.counterfactual.run import STEP_METHODS, run_counterfactual
 
         baseline = [m for m in methods if m not in ("teacher", "random", "student")
-                    and not m.startswith("teacher@")]
+                    and not m.startswith(STEP_METHODS)]
         self.run(["teacher"] + (["student"] if "student" in methods else [])
                  + (["baselines"] if baseline else []))
         dirs = {**self.dirs(), "steps": self.step_study_dir()}

@@ -12,6 +12,7 @@ training items (same seed, same schedule; every random choice of a step is a fun
 
 A bigger rise means the removed items mattered more.  ``random`` (K items drawn uniformly) is the
 control.  ``teacher@<factor>[:<damping>]`` is the teacher at a multiple of its step (and another damping), from the step-size study
+(``teacher-even@…``: ranked by the even part of the loss change, ``--even`` there)
 (``teacher/steps.py``; run ``attribution teacher steps`` first).  Retrained generators are cached by the set of removed items, so two methods that pick
 the same items share one retraining, and a killed run resumes.
 
@@ -46,10 +47,12 @@ from attribution.teacher.evaluate import known_sources
 from attribution.teacher.scorer import query_loss
 from attribution.teacher.steps import load_row, query_file
 
-METHODS_HELP = ("teacher | teacher@<step factor>[:<damping>] | student | random | dtrak | abu_diagonal | any "
+METHODS_HELP = ("teacher | teacher@<step factor>[:<damping>] | teacher-even@<step factor>[:<damping>] "
+                "| student | random | dtrak | abu_diagonal | any "
                 "features.spaces entry (raw similarity)")
+STEP_METHODS = ("teacher@", "teacher-even@")  # read from the step study's files
 NOISE_SEED_OFFSET = 7919  # ΔLoss draws: independent of the teacher's (seed) and the ceiling's
-VAL_METHODS = "teacher, teacher@<factor>[:<damping>] and random"
+VAL_METHODS = "teacher, teacher@<factor>[:<damping>], teacher-even@<factor>[:<damping>] and random"
 
 
 def method_ranks(cfg, dirs: Dirs, methods: list[str], split: str = "test"
@@ -74,7 +77,7 @@ def method_ranks(cfg, dirs: Dirs, methods: list[str], split: str = "test"
             stream = [cfg.seed, 97] if split == "test" else [cfg.seed, 98]
             out[m] = np.stack([np.random.default_rng([*stream, i]).permutation(n)
                                for i in range(q)])
-        elif m.startswith("teacher@"):
+        elif m.startswith(STEP_METHODS):
             out[m] = _step_ranks(dirs, m, q, n, damping, split)
         elif split != "test":
             raise ConfigError(f"method {m!r} on the val split: it has {VAL_METHODS} (the "
@@ -95,7 +98,8 @@ def _step_ranks(dirs: Dirs, method: str, q: int, n: int,
                 configured_damping: float, split: str = "test") -> np.ndarray:
     """``teacher@<factor>`` or ``teacher@<factor>:<damping>``: the step study's full-set
     ranking of each query of ``split`` it scored; rows of queries it did not score are -1
-    (refused when such a query is asked for)."""
+    (refused when such a query is asked for).  ``teacher-even@…``: ranked by the even part
+    ½[ΔL(+factor) + ΔL(−factor)] (the study's ``--even`` files, both signs needed)."""
     try:
         spec = method.split("@", 1)[1]
         factor_text, _, damping_text = spec.partition(":")
@@ -103,13 +107,14 @@ def _step_ranks(dirs: Dirs, method: str, q: int, n: int,
         damping = float(damping_text) if damping_text else None
     except ValueError:
         raise ConfigError(f"{method!r}: write teacher@<step factor>[:<damping>], e.g. "
-                          f"teacher@0.01 or teacher@0.001:0.01") from None
+                          f"teacher@0.01 or teacher@0.001:0.01 (or teacher-even@…)") from None
+    signs = (1.0, -1.0) if method.startswith("teacher-even@") else (1.0,)
+    d = None if damping in (None, configured_damping) else damping
     out = np.full((q, n), -1, dtype=np.int64)
     for i in range(q):
-        path = query_file(dirs.get("steps", ""), factor, i,
-                          None if damping in (None, configured_damping) else damping, split)
-        if path.is_file():
-            out[i] = np.argsort(-load_row(path, n)[0], kind="stable")
+        paths = [query_file(dirs.get("steps", ""), sign * factor, i, d, split) for sign in signs]
+        if all(p.is_file() for p in paths):
+            out[i] = np.argsort(-sum(load_row(p, n)[0] for p in paths), kind="stable")
     return out
 
 
@@ -186,6 +191,7 @@ def run_counterfactual(cfg, dirs: Dirs, out: Path, methods: list[str], queries: 
             raise ConfigError(f"{m}: the step study has not scored {which} queries {missing}; "
                               f"run `attribution teacher steps CONFIG --factors "
                               f"{spec.replace(':', ' --dampings ')}"
+                              + (" --even" if m.startswith("teacher-even@") else "")
                               + (" --split val`" if split == "val" else "`")
                               + (" (its val split scores the validation-concept training "
                                  "queries and the first ordinary ones; --queries N for more)"

@@ -299,5 +299,17 @@ def test_the_even_part_of_the_loss_change_is_second_order_and_free_of_the_gradie
     assert (pipe.step_study_dir() / "steps_val_even.json").is_file()
     assert (pipe.step_study_dir() / "steps_even.json").is_file()
     assert "EVEN part" in format_steps(s)
+    # the counterfactual reads the same ranking as teacher-even@<factor>
+    from attribution.config import ConfigError
+    from attribution.counterfactual.run import method_ranks
+
+    dirs = {**pipe.dirs(), "steps": pipe.step_study_dir()}
+    ranks = method_ranks(pipe.cfg, dirs, ["teacher-even@1", "teacher@1"])
+    np.testing.assert_array_equal(ranks["teacher-even@1"][0],
+                                  np.argsort(-(up + down), kind="stable"))
+    assert (ranks["teacher-even@1"][2:] == -1).all()  # the study scored 2 queries
+    with pytest.raises(ConfigError, match="--factors 0.01 --even"):
+        pipe.run_counterfactual(["teacher-even@0.01"], [0], 3, progress=False,
+                                echo=lambda s: None)
     with pytest.raises(ValueError, match="not of a path"):
         pipe.run_step_study([1.0], n_queries=1, progress=False, even=True, path=2)
