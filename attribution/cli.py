@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "teacher" and args.action == "steps":
             from attribution.figures import step_figure
-            from attribution.teacher.steps import format_steps, study_dir, summary_name
+            from attribution.teacher.steps import study_dir, summary_name
+            from attribution.teacher.steps_table import format_steps
 
             summary = pipe.run_step_study(args.factors, args.queries,
                                           progress=not args.no_progress,

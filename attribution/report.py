@@ -30,7 +30,8 @@ from attribution.counterfactual.results import (
 )
 from attribution.fidelity import format_fidelity
 from attribution.teacher.evaluate import format_known_answers
-from attribution.teacher.steps import format_steps, summary_name
+from attribution.teacher.steps import summary_name
+from attribution.teacher.steps_table import format_steps
 
 # The paper's MSCOCO numbers (docs/method.md §5) that have a counterpart in every run.
 PAPER_FEATURE_TUNING = {  # mAP@1000 before -> after tuning (Fig. 3 left)

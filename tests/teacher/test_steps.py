@@ -8,7 +8,7 @@ import torch
 
 from attribution.config import derive
 from attribution.teacher.run import teacher_scorer
-from attribution.teacher.steps import format_steps
+from attribution.teacher.steps_table import format_steps
 from tests.conftest import run_cli
 
 FACTORS = [0.01, 1.0, 100.0]
