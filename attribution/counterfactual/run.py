@@ -12,8 +12,8 @@ training items (same seed, same schedule; every random choice of a step is a fun
 
 A bigger rise means the removed items mattered more.  ``random`` (K items drawn uniformly) is the
 control.  ``teacher@<factor>[:<damping>]`` is the teacher at a multiple of its step (and another damping), from the step-size study
-(``teacher-even@…``: ranked by the even part of the loss change, ``--even`` there)
-(``teacher/steps.py``; run ``attribution teacher steps`` first).  Retrained generators are cached by the set of removed items, so two methods that pick
+(``teacher/steps.py``; run ``attribution teacher steps`` first); ``teacher-even@…`` ranks by the
+even part of the loss change at that step (the study's ``--even``).  Retrained generators are cached by the set of removed items, so two methods that pick
 the same items share one retraining, and a killed run resumes.
 
 Two splits.  ``test`` (the default) reports.  ``val`` measures on TRAINING queries — the ones the

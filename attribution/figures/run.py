@@ -204,7 +204,9 @@ def step_figure(summary: dict, path: str | Path) -> Path:
               title="how big the step is")
     if several:
         ax[0].legend(fontsize=8)
-    ax[1].set(xscale="log", ylim=(0, 1.02), ylabel="share of items whose loss rises",
+    ax[1].set(xscale="log", ylim=(0, 1.02),
+              ylabel="share of items whose " + ("even part is > 0" if summary.get("even")
+                                                else "loss rises"),
               title="how much it unlearns")
     ax[2].set(xscale="log", ylim=(0, 1.02), ylabel="planted recall@10", title="known answers")
     ax[2].legend(fontsize=7)
