@@ -43,9 +43,9 @@ answers is whether a teacher that finds the planted concepts can have rankings t
 with the step.  The descents' files sit beside the ascents' (``f-<factor>/``; the ascents are
 the one-step study's own files); the summary is ``steps[_val]_even.json``.  The even part
 shrinks as η², so at small enough factors it sinks into the float32 rounding of the losses:
-on the smoke world it stops shrinking at a mean size of ≈ 4·10⁻⁸ (factors ≤ 10⁻³); on the toy
-world it is 1.1·10⁻⁷ at factor 10⁻³ and 7.8·10⁻⁶ at 10⁻² (docs/results.md), so read factors
-below 10⁻² with care.
+on the smoke world it stops shrinking at a mean size of ≈ 4·10⁻⁸ (factors ≤ 10⁻³), on the toy
+world at ≈ 1.2·10⁻⁹ (factor 10⁻⁵), where at 10⁻³ it is ~400× that on a validation-concept
+query but only ~8× on an ordinary one (docs/results.md): read factors ≤ 10⁻³ with care.
 """
 
 from __future__ import annotations
