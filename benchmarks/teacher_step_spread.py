@@ -23,7 +23,7 @@ from attribution.data.dataset import CaptionedImageSet
 from attribution.data.queries import QuerySet, study_query_set
 from attribution.metrics import standard_error
 from attribution.teacher.evaluate import planted_mask
-from attribution.teacher.steps import load_row, query_file
+from attribution.teacher.steps import load_row, query_file, summary_name
 
 CUTS = (10, 20, 50, 100)
 
@@ -41,8 +41,7 @@ def main() -> None:
     ap.add_argument("--split", choices=("test", "val"), default="test")
     args, cfg, pipe = pipeline_args(ap)
     study = pipe.step_study_dir()
-    summary = json.loads((study / ("steps.json" if args.split == "test"
-                                   else f"steps_{args.split}.json")).read_text())
+    summary = json.loads((study / summary_name(args.split)).read_text())
     if summary.get("path"):
         raise SystemExit(f"{study}: the last study of this split was a path study; rerun the "
                          "one-step study (`attribution teacher steps CONFIG`) first")
