@@ -199,10 +199,16 @@ def main(argv: list[str] | None = None) -> int:
                                           split=args.split)
             path = result_file(pipe.cfg, out, args.steps, args.split)
             result = json.loads(path.read_text())
-            metrics = json.loads((pipe.root / "metrics.json").read_text())
             print(format_counterfactual(result))
-            fig = counterfactual_figure(result, metrics, path.with_suffix(".png"))
-            print(f"figure: {fig}")
+            metrics = pipe.root / "metrics.json"  # the methods' speeds: the main job's report
+            if metrics.is_file():
+                fig = counterfactual_figure(result, json.loads(metrics.read_text()),
+                                            path.with_suffix(".png"))
+                print(f"figure: {fig}")
+            else:  # a counterfactual may run before (or without) the rest of the main job
+                print(f"figure: not drawn — its x-axis is each method's speed, from "
+                      f"{metrics}, which the main job writes (attribution run CONFIG); "
+                      f"the table above is the whole result ({path})")
             pairs = [p for p in schedule_pairs(out) if p["split"] == args.split]
             if pairs:  # the other schedules' results beside it: do they agree?
                 print(format_schedule_pairs(pairs))

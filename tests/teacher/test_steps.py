@@ -193,6 +193,17 @@ def test_counterfactual_on_the_choosing_split_reads_the_val_study(study, capsys)
     assert code == 0, err
     assert "1 training queries (the choosing split)" in text
     assert (out / "counterfactual_val.png").is_file()
+    metrics = pipe.root / "metrics.json"
+    hidden = metrics.rename(metrics.with_suffix(".hidden"))  # a counterfactual before the report
+    try:
+        code, text2, err = run_cli(capsys, "counterfactual", "configs/experiment/toy_smoke.yaml",
+                                   f"output_root={pipe.cfg.output_root}", "--split", "val",
+                                   "--methods", "teacher", "-k", "2", "--queries", str(q),
+                                   "--no-progress")
+    finally:
+        hidden.rename(metrics)
+    assert code == 0, err
+    assert "figure: not drawn" in text2 and "1 training queries" in text2
 
 
 def test_an_unlearning_path_is_first_order_equal_to_one_step_and_restores_theta(study):
