@@ -24,7 +24,8 @@ e.g.    python benchmarks/teacher_curvature_limit.py configs/experiment/toy_evid
 
 Needs the generator, Fisher, queries and teacher stages and a finished ``--even`` step study
 (its factors are the comparison); writes nothing.  Costs 2 forward sweeps over every item's
-samples per query and step, plus one at θ0.
+samples per query and step, plus one at θ0, and holds every sample's input and prediction in
+memory (a probe for the toy worlds, not for a released-scale training set).
 """
 
 from __future__ import annotations
@@ -71,9 +72,13 @@ def main() -> None:
     ap.add_argument("--steps", type=float, nargs=2, default=(1e-3, 1e-2),
                     help="two step factors for the central differences")
     args, cfg, pipe = pipeline_args(ap)
-    torch.manual_seed(0)
     study = pipe.step_study_dir()
-    summary = json.loads((study / summary_name(args.split, even=True)).read_text())
+    found = study / summary_name(args.split, even=True)
+    if not found.is_file():
+        raise SystemExit(f"no even study at {found}: run `attribution teacher steps CONFIG "
+                         f"--even --factors {' '.join(f'{s:g}' for s in args.steps)} 0.1 1 10"
+                         + (" --split val`" if args.split == "val" else "`") + " first")
+    summary = json.loads(found.read_text())
     qids = summary["rows_scored"][: args.queries]
     factors = sorted({r["factor"] for r in summary["rows"]})
     dirs = pipe.dirs()
