@@ -12,9 +12,10 @@ prediction on one (item, caption, t) sample, r0 = p(θ0) − ε, and central dif
 
 mean(a²) is the Gauss–Newton part (never negative, no cancellation at all); mean(r0·b) the
 residual part.  Per item both are averaged over its captions and timesteps as the teacher's loss
-is.  Two known-answer checks are printed: the loss-level even part rebuilt from these
-predictions must equal the step study's stored even part at the same factor (same noise, same
-items), and the limit taken at two steps s must agree (the differences have converged).  Then,
+is.  Three known-answer checks are printed: the central difference's J·d against the exact
+forward-mode product (``torch.func.jvp``, on one batch); the loss-level even part rebuilt from
+these predictions against the step study's stored even part at the same factor (same noise,
+same items); and the limit taken at two steps s (have the differences converged?).  Then,
 per query of the study's split: each limit ranking's mAP@10 agreement with the study's even
 rankings and the one-step teacher's, and the planted concepts' recall@10.
 
@@ -31,6 +32,7 @@ memory (a probe for the toy worlds, not for a released-scale training set).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 
@@ -57,6 +59,34 @@ from attribution.teacher.unlearn import apply_step, query_gradient
 def predictions(unet, inputs: list[tuple]) -> torch.Tensor:
     """float32 (S, *shape): the noise predictions on every planned sample, in plan order."""
     return torch.cat([unet(x, t, c).sample.float() for x, t, c in inputs])
+
+
+def exact_jvp_error(unet, params: dict, d: dict, eta: float, batch: tuple,
+                    steps: list[float]) -> dict[float, float]:
+    """Known answer for the central difference: its a against the exact forward-mode J·d
+    (``torch.func.jvp``) on one batch, relative L2 error per step.  On a copy of the generator
+    with the classic attention processor: SDPA's CPU kernel has no forward-mode derivative."""
+    from diffusers.models.attention_processor import AttnProcessor
+    from torch.func import functional_call, jvp
+
+    net = copy.deepcopy(unet)
+    net.set_attn_processor(AttnProcessor())
+    names = list(params)
+    base = [params[n].detach() for n in names]
+    tangent = [d[n].to(b.dtype) * eta for n, b in zip(names, base)]
+    x, t, c = batch
+
+    def f(*ps):
+        return functional_call(net, dict(zip(names, ps)), (x, t, c)).sample.float()
+
+    with torch.no_grad():
+        _, exact = jvp(f, tuple(base), tuple(tangent))
+        out = {}
+        for s in steps:
+            a = (f(*[b + s * v for b, v in zip(base, tangent)])
+                 - f(*[b - s * v for b, v in zip(base, tangent)])) / (2 * s)
+            out[s] = float((a - exact).norm() / exact.norm())
+    return out
 
 
 def per_item(values: torch.Tensor, n_items: int, views: int) -> np.ndarray:
@@ -120,6 +150,8 @@ def main() -> None:
             grads, _ = query_gradient(unet, scorer.params, scorer.alphas, q.z, q.cond,
                                       tc.query_draws, tc.query_batch_size, cfg.seed, qid)
         d = scorer.precondition(grads)
+        if qid == qids[0]:
+            jvp_err = exact_jvp_error(unet, scorer.params, d, tc.eta, inputs[0], args.steps)
         for s in args.steps:
             step = tc.eta * s
             out = {}
@@ -159,6 +191,9 @@ def main() -> None:
     print(machine_line())
     print(f"{args.split} split, {len(qids)} queries ({int(planted.sum())} planted), "
           f"{np.mean(seconds):.1f} s a query for {len(args.steps)} steps")
+    print(f"known answer: the central difference's J·d against the exact forward-mode one "
+          f"(query {qids[0]}, its first {len(inputs[0][1])} samples), relative L2 error: "
+          + ", ".join(f"s = {s:g}: {e:.1e}" for s, e in jvp_err.items()))
     for s, err in rebuilt_err.items():  # ~0 where the even part stands clear of float32's
         print(f"known answer at factor {s:g}: the even part rebuilt from predictions vs the "
               f"study's files, relative L2 error per query: median {np.median(err):.1e}, "
