@@ -46,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in STAGE_COMMANDS.items():
         _add_config_args(sub.add_parser(name, help=text))
     p = sub.add_parser("teacher", help="the AbU teacher on its own: fisher | score | merge | "
-                                       "steps (the step-size study)")
-    p.add_argument("action", choices=["fisher", "score", "merge", "steps"])
+                                       "steps (the step-size study) | curvature (its "
+                                       "step-free Gauss-Newton limit, ranked as teacher-gn)")
+    p.add_argument("action", choices=["fisher", "score", "merge", "steps", "curvature"])
     _add_config_args(p)
     p.add_argument("--factors", type=float, nargs="+", default=None,
                    help="steps: multiples of the configured step η/gain (default 1e-4 ... 10)")
@@ -226,6 +227,17 @@ def main(argv: list[str] | None = None) -> int:
             name = summary_name(args.split, args.even).replace(".json", ".png")
             fig = step_figure(summary, study_dir(pipe.step_study_dir(), args.path) / name)
             print(f"figure: {fig}")
+            return 0
+        if args.command == "teacher" and args.action == "curvature":
+            summary = pipe.run_curvature(args.split, args.queries,
+                                         progress=not args.no_progress)
+            recall = ", ".join(f"{k} {v:.2f}" for k, v in summary.items() if "recall" in k)
+            speed = summary["seconds_per_query"]
+            print(f"curvature (Gauss–Newton, difference factor {summary['difference_factor']:g})"
+                  f" on {len(summary['rows_scored'])} {args.split} queries"
+                  + (f", {speed:.1f} s a query" if speed else ", all cached")
+                  + (f"; {recall}" if recall else "")
+                  + f"; ranked as teacher-gn -> {pipe.step_study_dir() / 'gn'}")
             return 0
         if args.command == "teacher" and args.action == "merge":
             from attribution.teacher.run import merge_outputs

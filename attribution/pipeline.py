@@ -263,6 +263,16 @@ class Pipeline:
                               progress=progress, dampings=dampings, split=split, path=path,
                               even=even)
 
+    def run_curvature(self, split: str = "test", n_queries: int | None = None,
+                      progress: bool = True) -> dict:
+        """The step-free Gauss–Newton ranking (``teacher/curvature.py``) of the step study's
+        queries, stored beside its files."""
+        from attribution.teacher.curvature import run_curvature
+
+        self.run(["teacher"])
+        return run_curvature(self.cfg, self.dirs(), self.step_study_dir(), split, n_queries,
+                             progress)
+
     def run_counterfactual(self, methods: list[str], queries: list[int], k: int,
                            progress: bool = True, echo=print, steps: int | None = None,
                            split: str = "test") -> Path:

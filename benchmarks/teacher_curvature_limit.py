@@ -32,7 +32,6 @@ memory (a probe for the toy worlds, not for a released-scale training set).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 
@@ -44,55 +43,27 @@ from attribution.callbacks import ap_at_k
 from attribution.config import planted_for, to_dict
 from attribution.data.dataset import CaptionedImageSet
 from attribution.data.queries import QuerySet, study_query_set
-from attribution.generator.model import add_noise
 from attribution.metrics import standard_error
+from attribution.teacher.curvature import (
+    central_jd,
+    exact_prediction_jvp,
+    per_item,
+    predictions,
+    sample_inputs,
+)
 from attribution.teacher.evaluate import planted_known_answers, planted_mask
-from attribution.teacher.noise import item_noise
 from attribution.teacher.run import build_scorer, make_queries
 from attribution.teacher.scorer import Query
-from attribution.teacher.scoring import loss_plan
 from attribution.teacher.steps import even_part, load_row, query_file, summary_name
-from attribution.teacher.unlearn import apply_step, query_gradient
+from attribution.teacher.unlearn import apply_step
 
 
-@torch.no_grad()
-def predictions(unet, inputs: list[tuple]) -> torch.Tensor:
-    """float32 (S, *shape): the noise predictions on every planned sample, in plan order."""
-    return torch.cat([unet(x, t, c).sample.float() for x, t, c in inputs])
-
-
-def exact_jvp_error(unet, params: dict, d: dict, eta: float, batch: tuple,
-                    steps: list[float]) -> dict[float, float]:
-    """Known answer for the central difference: its a against the exact forward-mode J·d
-    (``torch.func.jvp``) on one batch, relative L2 error per step.  On a copy of the generator
-    with the classic attention processor: SDPA's CPU kernel has no forward-mode derivative."""
-    from diffusers.models.attention_processor import AttnProcessor
-    from torch.func import functional_call, jvp
-
-    net = copy.deepcopy(unet)
-    net.set_attn_processor(AttnProcessor())
-    names = list(params)
-    base = [params[n].detach() for n in names]
-    tangent = [d[n].to(b.dtype) * eta for n, b in zip(names, base)]
-    x, t, c = batch
-
-    def f(*ps):
-        return functional_call(net, dict(zip(names, ps)), (x, t, c)).sample.float()
-
-    with torch.no_grad():
-        _, exact = jvp(f, tuple(base), tuple(tangent))
-        out = {}
-        for s in steps:
-            a = (f(*[b + s * v for b, v in zip(base, tangent)])
-                 - f(*[b - s * v for b, v in zip(base, tangent)])) / (2 * s)
-            out[s] = float((a - exact).norm() / exact.norm())
-    return out
-
-
-def per_item(values: torch.Tensor, n_items: int, views: int) -> np.ndarray:
-    """(S,) per-sample values in ``loss_plan`` order -> (n_items,) mean over captions and
-    timesteps, max over views (as the teacher's influence)."""
-    return values.view(n_items, views, -1).mean(-1).max(1).values.numpy()
+def exact_jvp_error(scorer, d: dict, batch: tuple, steps: list[float]) -> dict[float, float]:
+    """Known answer for the central difference: its J·d against the exact forward-mode one
+    (``curvature.exact_prediction_jvp``) on one batch, relative L2 error per step factor."""
+    exact = exact_prediction_jvp(scorer.unet, scorer.params, d, batch)
+    return {s: float((central_jd(scorer, d, [batch], scorer.tc.eta * s) - exact).norm()
+                     / exact.norm()) for s in steps}
 
 
 def main() -> None:
@@ -119,17 +90,8 @@ def main() -> None:
                if q.split == study_query_set(args.split)}
     n = len(cands)
     everything = torch.arange(n)
-    keys = loss_plan(everything, tc.captions, list(tc.timesteps), tc.flips)
     views = 2 if tc.flips else 1
-    inputs, eps_all = [], []
-    for s in range(0, len(keys), tc.batch_size):  # the teacher's own noise for every sample
-        k = keys[s : s + tc.batch_size]
-        z = cands.view(k[:, 0], k[:, 1])
-        eps = item_noise(k, cands.shape, cfg.seed)
-        inputs.append((add_noise(scorer.alphas, z, eps, k[:, 3]), k[:, 3],
-                       cands.table.lookup(cands.rows[k[:, 0], k[:, 2]])))
-        eps_all.append(eps)
-    eps = torch.cat(eps_all)
+    inputs, eps = sample_inputs(cands, scorer.alphas, everything, tc, cfg.seed)
     unet = scorer.unet
     p0 = predictions(unet, inputs)
     r0 = p0 - eps
@@ -146,12 +108,9 @@ def main() -> None:
         q = queries[qid]
         if args.split == "val":
             q = Query(q.split, q.query_id, q.z, q.cond, everything)
-        with torch.enable_grad():  # the teacher's own query gradient (its (t, ε) draws)
-            grads, _ = query_gradient(unet, scorer.params, scorer.alphas, q.z, q.cond,
-                                      tc.query_draws, tc.query_batch_size, cfg.seed, qid)
-        d = scorer.precondition(grads)
+        d, _ = scorer.direction(q)  # the teacher's own query gradient, preconditioned
         if qid == qids[0]:
-            jvp_err = exact_jvp_error(unet, scorer.params, d, tc.eta, inputs[0], args.steps)
+            jvp_err = exact_jvp_error(scorer, d, inputs[0], args.steps)
         for s in args.steps:
             step = tc.eta * s
             out = {}
@@ -164,13 +123,14 @@ def main() -> None:
             a = (out[1.0] - out[-1.0]) / (2 * step)
             b = (out[1.0] + out[-1.0] - 2 * p0) / step**2
             gn = a.pow(2).flatten(1).mean(1)
-            limits[f"gn@{s:g}"].append(per_item(gn, n, views))
-            limits[f"full@{s:g}"].append(per_item(gn + (r0 * b).flatten(1).mean(1), n, views))
+            limits[f"gn@{s:g}"].append(per_item(gn, n, views).numpy())
+            limits[f"full@{s:g}"].append(
+                per_item(gn + (r0 * b).flatten(1).mean(1), n, views).numpy())
             if s in factors:  # known answer: the study's even part, rebuilt from predictions
                 ev = 0.5 * sum((out[g] - eps).pow(2).flatten(1).mean(1) - loss0
                                for g in (1.0, -1.0))
                 want = 0.5 * (stored(s, qid) + stored(-s, qid))
-                got = per_item(ev, n, views)
+                got = per_item(ev, n, views).numpy()
                 rebuilt_err.setdefault(s, []).append(
                     float(np.linalg.norm(got - want) / np.linalg.norm(want)))
         seconds.append(time.time() - start)

@@ -13,7 +13,8 @@ training items (same seed, same schedule; every random choice of a step is a fun
 A bigger rise means the removed items mattered more.  ``random`` (K items drawn uniformly) is the
 control.  ``teacher@<factor>[:<damping>]`` is the teacher at a multiple of its step (and another damping), from the step-size study
 (``teacher/steps.py``; run ``attribution teacher steps`` first); ``teacher-even@…`` ranks by the
-even part of the loss change at that step (the study's ``--even``).  Retrained generators are cached by the set of removed items, so two methods that pick
+even part of the loss change at that step (the study's ``--even``); ``teacher-gn`` by its
+step-free Gauss–Newton limit (``teacher/curvature.py``).  Retrained generators are cached by the set of removed items, so two methods that pick
 the same items share one retraining, and a killed run resumes.
 
 Two splits.  ``test`` (the default) reports.  ``val`` measures on TRAINING queries — the ones the
@@ -43,16 +44,18 @@ from attribution.generator.model import build_scheduler, load_unet
 from attribution.generator.sampling import sample
 from attribution.generator.train import train_generator
 from attribution.student.deploy import student_test_ranks
+from attribution.teacher.curvature import gn_ranks
 from attribution.teacher.evaluate import known_sources
 from attribution.teacher.scorer import query_loss
 from attribution.teacher.steps import load_row, query_file
 
 METHODS_HELP = ("teacher | teacher@<step factor>[:<damping>] | teacher-even@<step factor>[:<damping>] "
-                "| student | random | dtrak | abu_diagonal | any "
+                "| teacher-gn | student | random | dtrak | abu_diagonal | any "
                 "features.spaces entry (raw similarity)")
 STEP_METHODS = ("teacher@", "teacher-even@")  # read from the step study's files
 NOISE_SEED_OFFSET = 7919  # ΔLoss draws: independent of the teacher's (seed) and the ceiling's
-VAL_METHODS = "teacher, teacher@<factor>[:<damping>], teacher-even@<factor>[:<damping>] and random"
+VAL_METHODS = ("teacher, teacher@<factor>[:<damping>], teacher-even@<factor>[:<damping>], "
+               "teacher-gn and random")
 
 
 def method_ranks(cfg, dirs: Dirs, methods: list[str], split: str = "test"
@@ -79,6 +82,8 @@ def method_ranks(cfg, dirs: Dirs, methods: list[str], split: str = "test"
                                for i in range(q)])
         elif m.startswith(STEP_METHODS):
             out[m] = _step_ranks(dirs, m, q, n, damping, split)
+        elif m == "teacher-gn":  # the step-free curvature (``attribution teacher curvature``)
+            out[m] = gn_ranks(dirs.get("steps", ""), q, n, split)
         elif split != "test":
             raise ConfigError(f"method {m!r} on the val split: it has {VAL_METHODS} (the "
                               "student was trained on these queries; baselines rank test "
@@ -186,6 +191,10 @@ def run_counterfactual(cfg, dirs: Dirs, out: Path, methods: list[str], queries: 
     rows = []
     for m in methods:
         missing = [q for q in queries if ranks[m][q, 0] < 0]
+        if missing and m == "teacher-gn":
+            raise ConfigError(f"{m}: no curvature scores for {which} queries {missing}; run "
+                              "`attribution teacher curvature CONFIG"
+                              + (" --split val`" if split == "val" else "`"))
         if missing:
             spec = m.split("@")[1] if "@" in m else "1"
             raise ConfigError(f"{m}: the step study has not scored {which} queries {missing}; "

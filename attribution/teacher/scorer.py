@@ -96,6 +96,12 @@ class AbUScorer:
                                      + where)
         return grads, loss
 
+    def direction(self, q: Query, precondition=None) -> tuple[dict[str, torch.Tensor], float]:
+        """The query's natural-gradient unlearning direction d = P⁻¹g_q (the step is η·d) and
+        its loss at θ0."""
+        grads, loss = self._gradient(q)
+        return (precondition or self.precondition)(grads), loss
+
     def _influence(self, q: Query, where: str) -> torch.Tensor:
         """Candidate loss changes (K,) at the current parameters against θ0's base losses."""
         after = candidate_losses(self.unet, self.alphas, self.cands, q.candidates,

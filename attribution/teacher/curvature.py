@@ -1,0 +1,185 @@
+"""A step-free teacher variant: the Gauss–Newton curvature of each item's loss along the query's
+unlearning direction (``attribution teacher curvature CONFIG``; docs/results.md, ninth session).
+
+The even part of AbU's loss change (``teacher/steps.py``, ``--even``) is
+½η²·dᵀ∇²L_j·d + O(η⁴), with d = P⁻¹g_q the natural-gradient direction.  Its Gauss–Newton part is
+how far item j's noise predictions move along d:
+
+    GN_j = mean over j's (caption, t) samples of mean(a²),  a = J_j·d,
+
+which has no step at all — only the direction.  J·d is taken by a central difference of the
+generator's predictions at θ0 ± s·η·d (no float32 cancellation of two losses, which sinks the
+even part at small steps); ``exact_prediction_jvp`` gives the exact forward-mode product for the
+known-answer check.  The ranking is by GN_j, largest first, over every candidate of the query
+(a training query of the ``val`` split: every item), stored per query beside the step study's
+files (``<study>/gn/<split>_<qid>.npy``); the counterfactual reads it as ``teacher-gn``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from attribution.common.files import Dirs, atomic_save_npy, atomic_write_bytes
+from attribution.config import planted_for, to_dict
+from attribution.data.dataset import CaptionedImageSet
+from attribution.data.queries import QuerySet, study_query_set
+from attribution.generator.model import add_noise
+from attribution.teacher.evaluate import planted_known_answers
+from attribution.teacher.noise import item_noise
+from attribution.teacher.run import teacher_scorer
+from attribution.teacher.scorer import AbUScorer, Query
+from attribution.teacher.scoring import CandidateSet, loss_plan
+from attribution.teacher.steps import load_row, study_rows
+from attribution.teacher.unlearn import apply_step
+
+DIFFERENCE_FACTOR = 1e-3  # s: J·d matches the exact product to ~1e-3 here (1e-2: a few %)
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (x_t, t, token states)
+
+
+def sample_inputs(cands: CandidateSet, alphas: torch.Tensor, item_ids: torch.Tensor, tc,
+                  seed: int, device: str | torch.device = "cpu"
+                  ) -> tuple[list[Batch], torch.Tensor]:
+    """The noisy inputs of every (item, view, caption, t) sample the teacher's loss of
+    ``item_ids`` averages over, with its own noise (``loss_plan`` order, its batches):
+    -> (batches, ε (S, C, h, w))."""
+    keys = loss_plan(item_ids, tc.captions, list(tc.timesteps), tc.flips)
+    batches, noise = [], []
+    for s in range(0, len(keys), tc.batch_size):
+        k = keys[s : s + tc.batch_size]
+        eps = item_noise(k, cands.shape, seed)
+        x = add_noise(alphas, cands.view(k[:, 0], k[:, 1]).to(device), eps.to(device),
+                      k[:, 3].to(device))
+        batches.append((x, k[:, 3].to(device),
+                        cands.table.lookup(cands.rows[k[:, 0], k[:, 2]]).to(device)))
+        noise.append(eps)
+    return batches, torch.cat(noise)
+
+
+@torch.no_grad()
+def predictions(unet: nn.Module, batches: list[Batch]) -> torch.Tensor:
+    """float32 (S, C, h, w): the noise predictions on every sample, in plan order (CPU)."""
+    return torch.cat([unet(x, t, c).sample.float().cpu() for x, t, c in batches])
+
+
+def per_item(values: torch.Tensor, n_items: int, views: int) -> torch.Tensor:
+    """(S,) per-sample values in ``loss_plan`` order -> (n_items,): mean over captions and
+    timesteps, max over views (as the teacher's influence)."""
+    return values.view(n_items, views, -1).mean(-1).max(1).values
+
+
+def central_jd(scorer: AbUScorer, d: dict[str, torch.Tensor], batches: list[Batch],
+               step: float) -> torch.Tensor:
+    """(p(θ0 + step·d) − p(θ0 − step·d)) / 2·step: J·d by a central difference, per sample;
+    θ0 is restored after each side."""
+    side = {}
+    for sign in (1.0, -1.0):
+        apply_step(scorer.params, d, sign * step)
+        try:
+            side[sign] = predictions(scorer.unet, batches)
+        finally:
+            scorer.snapshot.restore()
+    return (side[1.0] - side[-1.0]) / (2 * step)
+
+
+def exact_prediction_jvp(unet: nn.Module, params: dict[str, nn.Parameter],
+                         d: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
+    """The exact J·d on one batch by forward-mode AD (``torch.func.jvp``), on a copy of the
+    generator with the classic attention processor: SDPA's CPU kernel has no forward-mode
+    derivative.  For known-answer checks of :func:`central_jd`."""
+    from diffusers.models.attention_processor import AttnProcessor
+    from torch.func import functional_call, jvp
+
+    net = copy.deepcopy(unet)
+    net.set_attn_processor(AttnProcessor())
+    names = list(params)
+    base = tuple(params[n].detach() for n in names)
+    x, t, c = batch
+
+    def f(*ps):
+        return functional_call(net, dict(zip(names, ps)), (x, t, c)).sample.float()
+
+    with torch.no_grad():
+        return jvp(f, base, tuple(d[n].to(b.dtype) for n, b in zip(names, base)))[1].cpu()
+
+
+def gauss_newton(scorer: AbUScorer, q: Query, factor: float = DIFFERENCE_FACTOR
+                 ) -> torch.Tensor:
+    """GN_j (K,) for every candidate of ``q``: mean ‖J_j·d‖² along the query's unlearning
+    direction, J·d by a central difference at ``factor`` × the teacher's η."""
+    d, _ = scorer.direction(q)
+    batches, _ = sample_inputs(scorer.cands, scorer.alphas, q.candidates, scorer.tc,
+                               scorer.seed, scorer.device)
+    step = scorer.tc.eta * factor
+    jd = central_jd(scorer, d, batches, step)
+    views = 2 if scorer.tc.flips else 1
+    gn = per_item(jd.pow(2).flatten(1).mean(1), len(q.candidates), views)
+    if not torch.isfinite(gn).all():
+        raise FloatingPointError(f"non-finite curvature for query {q.split}/{q.query_id}")
+    return gn
+
+
+def gn_file(study: Path, qid: int, split: str = "test") -> Path:
+    """Where query ``qid``'s Gauss–Newton scores live, beside the step study's files."""
+    return Path(study) / "gn" / f"{split}_{qid}.npy"
+
+
+def gn_ranks(study: Path, q: int, n: int, split: str = "test") -> np.ndarray:
+    """(q, n) rankings by GN, largest first; rows of queries not scored are -1."""
+    out = np.full((q, n), -1, dtype=np.int64)
+    for i in range(q):
+        path = gn_file(study, i, split)
+        if path.is_file():
+            out[i] = np.argsort(-load_row(path, n)[0], kind="stable")
+    return out
+
+
+def run_curvature(cfg, dirs: Dirs, study: Path, split: str = "test",
+                  n_queries: int | None = None, progress: bool = True) -> dict:
+    """Score the step study's queries of ``split`` by GN (cached per query; a killed run
+    resumes), write ``gn[_val].json`` in ``study``: planted recall@10 and seconds a query."""
+    rows = study_rows(cfg, dirs, split, n_queries)
+    if not rows:
+        raise ValueError(f"the {split} split has no queries to score")
+    n = len(CaptionedImageSet(dirs["world"], verify=False))
+    scorer = queries = None
+    seconds = []
+    for qid in tqdm(rows, desc=f"curvature ({split})", disable=not progress):
+        path = gn_file(study, qid, split)
+        if path.is_file():
+            continue
+        if scorer is None:
+            scorer, _, found = teacher_scorer(cfg, dirs, study_query_set(split))
+            queries = {q.query_id: q for q in found}
+        q = queries[qid]
+        if split == "val":  # a training query, scored over every item (not its K-set)
+            q = Query(q.split, q.query_id, q.z, q.cond, torch.arange(n))
+        start = time.time()
+        with torch.no_grad():
+            gn = gauss_newton(scorer, q)
+        seconds.append(time.time() - start)
+        path.parent.mkdir(parents=True, exist_ok=True)  # the record first: a row needs both
+        atomic_write_bytes(path.with_suffix(".json"), json.dumps(
+            {"seconds": seconds[-1], "difference_factor": DIFFERENCE_FACTOR}).encode())
+        atomic_save_npy(path, gn.numpy().astype(np.float32))
+    ranks = np.stack([np.argsort(-load_row(gn_file(study, i, split), n)[0], kind="stable")
+                      for i in rows])
+    attrs = QuerySet(dirs["queries"] / f"query_{study_query_set(split)}").attributes
+    known = planted_known_answers(
+        CaptionedImageSet(dirs["world"], verify=False).attributes,
+        [attrs[i] for i in rows] if attrs else [], ranks,
+        [to_dict(p) for p in planted_for(cfg.world, "test" if split == "test" else "val")])
+    summary = {"split": split, "rows_scored": rows, "difference_factor": DIFFERENCE_FACTOR,
+               "seconds_per_query": float(np.mean(seconds)) if seconds else None,
+               **{f"{name} recall@10": r["recall@10"] for name, r in known.items()}}
+    name = "gn.json" if split == "test" else f"gn_{split}.json"
+    atomic_write_bytes(Path(study) / name, json.dumps(summary, indent=2).encode())
+    return summary

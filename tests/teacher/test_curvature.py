@@ -1,0 +1,73 @@
+"""The step-free Gauss–Newton teacher variant (attribution/teacher/curvature.py) on the smoke run."""
+
+import numpy as np
+import pytest
+import torch
+
+from attribution.config import ConfigError
+from attribution.counterfactual.run import method_ranks
+from attribution.teacher.curvature import (
+    DIFFERENCE_FACTOR,
+    central_jd,
+    exact_prediction_jvp,
+    gauss_newton,
+    gn_file,
+    per_item,
+    sample_inputs,
+)
+from attribution.teacher.run import teacher_scorer
+from attribution.teacher.steps import load_row
+from tests.conftest import run_cli
+
+
+def test_central_difference_is_the_forward_mode_product_and_gn_its_mean_square(smoke_run):
+    """Known answers: J·d by a central difference at the default factor equals the exact
+    forward-mode product to < 1 % (a 100× larger difference step is further off: truncation);
+    GN_j is the per-item mean square of it; θ0 is restored (the teacher's score reproduced)."""
+    pipe = smoke_run
+    pipe.run(["teacher"])
+    scorer, _, queries = teacher_scorer(pipe.cfg, pipe.dirs(), "test")
+    q, eta = queries[0], scorer.tc.eta
+    before = scorer.score(q)["influence"]
+    d, _ = scorer.direction(q)
+    batches, _ = sample_inputs(scorer.cands, scorer.alphas, q.candidates, scorer.tc,
+                               scorer.seed)
+    exact = exact_prediction_jvp(scorer.unet, scorer.params, d, batches[0])
+    err = {f: float((central_jd(scorer, d, batches[:1], eta * f) - exact).norm()
+                    / exact.norm()) for f in (DIFFERENCE_FACTOR, 100 * DIFFERENCE_FACTOR)}
+    assert err[DIFFERENCE_FACTOR] < 1e-2, err
+    assert err[DIFFERENCE_FACTOR] < err[100 * DIFFERENCE_FACTOR], err
+    gn = gauss_newton(scorer, q)
+    jd = central_jd(scorer, d, batches, eta * DIFFERENCE_FACTOR)
+    views = 2 if scorer.tc.flips else 1
+    torch.testing.assert_close(gn, per_item(jd.pow(2).flatten(1).mean(1), len(q.candidates),
+                                            views))
+    assert (gn >= 0).all() and gn.shape == (len(q.candidates),)
+    torch.testing.assert_close(scorer.score(q)["influence"], before)
+
+
+def test_curvature_scores_are_cached_and_ranked_as_teacher_gn(smoke_run, capsys):
+    """``attribution teacher curvature`` scores the step study's queries once (a rerun
+    rescored nothing), and the counterfactual's ``teacher-gn`` ranks by exactly those scores;
+    a query without scores is refused with the command that makes them."""
+    pipe = smoke_run
+    summary = pipe.run_curvature("test", 2, progress=False)
+    assert summary["rows_scored"] == [0, 1] and summary["split"] == "test"
+    study = pipe.step_study_dir()
+    path = gn_file(study, 0, "test")
+    stamp = path.stat().st_mtime_ns
+    code, text, err = run_cli(capsys, "teacher", "curvature", "configs/experiment/toy_smoke.yaml",
+                              f"output_root={pipe.cfg.output_root}", "--queries", "2",
+                              "--no-progress")
+    assert code == 0, err
+    assert "on 2 test queries, all cached" in text  # a rerun rescored nothing
+    assert path.stat().st_mtime_ns == stamp
+    dirs = {**pipe.dirs(), "steps": study}
+    ranks = method_ranks(pipe.cfg, dirs, ["teacher-gn"])["teacher-gn"]
+    n = ranks.shape[1]
+    for qid in (0, 1):
+        scores = load_row(gn_file(study, qid, "test"), n)[0]
+        np.testing.assert_array_equal(ranks[qid], np.argsort(-scores, kind="stable"))
+    assert (ranks[2:] == -1).all()
+    with pytest.raises(ConfigError, match="teacher curvature"):
+        pipe.run_counterfactual(["teacher-gn"], [2], 2, progress=False, echo=lambda s: None)
