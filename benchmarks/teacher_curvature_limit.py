@@ -49,13 +49,13 @@ from attribution.teacher.curvature import (
     exact_prediction_jvp,
     per_item,
     predictions,
+    predictions_both_ways,
     sample_inputs,
 )
 from attribution.teacher.evaluate import planted_known_answers, planted_mask
-from attribution.teacher.run import build_scorer, make_queries
+from attribution.teacher.run import teacher_scorer
 from attribution.teacher.scorer import Query
 from attribution.teacher.steps import even_part, load_row, query_file, summary_name
-from attribution.teacher.unlearn import apply_step
 
 
 def exact_jvp_error(scorer, d: dict, batch: tuple, steps: list[float]) -> dict[float, float]:
@@ -84,10 +84,8 @@ def main() -> None:
     factors = sorted({r["factor"] for r in summary["rows"]})
     dirs = pipe.dirs()
     tc = cfg.teacher
-    scorer, cands = build_scorer(cfg, dirs["world"], dirs["text"], dirs["generator"],
-                                 dirs["fisher"], dirs["teacher"])
-    queries = {q.query_id: q for q in make_queries(cfg, dirs["queries"], cands, dirs["teacher"])
-               if q.split == study_query_set(args.split)}
+    scorer, cands, found = teacher_scorer(cfg, dirs, study_query_set(args.split))
+    queries = {q.query_id: q for q in found}
     n = len(cands)
     everything = torch.arange(n)
     views = 2 if tc.flips else 1
@@ -113,13 +111,8 @@ def main() -> None:
             jvp_err = exact_jvp_error(scorer, d, inputs[0], args.steps)
         for s in args.steps:
             step = tc.eta * s
-            out = {}
-            for sign in (1.0, -1.0):
-                apply_step(scorer.params, d, sign * step)
-                try:
-                    out[sign] = predictions(unet, inputs)
-                finally:
-                    scorer.snapshot.restore()
+            plus, minus = predictions_both_ways(scorer, d, inputs, step)
+            out = {1.0: plus, -1.0: minus}
             a = (out[1.0] - out[-1.0]) / (2 * step)
             b = (out[1.0] + out[-1.0] - 2 * p0) / step**2
             gn = a.pow(2).flatten(1).mean(1)

@@ -76,18 +76,24 @@ def per_item(values: torch.Tensor, n_items: int, views: int) -> torch.Tensor:
     return values.view(n_items, views, -1).mean(-1).max(1).values
 
 
-def central_jd(scorer: AbUScorer, d: dict[str, torch.Tensor], batches: list[Batch],
-               step: float) -> torch.Tensor:
-    """(p(θ0 + step·d) − p(θ0 − step·d)) / 2·step: J·d by a central difference, per sample;
-    θ0 is restored after each side."""
-    side = {}
+def predictions_both_ways(scorer: AbUScorer, d: dict[str, torch.Tensor], batches: list[Batch],
+                          step: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p(θ0 + step·d), p(θ0 − step·d)) on every sample; θ0 is restored after each side."""
+    sides = []
     for sign in (1.0, -1.0):
         apply_step(scorer.params, d, sign * step)
         try:
-            side[sign] = predictions(scorer.unet, batches)
+            sides.append(predictions(scorer.unet, batches))
         finally:
             scorer.snapshot.restore()
-    return (side[1.0] - side[-1.0]) / (2 * step)
+    return sides[0], sides[1]
+
+
+def central_jd(scorer: AbUScorer, d: dict[str, torch.Tensor], batches: list[Batch],
+               step: float) -> torch.Tensor:
+    """(p(θ0 + step·d) − p(θ0 − step·d)) / 2·step: J·d by a central difference, per sample."""
+    plus, minus = predictions_both_ways(scorer, d, batches, step)
+    return (plus - minus) / (2 * step)
 
 
 def exact_prediction_jvp(unet: nn.Module, params: dict[str, nn.Parameter],
@@ -149,7 +155,8 @@ def run_curvature(cfg, dirs: Dirs, study: Path, split: str = "test",
     rows = study_rows(cfg, dirs, split, n_queries)
     if not rows:
         raise ValueError(f"the {split} split has no queries to score")
-    n = len(CaptionedImageSet(dirs["world"], verify=False))
+    world = CaptionedImageSet(dirs["world"], verify=False)
+    n = len(world)
     scorer = queries = None
     seconds = []
     for qid in tqdm(rows, desc=f"curvature ({split})", disable=not progress):
@@ -170,12 +177,10 @@ def run_curvature(cfg, dirs: Dirs, study: Path, split: str = "test",
         atomic_write_bytes(path.with_suffix(".json"), json.dumps(
             {"seconds": seconds[-1], "difference_factor": DIFFERENCE_FACTOR}).encode())
         atomic_save_npy(path, gn.numpy().astype(np.float32))
-    ranks = np.stack([np.argsort(-load_row(gn_file(study, i, split), n)[0], kind="stable")
-                      for i in rows])
+    ranks = gn_ranks(study, max(rows) + 1, n, split)[rows]
     attrs = QuerySet(dirs["queries"] / f"query_{study_query_set(split)}").attributes
     known = planted_known_answers(
-        CaptionedImageSet(dirs["world"], verify=False).attributes,
-        [attrs[i] for i in rows] if attrs else [], ranks,
+        world.attributes, [attrs[i] for i in rows] if attrs else [], ranks,
         [to_dict(p) for p in planted_for(cfg.world, "test" if split == "test" else "val")])
     summary = {"split": split, "rows_scored": rows, "difference_factor": DIFFERENCE_FACTOR,
                "seconds_per_query": float(np.mean(seconds)) if seconds else None,
