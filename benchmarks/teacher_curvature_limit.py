@@ -19,8 +19,12 @@ same items); and the limit taken at two steps s (have the differences converged?
 per query of the study's split: each limit ranking's mAP@10 agreement with the study's even
 rankings and the one-step teacher's, and the planted concepts' recall@10.
 
+``--quadratic``: also the ascent's loss change under its Gauss–Newton quadratic model,
+ΔL_j(η) ≈ 2η·mean(r0·a) + η²·mean(a²), ranked at each step factor — a teacher with a step
+again, whose stability to a 10× change can be asked — against the study's exact ascent.
+
 Usage:  python benchmarks/teacher_curvature_limit.py [CONFIG] [key=value ...] [--split val]
-                [--queries N] [--steps 0.001 0.01]
+                [--queries N] [--steps 0.001 0.01] [--quadratic [FACTOR ...]]
 e.g.    python benchmarks/teacher_curvature_limit.py configs/experiment/toy_evidence.yaml --split val
 
 Needs the generator, Fisher, queries and teacher stages and a finished ``--even`` step study
@@ -66,12 +70,60 @@ def exact_jvp_error(scorer, d: dict, batch: tuple, steps: list[float]) -> dict[f
                      / exact.norm()) for s in steps}
 
 
+def by_view(values: torch.Tensor, n: int, views: int) -> np.ndarray:
+    """(S,) per-sample values in ``loss_plan`` order -> (n, views): mean over captions and t."""
+    return values.view(n, views, -1).mean(-1).numpy()
+
+
+def quadratic_model(slope: np.ndarray, curve: np.ndarray, step: float) -> np.ndarray:
+    """The ascent's loss change at θ0 + step·d under the Gauss–Newton quadratic model,
+    2·step·mean(r0·a) + step²·mean(a²) per (item, view), max over views (as the influence)."""
+    return (2 * step * slope + step**2 * curve).max(-1)
+
+
+def report_quadratic(slope, curve, eta, qfactors, factors, ascent, gn, items, attrs,
+                     concepts, planted) -> None:
+    """The quadratic model's rankings by step factor: its error against the exact ascent the
+    study stored (a known answer at small steps, where the cubic terms vanish), planted
+    recall@10, agreement with the 10× larger factor and with the exact ascent and GN limit."""
+    model = {f: quadratic_model(slope, curve, eta * f) for f in qfactors}
+    for f in (f for f in qfactors if f in factors):
+        want = ascent(f)
+        err = np.linalg.norm(model[f] - want, axis=1) / np.linalg.norm(want, axis=1)
+        print(f"known answer at factor {f:g}: the quadratic model vs the study's exact ascent, "
+              f"relative L2 error per query: median {np.median(err):.1e}, worst {err.max():.1e}")
+    qr = {f: np.argsort(-m, axis=1, kind="stable") for f, m in model.items()}
+    print("quadratic model by factor: recall@10, mAP@10 ± s.e. (planted / ordinary) vs 10x, "
+          "vs 0.1x, vs the exact ascent at the same factor, vs the GN limit")
+
+    def cell(a, b):
+        c = ap_at_k(a, b, 10)
+        kinds = " / ".join(f"{c[m].mean():.3f}" if m.any() else "-" for m in (planted, ~planted))
+        return f"{c.mean():.3f} ± {standard_error(c):.3f} ({kinds})"
+
+    def near(f):  # factors are floats: 0.1 × 10 is looked up by closeness
+        return next((r for g, r in qr.items() if np.isclose(g, f)), None)
+
+    for f, r in qr.items():
+        known = planted_known_answers(items, attrs, r, concepts)
+        recall = " / ".join(f"{v['recall@10']:.2f}" for v in known.values())
+        print(f"factor {f:g}: recall@10 {recall}")
+        for name, other in (("vs 10x", near(f * 10)), ("vs 0.1x", near(f / 10)),
+                            ("vs ascent", np.argsort(-ascent(f), axis=1, kind="stable")
+                             if f in factors else None), ("vs GN", gn)):
+            if other is not None:
+                print(f"   {name:<10}{cell(r, other)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--split", choices=("test", "val"), default="val")
     ap.add_argument("--queries", type=int, default=None, help="first N of the study's queries")
-    ap.add_argument("--steps", type=float, nargs=2, default=(1e-3, 1e-2),
-                    help="two step factors for the central differences")
+    ap.add_argument("--steps", type=float, nargs="+", default=(1e-3, 1e-2),
+                    help="step factors for the central differences (the first is the limit's)")
+    ap.add_argument("--quadratic", type=float, nargs="*", default=None, metavar="FACTOR",
+                    help="also rank by the Gauss–Newton quadratic model of the ascent's loss "
+                         "change at these step factors (default: the study's, and 100)")
     args, cfg, pipe = pipeline_args(ap)
     study = pipe.step_study_dir()
     found = study / summary_name(args.split, even=True)
@@ -99,6 +151,7 @@ def main() -> None:
         return load_row(query_file(study, kind, qid, None, args.split), n)[0]
 
     limits = {f"{kind}@{s:g}": [] for s in args.steps for kind in ("gn", "full")}
+    slope, curve = [], []  # per query (n, views): mean(r0·a) and mean(a²) at the first step
     rebuilt_err: dict[float, list[float]] = {}
     seconds = []
     for qid in qids:
@@ -116,6 +169,9 @@ def main() -> None:
             a = (out[1.0] - out[-1.0]) / (2 * step)
             b = (out[1.0] + out[-1.0] - 2 * p0) / step**2
             gn = a.pow(2).flatten(1).mean(1)
+            if s == args.steps[0]:
+                slope.append(by_view((r0 * a).flatten(1).mean(1), n, views))
+                curve.append(by_view(gn, n, views))
             limits[f"gn@{s:g}"].append(per_item(gn, n, views).numpy())
             limits[f"full@{s:g}"].append(
                 per_item(gn + (r0 * b).flatten(1).mean(1), n, views).numpy())
@@ -168,6 +224,13 @@ def main() -> None:
             kinds = " / ".join(f"{c[m].mean():.3f}" if m.any() else "-"
                                for m in (planted, ~planted))
             print(f"   vs {ref:<20}{c.mean():.3f} ± {standard_error(c):.3f} ({kinds})")
+    if args.quadratic is not None:
+        print()
+        report_quadratic(np.stack(slope), np.stack(curve), tc.eta,
+                         sorted(set(args.quadratic or [*factors, 100.0])), factors,
+                         lambda f: np.stack([stored(f, q) for q in qids]),
+                         ranks[f"gn@{args.steps[0]:g}"],  # the model's large-step limit
+                         world.attributes, attrs, concepts, planted)
 
 
 if __name__ == "__main__":
