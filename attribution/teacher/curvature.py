@@ -117,13 +117,15 @@ def exact_prediction_jvp(unet: nn.Module, params: dict[str, nn.Parameter],
         return jvp(f, base, tuple(d[n].to(b.dtype) for n, b in zip(names, base)))[1].cpu()
 
 
-def gauss_newton(scorer: AbUScorer, q: Query, factor: float = DIFFERENCE_FACTOR
-                 ) -> torch.Tensor:
+def gauss_newton(scorer: AbUScorer, q: Query, factor: float = DIFFERENCE_FACTOR,
+                 batches: list[Batch] | None = None) -> torch.Tensor:
     """GN_j (K,) for every candidate of ``q``: mean ‖J_j·d‖² along the query's unlearning
-    direction, J·d by a central difference at ``factor`` × the teacher's η."""
+    direction, J·d by a central difference at ``factor`` × the teacher's η.  ``batches``:
+    ``q.candidates``' sample inputs when already built (the same for every full-set query)."""
     d, _ = scorer.direction(q)
-    batches, _ = sample_inputs(scorer.cands, scorer.alphas, q.candidates, scorer.tc,
-                               scorer.seed, scorer.device)
+    if batches is None:
+        batches, _ = sample_inputs(scorer.cands, scorer.alphas, q.candidates, scorer.tc,
+                                   scorer.seed, scorer.device)
     step = scorer.tc.eta * factor
     jd = central_jd(scorer, d, batches, step)
     views = 2 if scorer.tc.flips else 1
@@ -157,8 +159,8 @@ def run_curvature(cfg, dirs: Dirs, study: Path, split: str = "test",
         raise ValueError(f"the {split} split has no queries to score")
     world = CaptionedImageSet(dirs["world"], verify=False)
     n = len(world)
-    scorer = queries = None
-    seconds = []
+    scorer = queries = everything = None  # val: every query's candidates are all n items,
+    seconds = []  # so their sample inputs are built once
     for qid in tqdm(rows, desc=f"curvature ({split})", disable=not progress):
         path = gn_file(study, qid, split)
         if path.is_file():
@@ -167,11 +169,14 @@ def run_curvature(cfg, dirs: Dirs, study: Path, split: str = "test",
             scorer, _, found = teacher_scorer(cfg, dirs, study_query_set(split))
             queries = {q.query_id: q for q in found}
         q = queries[qid]
+        start = time.time()
         if split == "val":  # a training query, scored over every item (not its K-set)
             q = Query(q.split, q.query_id, q.z, q.cond, torch.arange(n))
-        start = time.time()
+            if everything is None:
+                everything, _ = sample_inputs(scorer.cands, scorer.alphas, q.candidates,
+                                              scorer.tc, scorer.seed, scorer.device)
         with torch.no_grad():
-            gn = gauss_newton(scorer, q)
+            gn = gauss_newton(scorer, q, batches=everything)
         seconds.append(time.time() - start)
         path.parent.mkdir(parents=True, exist_ok=True)  # the record first: a row needs both
         atomic_write_bytes(path.with_suffix(".json"), json.dumps(

@@ -43,6 +43,7 @@ def test_central_difference_is_the_forward_mode_product_and_gn_its_mean_square(s
     torch.testing.assert_close(gn, per_item(jd.pow(2).flatten(1).mean(1), len(q.candidates),
                                             views))
     assert (gn >= 0).all() and gn.shape == (len(q.candidates),)
+    torch.testing.assert_close(gauss_newton(scorer, q, batches=batches), gn)  # prebuilt inputs
     torch.testing.assert_close(scorer.score(q)["influence"], before)
 
 
@@ -71,3 +72,21 @@ def test_curvature_scores_are_cached_and_ranked_as_teacher_gn(smoke_run, capsys)
     assert (ranks[2:] == -1).all()
     with pytest.raises(ConfigError, match="teacher curvature"):
         pipe.run_counterfactual(["teacher-gn"], [2], 2, progress=False, echo=lambda s: None)
+
+
+def test_val_curvature_scores_every_item_with_shared_inputs(smoke_run):
+    """On the choosing split each training query is scored over every item, the sample inputs
+    built once for all of them: every stored row equals that query's GN with its own inputs."""
+    pipe = smoke_run
+    summary = pipe.run_curvature("val", 2, progress=False)
+    rows = summary["rows_scored"]
+    assert summary["split"] == "val" and len(rows) >= 2
+    scorer, _, found = teacher_scorer(pipe.cfg, pipe.dirs(), "train")
+    queries = {q.query_id: q for q in found}
+    n = len(scorer.cands)
+    for qid in rows[:2]:
+        q = queries[qid]
+        q = type(q)(q.split, q.query_id, q.z, q.cond, torch.arange(n))
+        stored = load_row(gn_file(pipe.step_study_dir(), qid, "val"), n)[0]
+        np.testing.assert_allclose(stored, gauss_newton(scorer, q).numpy(), rtol=1e-5,
+                                   atol=1e-12)
