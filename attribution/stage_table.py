@@ -30,9 +30,10 @@ EXECUTION_ONLY = {"devices", "num_nodes", "strategy", "batch_size", "query_batch
                   "fisher_batch_size"}
 # Student settings that change only placement, logging or the deployed search, never training.
 STUDENT_EXECUTION_ONLY = {"num_workers", "logger", "devices", "num_nodes", "strategy", "rerank"}
-# Keys added to a section after caches existed: left out of its key while unset (None), so
-# adding them kept every existing cache valid.
-ADDED_LATER = {"world": {"root"}, "generator": {"weights", "pretrained"}}
+# Keys added to a section after runs were cached, and the value that means "as before": at
+# that value they are left out of the stage's key, so those runs stay valid.
+ADDED_LATER = {"world": {"root": None}, "generator": {"weights": None, "pretrained": None},
+               "teacher": {"estimator": "ascent"}}
 ORDER = list(DEPENDS)
 # The command that (re)builds each stage: named in every error about a stage's files.
 COMMAND = {"world": "world", "text": "text", "generator": "train-generator",
@@ -71,8 +72,8 @@ CUSTOMIZE_KEYS = ("n_train", "n_test", "exemplars", "images", "steps", "lr", "ba
                   "prior_weight", "prior_batch_size", "params")
 
 
-def _unset_dropped(section, keys: set[str]) -> dict:
-    return {k: v for k, v in to_dict(section).items() if not (k in keys and v is None)}
+def _unset_dropped(section, keys: dict[str, object]) -> dict:
+    return {k: v for k, v in to_dict(section).items() if not (k in keys and v == keys[k])}
 
 
 def _abc_sections(cfg) -> tuple[dict, dict]:
@@ -96,7 +97,7 @@ def key_sections(cfg, stage: str, released_root: Path | None = None) -> list:
         "fidelity": [c.fidelity, c.queries.sampling, c.seed],
         "fisher": [{k: to_dict(c.teacher)[k] for k in ("fisher", "params", "fisher_epochs")},
                    c.seed],
-        "teacher": [{k: v for k, v in to_dict(c.teacher).items()
+        "teacher": [{k: v for k, v in _unset_dropped(c.teacher, ADDED_LATER["teacher"]).items()
                      if k not in EXECUTION_ONLY}, c.seed],
         "ceiling": [c.ceiling, c.seed],
         "toyclip": [{k: v for k, v in to_dict(c.features).items() if k.startswith("toyclip")},
@@ -109,7 +110,7 @@ def key_sections(cfg, stage: str, released_root: Path | None = None) -> list:
                     *([str(released_root)] if released_root is not None else [])],
         "baselines": [c.baselines, c.student.k_eval, c.seed],
         "customize": [_abc_sections(c)[0], c.queries.sampling, c.seed],
-        "abc_teacher": [{k: v for k, v in to_dict(c.teacher).items()
+        "abc_teacher": [{k: v for k, v in _unset_dropped(c.teacher, ADDED_LATER["teacher"]).items()
                          if k not in EXECUTION_ONLY}, c.abc.teacher_images, c.seed],
         "abc": [_abc_sections(c)[1], c.seed],
     }[stage]

@@ -48,15 +48,17 @@ from attribution.config import planted_for, to_dict
 from attribution.data.dataset import CaptionedImageSet
 from attribution.data.queries import QuerySet, study_query_set
 from attribution.metrics import standard_error
-from attribution.teacher.curvature import (
+from attribution.teacher.curvature import exact_prediction_jvp
+from attribution.teacher.evaluate import planted_known_answers, planted_mask
+from attribution.teacher.predictions import (
+    by_view,
     central_jd,
-    exact_prediction_jvp,
     per_item,
     predictions,
     predictions_both_ways,
+    quadratic_influence,
     sample_inputs,
 )
-from attribution.teacher.evaluate import planted_known_answers, planted_mask
 from attribution.teacher.run import teacher_scorer
 from attribution.teacher.scorer import Query
 from attribution.teacher.steps import even_part, load_row, query_file, summary_name
@@ -70,23 +72,13 @@ def exact_jvp_error(scorer, d: dict, batch: tuple, steps: list[float]) -> dict[f
                      / exact.norm()) for s in steps}
 
 
-def by_view(values: torch.Tensor, n: int, views: int) -> np.ndarray:
-    """(S,) per-sample values in ``loss_plan`` order -> (n, views): mean over captions and t."""
-    return values.view(n, views, -1).mean(-1).numpy()
-
-
-def quadratic_model(slope: np.ndarray, curve: np.ndarray, step: float) -> np.ndarray:
-    """The ascent's loss change at θ0 + step·d under the Gauss–Newton quadratic model,
-    2·step·mean(r0·a) + step²·mean(a²) per (item, view), max over views (as the influence)."""
-    return (2 * step * slope + step**2 * curve).max(-1)
-
-
 def report_quadratic(slope, curve, eta, qfactors, factors, ascent, gn, items, attrs,
                      concepts, planted) -> None:
     """The quadratic model's rankings by step factor: its error against the exact ascent the
     study stored (a known answer at small steps, where the cubic terms vanish), planted
     recall@10, agreement with the 10× larger factor and with the exact ascent and GN limit."""
-    model = {f: quadratic_model(slope, curve, eta * f) for f in qfactors}
+    model = {f: np.stack([quadratic_influence(s, c, eta * f).numpy()
+                          for s, c in zip(slope, curve)]) for f in qfactors}
     for f in (f for f in qfactors if f in factors):
         want = ascent(f)
         err = np.linalg.norm(model[f] - want, axis=1) / np.linalg.norm(want, axis=1)
@@ -152,6 +144,7 @@ def main() -> None:
 
     limits = {f"{kind}@{s:g}": [] for s in args.steps for kind in ("gn", "full")}
     slope, curve = [], []  # per query (n, views): mean(r0·a) and mean(a²) at the first step
+    # (the quadratic model's terms, as teacher/predictions.py takes them but with the exact p0)
     rebuilt_err: dict[float, list[float]] = {}
     seconds = []
     for qid in qids:
@@ -226,7 +219,7 @@ def main() -> None:
             print(f"   vs {ref:<20}{c.mean():.3f} ± {standard_error(c):.3f} ({kinds})")
     if args.quadratic is not None:
         print()
-        report_quadratic(np.stack(slope), np.stack(curve), tc.eta,
+        report_quadratic(slope, curve, tc.eta,
                          sorted(set(args.quadratic or [*factors, 100.0])), factors,
                          lambda f: np.stack([stored(f, q) for q in qids]),
                          ranks[f"gn@{args.steps[0]:g}"],  # the model's large-step limit

@@ -149,6 +149,10 @@ class TeacherConfig:
     fisher_epochs: int = opt(2, **POSITIVE)  # one random (caption, t, ε) draw per item and epoch
     fisher_batch_size: int = opt(32, **POSITIVE)
     eta: float = opt(0.01, gt=0)  # step size of the one natural-gradient ascent step
+    # the candidates' loss change after the step: "ascent" takes the step and measures it;
+    # "quadratic" its second-order model from predictions at θ0 ± 1e-3·η·d
+    # (attribution/teacher/predictions.py): stable to a 10x step, two forward sweeps a query
+    estimator: str = opt("ascent", choices=["ascent", "quadratic"])
     gain: float | None = opt(None, gt=0)  # Fisher gain s; None = N, the number of training items
     damping: float = opt(0.1, gt=0)  # λ = damping × mean of the layer's scaled Fisher
     query_draws: int = opt(128, **POSITIVE)  # (t, ε) draws averaged into the query gradient

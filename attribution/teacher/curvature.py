@@ -8,8 +8,8 @@ how far item j's noise predictions move along d:
     GN_j = mean over j's (caption, t) samples of mean(a²),  a = J_j·d,
 
 which has no step at all — only the direction.  J·d is taken by a central difference of the
-generator's predictions at θ0 ± s·η·d (no float32 cancellation of two losses, which sinks the
-even part at small steps); ``exact_prediction_jvp`` gives the exact forward-mode product for the
+generator's predictions at θ0 ± s·η·d (``teacher/predictions.py``: no float32 cancellation of
+two losses, which sinks the even part at small steps); ``exact_prediction_jvp`` gives the exact forward-mode product for the
 known-answer check.  The ranking is by GN_j, largest first, over every candidate of the query
 (a training query of the ``val`` split: every item), stored per query beside the step study's
 files (``<study>/gn/<split>_<qid>.npy``); the counterfactual reads it as ``teacher-gn``.
@@ -31,76 +31,23 @@ from attribution.common.files import Dirs, atomic_save_npy, atomic_write_bytes
 from attribution.config import planted_for, to_dict
 from attribution.data.dataset import CaptionedImageSet
 from attribution.data.queries import QuerySet, study_query_set
-from attribution.generator.model import add_noise
 from attribution.teacher.evaluate import planted_known_answers
-from attribution.teacher.noise import item_noise
+from attribution.teacher.predictions import (
+    DIFFERENCE_FACTOR,
+    Batch,
+    iter_samples,
+    quadratic_terms,
+)
 from attribution.teacher.run import teacher_scorer
 from attribution.teacher.scorer import AbUScorer, Query
-from attribution.teacher.scoring import CandidateSet, loss_plan
 from attribution.teacher.steps import load_row, study_rows
-from attribution.teacher.unlearn import apply_step
-
-DIFFERENCE_FACTOR = 1e-3  # s: J·d matches the exact product to ~1e-3 here (1e-2: a few %)
-
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (x_t, t, token states)
-
-
-def sample_inputs(cands: CandidateSet, alphas: torch.Tensor, item_ids: torch.Tensor, tc,
-                  seed: int, device: str | torch.device = "cpu"
-                  ) -> tuple[list[Batch], torch.Tensor]:
-    """The noisy inputs of every (item, view, caption, t) sample the teacher's loss of
-    ``item_ids`` averages over, with its own noise (``loss_plan`` order, its batches):
-    -> (batches, ε (S, C, h, w))."""
-    keys = loss_plan(item_ids, tc.captions, list(tc.timesteps), tc.flips)
-    batches, noise = [], []
-    for s in range(0, len(keys), tc.batch_size):
-        k = keys[s : s + tc.batch_size]
-        eps = item_noise(k, cands.shape, seed)
-        x = add_noise(alphas, cands.view(k[:, 0], k[:, 1]).to(device), eps.to(device),
-                      k[:, 3].to(device))
-        batches.append((x, k[:, 3].to(device),
-                        cands.table.lookup(cands.rows[k[:, 0], k[:, 2]]).to(device)))
-        noise.append(eps)
-    return batches, torch.cat(noise)
-
-
-@torch.no_grad()
-def predictions(unet: nn.Module, batches: list[Batch]) -> torch.Tensor:
-    """float32 (S, C, h, w): the noise predictions on every sample, in plan order (CPU)."""
-    return torch.cat([unet(x, t, c).sample.float().cpu() for x, t, c in batches])
-
-
-def per_item(values: torch.Tensor, n_items: int, views: int) -> torch.Tensor:
-    """(S,) per-sample values in ``loss_plan`` order -> (n_items,): mean over captions and
-    timesteps, max over views (as the teacher's influence)."""
-    return values.view(n_items, views, -1).mean(-1).max(1).values
-
-
-def predictions_both_ways(scorer: AbUScorer, d: dict[str, torch.Tensor], batches: list[Batch],
-                          step: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(p(θ0 + step·d), p(θ0 − step·d)) on every sample; θ0 is restored after each side."""
-    sides = []
-    for sign in (1.0, -1.0):
-        apply_step(scorer.params, d, sign * step)
-        try:
-            sides.append(predictions(scorer.unet, batches))
-        finally:
-            scorer.snapshot.restore()
-    return sides[0], sides[1]
-
-
-def central_jd(scorer: AbUScorer, d: dict[str, torch.Tensor], batches: list[Batch],
-               step: float) -> torch.Tensor:
-    """(p(θ0 + step·d) − p(θ0 − step·d)) / 2·step: J·d by a central difference, per sample."""
-    plus, minus = predictions_both_ways(scorer, d, batches, step)
-    return (plus - minus) / (2 * step)
 
 
 def exact_prediction_jvp(unet: nn.Module, params: dict[str, nn.Parameter],
                          d: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
     """The exact J·d on one batch by forward-mode AD (``torch.func.jvp``), on a copy of the
     generator with the classic attention processor: SDPA's CPU kernel has no forward-mode
-    derivative.  For known-answer checks of :func:`central_jd`."""
+    derivative.  For known-answer checks of ``predictions.central_jd``."""
     from diffusers.models.attention_processor import AttnProcessor
     from torch.func import functional_call, jvp
 
@@ -118,21 +65,23 @@ def exact_prediction_jvp(unet: nn.Module, params: dict[str, nn.Parameter],
 
 
 def gauss_newton(scorer: AbUScorer, q: Query, factor: float = DIFFERENCE_FACTOR,
-                 batches: list[Batch] | None = None) -> torch.Tensor:
+                 samples: list[tuple[Batch, torch.Tensor]] | None = None) -> torch.Tensor:
     """GN_j (K,) for every candidate of ``q``: mean ‖J_j·d‖² along the query's unlearning
-    direction, J·d by a central difference at ``factor`` × the teacher's η.  ``batches``:
-    ``q.candidates``' sample inputs when already built (the same for every full-set query)."""
+    direction (max over views), J·d by a central difference at ``factor`` × the teacher's η.
+    ``samples``: ``q.candidates``' sample inputs when already built (``iter_samples``; the
+    same for every full-set query)."""
     d, _ = scorer.direction(q)
-    if batches is None:
-        batches, _ = sample_inputs(scorer.cands, scorer.alphas, q.candidates, scorer.tc,
-                                   scorer.seed, scorer.device)
-    step = scorer.tc.eta * factor
-    jd = central_jd(scorer, d, batches, step)
+    if samples is None:
+        samples = iter_samples(scorer.cands, scorer.alphas, q.candidates, scorer.tc,
+                               scorer.seed, scorer.device)
     views = 2 if scorer.tc.flips else 1
-    gn = per_item(jd.pow(2).flatten(1).mean(1), len(q.candidates), views)
-    if not torch.isfinite(gn).all():
-        raise FloatingPointError(f"non-finite curvature for query {q.split}/{q.query_id}")
-    return gn
+    try:
+        _, curve = quadratic_terms(scorer, d, samples, len(q.candidates), views,
+                                   scorer.tc.eta * factor)
+    except FloatingPointError:
+        raise FloatingPointError(f"non-finite curvature for query {q.split}/{q.query_id}"
+                                 ) from None
+    return curve.max(1).values
 
 
 def gn_file(study: Path, qid: int, split: str = "test") -> Path:
@@ -173,10 +122,10 @@ def run_curvature(cfg, dirs: Dirs, study: Path, split: str = "test",
         if split == "val":  # a training query, scored over every item (not its K-set)
             q = Query(q.split, q.query_id, q.z, q.cond, torch.arange(n))
             if everything is None:
-                everything, _ = sample_inputs(scorer.cands, scorer.alphas, q.candidates,
-                                              scorer.tc, scorer.seed, scorer.device)
+                everything = list(iter_samples(scorer.cands, scorer.alphas, q.candidates,
+                                               scorer.tc, scorer.seed, scorer.device))
         with torch.no_grad():
-            gn = gauss_newton(scorer, q, batches=everything)
+            gn = gauss_newton(scorer, q, samples=everything)
         seconds.append(time.time() - start)
         path.parent.mkdir(parents=True, exist_ok=True)  # the record first: a row needs both
         atomic_write_bytes(path.with_suffix(".json"), json.dumps(

@@ -13,6 +13,12 @@ from attribution.config import TeacherConfig
 from attribution.generator.model import denoising_loss
 from attribution.teacher.noise import query_draws
 from attribution.teacher.params import ParamSnapshot
+from attribution.teacher.predictions import (
+    DIFFERENCE_FACTOR,
+    iter_samples,
+    quadratic_influence,
+    quadratic_terms,
+)
 from attribution.teacher.scoring import CandidateSet, candidate_losses, influence_from_losses
 from attribution.teacher.unlearn import apply_step, query_gradient
 
@@ -114,8 +120,43 @@ class AbUScorer:
         return influence
 
     def score(self, q: Query) -> dict:
-        """Returns {"influence": float (K,), "query_loss_before", "query_loss_after", "seconds"}."""
+        """Returns {"influence": float (K,), "query_loss_before", "query_loss_after", "seconds"}:
+        the candidates' loss change after the step as ``teacher.estimator`` takes it."""
+        if self.tc.estimator == "quadratic":
+            return self.score_quadratic(q, [self.tc.eta])[0]
         return self.score_steps(q, [self.tc.eta])[0]
+
+    def score_quadratic(self, q: Query, etas: list[float]) -> list[dict]:
+        """:meth:`score` with the loss change under its second-order model
+        (``teacher/predictions.py``): 2η·mean(r0·a) + η²·mean(a²), a = J·d from the predictions
+        at θ0 ± 10⁻³·η·d, so the step is only a weight between the two terms.  The query's own
+        loss after the step is measured by taking it (a diagnostic, as in :meth:`score`).
+        One result per step size of ``etas``, all from the same predictions."""
+        if len(q.candidates) == 0:
+            raise ValueError(f"query {q.split}/{q.query_id} has an empty candidate set")
+        start = time.time()
+        grads, before = self._gradient(q)
+        d = self.precondition(grads)
+        samples = iter_samples(self.cands, self.alphas, q.candidates, self.tc, self.seed,
+                               self.device)
+        try:
+            slope, curve = quadratic_terms(self, d, samples, len(q.candidates),
+                                           2 if self.tc.flips else 1,
+                                           self.tc.eta * DIFFERENCE_FACTOR)
+        except FloatingPointError:
+            raise FloatingPointError(f"non-finite predictions for query {q.split}/"
+                                     f"{q.query_id} along its unlearning direction") from None
+        out = []
+        for eta in etas:
+            apply_step(self.params, d, eta)
+            try:
+                after_q = self._query_loss(q)
+            finally:
+                self.snapshot.restore()
+            out.append({"influence": quadratic_influence(slope, curve, eta),
+                        "query_loss_before": before, "query_loss_after": after_q,
+                        "seconds": time.time() - start})
+        return out
 
     def score_steps(self, q: Query, etas: list[float], preconditioners: list | None = None
                     ) -> list[dict]:

@@ -1,4 +1,6 @@
-"""The step-free Gauss–Newton teacher variant (attribution/teacher/curvature.py) on the smoke run."""
+"""The teacher's loss change from predictions along the unlearning direction (teacher/
+predictions.py): the step-free Gauss–Newton ranking (teacher/curvature.py) and the quadratic
+estimator (teacher.estimator), on the smoke run."""
 
 import numpy as np
 import pytest
@@ -6,18 +8,13 @@ import torch
 
 from attribution.config import ConfigError
 from attribution.counterfactual.run import method_ranks
-from attribution.teacher.curvature import (
-    DIFFERENCE_FACTOR,
-    central_jd,
-    exact_prediction_jvp,
-    gauss_newton,
-    gn_file,
-    per_item,
-    sample_inputs,
-)
+from attribution.pipeline import Pipeline
+from attribution.stage_table import key_sections
+from attribution.teacher.curvature import exact_prediction_jvp, gauss_newton, gn_file
+from attribution.teacher.predictions import DIFFERENCE_FACTOR, central_jd, per_item, sample_inputs
 from attribution.teacher.run import teacher_scorer
 from attribution.teacher.steps import load_row
-from tests.conftest import run_cli
+from tests.conftest import run_cli, smoke_config
 
 
 def test_central_difference_is_the_forward_mode_product_and_gn_its_mean_square(smoke_run):
@@ -43,7 +40,6 @@ def test_central_difference_is_the_forward_mode_product_and_gn_its_mean_square(s
     torch.testing.assert_close(gn, per_item(jd.pow(2).flatten(1).mean(1), len(q.candidates),
                                             views))
     assert (gn >= 0).all() and gn.shape == (len(q.candidates),)
-    torch.testing.assert_close(gauss_newton(scorer, q, batches=batches), gn)  # prebuilt inputs
     torch.testing.assert_close(scorer.score(q)["influence"], before)
 
 
@@ -90,3 +86,26 @@ def test_val_curvature_scores_every_item_with_shared_inputs(smoke_run):
         stored = load_row(gn_file(pipe.step_study_dir(), qid, "val"), n)[0]
         np.testing.assert_allclose(stored, gauss_newton(scorer, q).numpy(), rtol=1e-5,
                                    atol=1e-12)
+
+
+def test_quadratic_estimator_is_the_ascent_to_second_order(smoke_run):
+    """Known answer: at small steps the quadratic model's loss changes converge to the exact
+    ascent's (relative error O(η): the residual curvature it leaves out); ``teacher.estimator
+    = quadratic`` scores by it at the configured step, under a stage key of its own, while the
+    default leaves the teacher's key as it was before the option existed."""
+    pipe = smoke_run
+    pipe.run(["teacher"])
+    cfg = smoke_config(pipe.cfg.output_root, "teacher.estimator=quadratic")
+    scorer, _, queries = teacher_scorer(cfg, pipe.dirs(), "test")
+    q, eta = queries[0], scorer.tc.eta
+    etas = [eta * 1e-3, eta * 1e-2]
+    exact = [r["influence"] for r in scorer.score_steps(q, etas)]
+    model = [r["influence"] for r in scorer.score_quadratic(q, etas)]
+    err = [float((m - e).norm() / e.norm()) for m, e in zip(model, exact)]
+    assert err[0] < 0.05 and err[0] < err[1] / 3, err
+    got = scorer.score(q)
+    torch.testing.assert_close(got["influence"], scorer.score_quadratic(q, [eta])[0]["influence"])
+    assert got["query_loss_after"] > got["query_loss_before"]  # the step itself was taken
+    assert "estimator" not in key_sections(pipe.cfg, "teacher")[0]
+    assert key_sections(cfg, "teacher")[0]["estimator"] == "quadratic"
+    assert Pipeline(cfg, progress=False).key("teacher") != pipe.key("teacher")
