@@ -9,10 +9,11 @@ how far item j's noise predictions move along d:
 
 which has no step at all — only the direction.  J·d is taken by a central difference of the
 generator's predictions at θ0 ± s·η·d (``teacher/predictions.py``: no float32 cancellation of
-two losses, which sinks the even part at small steps); ``exact_prediction_jvp`` gives the exact forward-mode product for the
-known-answer check.  The ranking is by GN_j, largest first, over every candidate of the query
-(a training query of the ``val`` split: every item), stored per query beside the step study's
-files (``<study>/gn/<split>_<qid>.npy``); the counterfactual reads it as ``teacher-gn``.
+two losses, which sinks the even part at small steps); ``exact_prediction_jvp`` gives the
+exact forward-mode product for the known-answer check.  The ranking is by GN_j, largest first,
+over every candidate of the query (a training query of the ``val`` split: every item), stored
+per query beside the step study's files (``<study>/gn/<split>_<qid>.npy``); the
+counterfactual reads it as ``teacher-gn``.
 """
 
 from __future__ import annotations
