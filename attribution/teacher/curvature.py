@@ -33,12 +33,7 @@ from attribution.config import planted_for, to_dict
 from attribution.data.dataset import CaptionedImageSet
 from attribution.data.queries import QuerySet, study_query_set
 from attribution.teacher.evaluate import planted_known_answers
-from attribution.teacher.predictions import (
-    DIFFERENCE_FACTOR,
-    Batch,
-    iter_samples,
-    quadratic_terms,
-)
+from attribution.teacher.predictions import DIFFERENCE_FACTOR, Batch, iter_samples
 from attribution.teacher.run import teacher_scorer
 from attribution.teacher.scorer import AbUScorer, Query
 from attribution.teacher.steps import load_row, study_rows
@@ -71,17 +66,7 @@ def gauss_newton(scorer: AbUScorer, q: Query, factor: float = DIFFERENCE_FACTOR,
     direction (max over views), J·d by a central difference at ``factor`` × the teacher's η.
     ``samples``: ``q.candidates``' sample inputs when already built (``iter_samples``; the
     same for every full-set query)."""
-    d, _ = scorer.direction(q)
-    if samples is None:
-        samples = iter_samples(scorer.cands, scorer.alphas, q.candidates, scorer.tc,
-                               scorer.seed, scorer.device)
-    views = 2 if scorer.tc.flips else 1
-    try:
-        _, curve = quadratic_terms(scorer, d, samples, len(q.candidates), views,
-                                   scorer.tc.eta * factor)
-    except FloatingPointError:
-        raise FloatingPointError(f"non-finite curvature for query {q.split}/{q.query_id}"
-                                 ) from None
+    _, _, _, curve = scorer.quadratic_terms(q, samples, factor)
     return curve.max(1).values
 
 

@@ -132,20 +132,8 @@ class AbUScorer:
         at θ0 ± 10⁻³·η·d, so the step is only a weight between the two terms.  The query's own
         loss after the step is measured by taking it (a diagnostic, as in :meth:`score`).
         One result per step size of ``etas``, all from the same predictions."""
-        if len(q.candidates) == 0:
-            raise ValueError(f"query {q.split}/{q.query_id} has an empty candidate set")
         start = time.time()
-        grads, before = self._gradient(q)
-        d = self.precondition(grads)
-        samples = iter_samples(self.cands, self.alphas, q.candidates, self.tc, self.seed,
-                               self.device)
-        try:
-            slope, curve = quadratic_terms(self, d, samples, len(q.candidates),
-                                           2 if self.tc.flips else 1,
-                                           self.tc.eta * DIFFERENCE_FACTOR)
-        except FloatingPointError:
-            raise FloatingPointError(f"non-finite predictions for query {q.split}/"
-                                     f"{q.query_id} along its unlearning direction") from None
+        d, before, slope, curve = self.quadratic_terms(q)
         out = []
         for eta in etas:
             apply_step(self.params, d, eta)
@@ -157,6 +145,26 @@ class AbUScorer:
                         "query_loss_before": before, "query_loss_after": after_q,
                         "seconds": time.time() - start})
         return out
+
+    def quadratic_terms(self, q: Query, samples=None, factor: float = DIFFERENCE_FACTOR
+                        ) -> tuple[dict[str, torch.Tensor], float, torch.Tensor, torch.Tensor]:
+        """(d, the query's loss at θ0, slope, curve): the quadratic model's two terms per
+        (candidate, view) along the query's unlearning direction d, J·d by a central difference
+        at ``factor`` × η (``predictions.quadratic_terms``).  ``samples``: the candidates'
+        sample inputs when already built (``iter_samples``), else streamed."""
+        if len(q.candidates) == 0:
+            raise ValueError(f"query {q.split}/{q.query_id} has an empty candidate set")
+        d, before = self.direction(q)
+        if samples is None:
+            samples = iter_samples(self.cands, self.alphas, q.candidates, self.tc, self.seed,
+                                   self.device)
+        try:
+            slope, curve = quadratic_terms(self, d, samples, len(q.candidates),
+                                           2 if self.tc.flips else 1, self.tc.eta * factor)
+        except FloatingPointError:
+            raise FloatingPointError(f"non-finite predictions for query {q.split}/"
+                                     f"{q.query_id} along its unlearning direction") from None
+        return d, before, slope, curve
 
     def score_steps(self, q: Query, etas: list[float], preconditioners: list | None = None
                     ) -> list[dict]:
