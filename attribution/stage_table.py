@@ -33,7 +33,7 @@ STUDENT_EXECUTION_ONLY = {"num_workers", "logger", "devices", "num_nodes", "stra
 # Keys added to a section after runs were cached, and the value that means "as before": at
 # that value they are left out of the stage's key, so those runs stay valid.
 ADDED_LATER = {"world": {"root": None}, "generator": {"weights": None, "pretrained": None},
-               "teacher": {"estimator": "ascent"}}
+               "teacher": {"estimator": "ascent", "difference": "central"}}
 ORDER = list(DEPENDS)
 # The command that (re)builds each stage: named in every error about a stage's files.
 COMMAND = {"world": "world", "text": "text", "generator": "train-generator",

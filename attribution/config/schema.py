@@ -153,6 +153,10 @@ class TeacherConfig:
     # "quadratic" its second-order model from predictions at θ0 ± 1e-3·η·d
     # (attribution/teacher/predictions.py): stable to a 10x step, two forward sweeps a query
     estimator: str = opt("ascent", choices=["ascent", "quadratic"])
+    # the quadratic estimator's J·d: "central" (θ0 ± sη·d: two sweeps a query, nothing held) or
+    # "forward" (θ0 + sη·d against θ0's predictions of every item, held in memory: one sweep a
+    # query; N x samples x sample size x 4 bytes, for worlds that fit)
+    difference: str = opt("central", choices=["central", "forward"])
     gain: float | None = opt(None, gt=0)  # Fisher gain s; None = N, the number of training items
     damping: float = opt(0.1, gt=0)  # λ = damping × mean of the layer's scaled Fisher
     query_draws: int = opt(128, **POSITIVE)  # (t, ε) draws averaged into the query gradient

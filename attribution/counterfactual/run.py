@@ -47,7 +47,7 @@ from attribution.student.deploy import student_test_ranks
 from attribution.teacher.curvature import gn_ranks
 from attribution.teacher.evaluate import known_sources
 from attribution.teacher.scorer import query_loss
-from attribution.teacher.steps import load_row, query_file
+from attribution.teacher.steps import query_file, ranks_from_rows
 
 METHODS_HELP = ("teacher | teacher@<step factor>[:<damping>] | teacher-even@<step factor>[:<damping>] "
                 "| teacher-gn | student | random | dtrak | abu_diagonal | any "
@@ -115,12 +115,8 @@ def _step_ranks(dirs: Dirs, method: str, q: int, n: int,
                           f"teacher@0.01 or teacher@0.001:0.01 (or teacher-even@…)") from None
     signs = (1.0, -1.0) if method.startswith("teacher-even@") else (1.0,)
     d = None if damping in (None, configured_damping) else damping
-    out = np.full((q, n), -1, dtype=np.int64)
-    for i in range(q):
-        paths = [query_file(dirs.get("steps", ""), sign * factor, i, d, split) for sign in signs]
-        if all(p.is_file() for p in paths):
-            out[i] = np.argsort(-sum(load_row(p, n)[0] for p in paths), kind="stable")
-    return out
+    return ranks_from_rows(lambda i: [query_file(dirs.get("steps", ""), sign * factor, i, d,
+                                                 split) for sign in signs], q, n)
 
 
 def _known(cfg, world_dir: Path, qs: QuerySet) -> list[dict[str, set[int]]]:

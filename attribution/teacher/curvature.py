@@ -36,7 +36,7 @@ from attribution.teacher.evaluate import planted_known_answers
 from attribution.teacher.predictions import DIFFERENCE_FACTOR, Batch, iter_samples
 from attribution.teacher.run import teacher_scorer
 from attribution.teacher.scorer import AbUScorer, Query
-from attribution.teacher.steps import load_row, study_rows
+from attribution.teacher.steps import ranks_from_rows, study_rows
 
 
 def exact_prediction_jvp(unet: nn.Module, params: dict[str, nn.Parameter],
@@ -77,12 +77,7 @@ def gn_file(study: Path, qid: int, split: str = "test") -> Path:
 
 def gn_ranks(study: Path, q: int, n: int, split: str = "test") -> np.ndarray:
     """(q, n) rankings by GN, largest first; rows of queries not scored are -1."""
-    out = np.full((q, n), -1, dtype=np.int64)
-    for i in range(q):
-        path = gn_file(study, i, split)
-        if path.is_file():
-            out[i] = np.argsort(-load_row(path, n)[0], kind="stable")
-    return out
+    return ranks_from_rows(lambda i: [gn_file(study, i, split)], q, n)
 
 
 def run_curvature(cfg, dirs: Dirs, study: Path, split: str = "test",

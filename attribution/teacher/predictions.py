@@ -9,9 +9,12 @@ residual and a = J·d its derivative along d, the sample's loss at θ0 + η·d i
 
 The *quadratic model* keeps the first-order term exactly and the curvature by its Gauss–Newton
 part mean(a²) (never negative; the residual part r0·b does not converge in float32 here).  a is
-taken by a central difference at a small step s·η (no float32 cancellation of two losses), and
-p(θ0) as the mean of the two sides (off by ½(sη)²·b).  Used by the teacher's ``quadratic``
-estimator (``teacher.estimator``) and the step-free ranking (``teacher/curvature.py``).
+taken by a difference at a small step s·η (no float32 cancellation of two losses): central,
+p(θ0 ± sη·d), two forward sweeps, p(θ0) as the mean of the two sides (off by ½(sη)²·b); or
+forward, p(θ0 + sη·d) against θ0's predictions computed once for every item (one sweep a query;
+a is off by ½sη·b, so s is smaller: ``FORWARD_FACTOR``).  Used by the teacher's ``quadratic``
+estimator (``teacher.estimator``, ``teacher.difference``) and the step-free ranking
+(``teacher/curvature.py``, central).
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from attribution.teacher.scoring import CandidateSet, loss_plan
 from attribution.teacher.unlearn import apply_step
 
 DIFFERENCE_FACTOR = 1e-3  # s: J·d matches the exact product to ~1e-3 here (1e-2: a few %)
+# the forward difference's s: its O(s) truncation against float32 rounding ∝ 1/s balance near
+# 3e-4 here (toy_evidence val queries: 0.998 mAP@10 with the central ranking, docs/results.md)
+FORWARD_FACTOR = 3e-4
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (x_t, t, token states)
 
@@ -84,18 +90,21 @@ def by_view(values: torch.Tensor, n_items: int, views: int) -> torch.Tensor:
     return values.view(n_items, views, -1).mean(-1)
 
 
+def predictions_at(model: Perturbable, d: dict[str, torch.Tensor], batches: list[Batch],
+                   step: float) -> torch.Tensor:
+    """p(θ0 + step·d) on every sample; θ0 is restored after."""
+    apply_step(model.params, d, step)
+    try:
+        return predictions(model.unet, batches)
+    finally:
+        model.snapshot.restore()
+
+
 def predictions_both_ways(model: Perturbable, d: dict[str, torch.Tensor],
                           batches: list[Batch], step: float
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """(p(θ0 + step·d), p(θ0 − step·d)) on every sample; θ0 is restored after each side."""
-    sides = []
-    for sign in (1.0, -1.0):
-        apply_step(model.params, d, sign * step)
-        try:
-            sides.append(predictions(model.unet, batches))
-        finally:
-            model.snapshot.restore()
-    return sides[0], sides[1]
+    return predictions_at(model, d, batches, step), predictions_at(model, d, batches, -step)
 
 
 def central_jd(model: Perturbable, d: dict[str, torch.Tensor], batches: list[Batch],
@@ -107,17 +116,29 @@ def central_jd(model: Perturbable, d: dict[str, torch.Tensor], batches: list[Bat
 
 def quadratic_terms(model: Perturbable, d: dict[str, torch.Tensor],
                     samples: Iterable[tuple[Batch, torch.Tensor]], n_items: int, views: int,
-                    step: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    step: float, base: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The quadratic model's two terms per (item, view), each (n_items, views): the slope
     mean(r0·a) and the Gauss–Newton curvature mean(a²), a = J·d by a central difference at
-    ``step``; ``samples`` as :func:`iter_samples` gives them (or a list of them, reused)."""
-    slope, curve = [], []
+    ``step``, or, given ``base`` (θ0's predictions on the same samples, (S, C, h, w) in plan
+    order), by a forward one; ``samples`` as :func:`iter_samples` gives them (or a list)."""
+    slope, curve, at = [], [], 0
     for batch, eps in samples:
-        plus, minus = predictions_both_ways(model, d, [batch], step)
-        a = (plus - minus) / (2 * step)
-        r0 = (plus + minus) / 2 - eps.float()
+        if base is None:
+            plus, minus = predictions_both_ways(model, d, [batch], step)
+            a, p0 = (plus - minus) / (2 * step), (plus + minus) / 2
+        else:
+            plus = predictions_at(model, d, [batch], step)
+            p0, at = base[at : at + len(plus)], at + len(plus)
+            if p0.shape != plus.shape:
+                raise ValueError(f"θ0's predictions hold {len(base)} samples, fewer than the "
+                                 "candidates'")
+            a = (plus - p0) / step
+        r0 = p0 - eps.float()
         slope.append((r0 * a).flatten(1).mean(1))
         curve.append(a.pow(2).flatten(1).mean(1))
+    if base is not None and at != len(base):
+        raise ValueError(f"θ0's predictions hold {len(base)} samples, the candidates {at}")
     out = (by_view(torch.cat(slope), n_items, views), by_view(torch.cat(curve), n_items, views))
     if not all(torch.isfinite(t).all() for t in out):
         raise FloatingPointError("non-finite predictions along the unlearning direction")

@@ -9,18 +9,22 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from attribution.config import TeacherConfig
+from attribution.config import ConfigError, TeacherConfig
 from attribution.generator.model import denoising_loss
 from attribution.teacher.noise import query_draws
 from attribution.teacher.params import ParamSnapshot
 from attribution.teacher.predictions import (
     DIFFERENCE_FACTOR,
+    FORWARD_FACTOR,
     iter_samples,
+    predictions,
     quadratic_influence,
     quadratic_terms,
 )
 from attribution.teacher.scoring import CandidateSet, candidate_losses, influence_from_losses
 from attribution.teacher.unlearn import apply_step, query_gradient
+
+BASE_PREDICTIONS_BYTES = 4 * 2**30  # the most teacher.difference: forward holds in memory
 
 
 @dataclass
@@ -76,6 +80,7 @@ class AbUScorer:
         self.params, self.precondition, self.tc, self.seed = params, precondition, tc, seed
         self.base = base_losses
         self.snapshot = ParamSnapshot(params)
+        self._base_predictions: torch.Tensor | None = None  # (N, samples, C, h, w), when asked
 
     @property
     def device(self) -> torch.device:
@@ -129,11 +134,13 @@ class AbUScorer:
     def score_quadratic(self, q: Query, etas: list[float]) -> list[dict]:
         """:meth:`score` with the loss change under its second-order model
         (``teacher/predictions.py``): 2η·mean(r0·a) + η²·mean(a²), a = J·d from the predictions
-        at θ0 ± 10⁻³·η·d, so the step is only a weight between the two terms.  The query's own
-        loss after the step is measured by taking it (a diagnostic, as in :meth:`score`).
-        One result per step size of ``etas``, all from the same predictions."""
+        at θ0 ± 10⁻³·η·d (``teacher.difference: forward``: at θ0 + 3·10⁻⁴·η·d against θ0's),
+        so the step is only a weight between the two terms.  The query's own loss after the
+        step is measured by taking it (a diagnostic, as in :meth:`score`).  One result per step
+        size of ``etas``, all from the same predictions."""
         start = time.time()
-        d, before, slope, curve = self.quadratic_terms(q)
+        d, before, slope, curve = self.quadratic_terms(
+            q, forward=self.tc.difference == "forward")
         out = []
         for eta in etas:
             apply_step(self.params, d, eta)
@@ -146,25 +153,49 @@ class AbUScorer:
                         "seconds": time.time() - start})
         return out
 
-    def quadratic_terms(self, q: Query, samples=None, factor: float = DIFFERENCE_FACTOR
+    def quadratic_terms(self, q: Query, samples=None, factor: float | None = None,
+                        forward: bool = False
                         ) -> tuple[dict[str, torch.Tensor], float, torch.Tensor, torch.Tensor]:
         """(d, the query's loss at θ0, slope, curve): the quadratic model's two terms per
-        (candidate, view) along the query's unlearning direction d, J·d by a central difference
-        at ``factor`` × η (``predictions.quadratic_terms``).  ``samples``: the candidates'
-        sample inputs when already built (``iter_samples``), else streamed."""
+        (candidate, view) along the query's unlearning direction d, J·d by a central (or
+        ``forward``: against :meth:`base_predictions`) difference at ``factor`` × η
+        (``predictions.quadratic_terms``; default ``DIFFERENCE_FACTOR``, forward
+        ``FORWARD_FACTOR``).  ``samples``: the candidates' sample inputs when already built
+        (``iter_samples``), else streamed."""
         if len(q.candidates) == 0:
             raise ValueError(f"query {q.split}/{q.query_id} has an empty candidate set")
+        base = self.base_predictions(q.candidates) if forward else None
+        factor = factor or (FORWARD_FACTOR if forward else DIFFERENCE_FACTOR)
         d, before = self.direction(q)
         if samples is None:
             samples = iter_samples(self.cands, self.alphas, q.candidates, self.tc, self.seed,
                                    self.device)
         try:
             slope, curve = quadratic_terms(self, d, samples, len(q.candidates),
-                                           2 if self.tc.flips else 1, self.tc.eta * factor)
+                                           2 if self.tc.flips else 1, self.tc.eta * factor, base)
         except FloatingPointError:
             raise FloatingPointError(f"non-finite predictions for query {q.split}/"
                                      f"{q.query_id} along its unlearning direction") from None
         return d, before, slope, curve
+
+    def base_predictions(self, items: torch.Tensor) -> torch.Tensor:
+        """θ0's noise predictions (S, C, h, w) on every sample of ``items`` in plan order, from
+        a table of every item's computed by one sweep the first time (the generator at θ0: no
+        step is taken outside a query's scoring, which restores θ0)."""
+        if self._base_predictions is None:
+            n = len(self.cands)
+            per_item = (2 if self.tc.flips else 1) * self.tc.captions * len(self.tc.timesteps)
+            size = n * per_item * int(torch.Size(self.cands.shape).numel()) * 4
+            if size > BASE_PREDICTIONS_BYTES:
+                raise ConfigError(
+                    f"teacher.difference: forward would hold θ0's predictions for {n} items x "
+                    f"{per_item} samples ({size / 2**30:.1f} GiB, over the "
+                    f"{BASE_PREDICTIONS_BYTES / 2**30:.0f} GiB limit); use "
+                    "teacher.difference=central (two sweeps a query, nothing held)")
+            table = [predictions(self.unet, [batch]) for batch, _ in iter_samples(
+                self.cands, self.alphas, torch.arange(n), self.tc, self.seed, self.device)]
+            self._base_predictions = torch.cat(table).view(n, per_item, *self.cands.shape)
+        return self._base_predictions[items].flatten(0, 1)
 
     def score_steps(self, q: Query, etas: list[float], preconditioners: list | None = None
                     ) -> list[dict]:

@@ -96,6 +96,17 @@ def load_row(path: Path, n_items: int) -> tuple[np.ndarray, dict]:
     return row, json.loads(meta_path.read_text())
 
 
+def ranks_from_rows(paths_of, q: int, n: int) -> np.ndarray:
+    """(q, n) rankings, largest first, by the sum of query i's ``paths_of(i)`` rows
+    (``load_row``: verified when read) where all of them exist; other rows -1."""
+    out = np.full((q, n), -1, dtype=np.int64)
+    for i in range(q):
+        paths = paths_of(i)
+        if all(p.is_file() for p in paths):
+            out[i] = np.argsort(-sum(load_row(p, n)[0] for p in paths), kind="stable")
+    return out
+
+
 def study_rows(cfg, dirs: Dirs, split: str, n_queries: int | None) -> list[int]:
     """The query rows the study scores.  ``test``: the first ``n_queries`` test queries (default
     all) — for reporting.  ``val``: for CHOOSING the step without the test set — every training

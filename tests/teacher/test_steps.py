@@ -328,3 +328,21 @@ def test_the_even_part_of_the_loss_change_is_second_order_and_free_of_the_gradie
                                 echo=lambda s: None)
     with pytest.raises(ValueError, match="not of a path"):
         pipe.run_step_study([1.0], n_queries=1, progress=False, even=True, path=2)
+
+
+def test_rankings_sum_a_querys_rows_and_leave_unscored_queries_at_minus_one(tmp_path):
+    from attribution.common.files import DataFileError
+    from attribution.teacher.steps import ranks_from_rows
+
+    def put(name, row):
+        np.save(tmp_path / f"{name}.npy", np.asarray(row, dtype=np.float32))
+        (tmp_path / f"{name}.json").write_text("{}")
+
+    put("a0", [0.0, 3.0, 1.0])  # query 0: a + b = [2, 3, 4] -> items 2, 1, 0
+    put("b0", [2.0, 0.0, 3.0])
+    put("a1", [5.0, 1.0, 0.0])  # query 1: only a exists -> unscored
+    ranks = ranks_from_rows(lambda i: [tmp_path / f"a{i}.npy", tmp_path / f"b{i}.npy"], 2, 3)
+    assert ranks.tolist() == [[2, 1, 0], [-1, -1, -1]]
+    put("b1", [0.0, np.nan, 0.0])  # a row with a NaN is refused, not ranked
+    with pytest.raises(DataFileError, match="finite"):
+        ranks_from_rows(lambda i: [tmp_path / f"a{i}.npy", tmp_path / f"b{i}.npy"], 2, 3)
