@@ -248,6 +248,11 @@ class Pipeline:
         """Where this run's counterfactuals live (tied to its student and baselines)."""
         return self.root / f"counterfactual-{config_hash('cf', self.key('baselines'), self.key('student'))}"
 
+    def retrained_dir(self) -> Path:
+        """Where the counterfactual's retrained generators live: keyed by the generator alone
+        (what a retraining without some items depends on), shared by every teacher and student."""
+        return self.root / f"retrained-{config_hash('retrained', self.key('generator'))}"
+
     def step_study_dir(self) -> Path:
         """Where this run's teacher step-size study lives (tied to its teacher)."""
         return self.root / f"steps-{config_hash('steps', self.key('teacher'))}"
@@ -285,6 +290,6 @@ class Pipeline:
                     and not m.startswith(STEP_METHODS)]
         self.run(["teacher"] + (["student"] if "student" in methods else [])
                  + (["baselines"] if baseline else []))
-        dirs = {**self.dirs(), "steps": self.step_study_dir()}
+        dirs = {**self.dirs(), "steps": self.step_study_dir(), "retrained": self.retrained_dir()}
         return run_counterfactual(self.cfg, dirs, self.counterfactual_dir(), methods, queries, k,
                                   progress, echo, steps, split)

@@ -14,8 +14,10 @@ A bigger rise means the removed items mattered more.  ``random`` (K items drawn 
 control.  ``teacher@<factor>[:<damping>]`` is the teacher at a multiple of its step (and another damping), from the step-size study
 (``teacher/steps.py``; run ``attribution teacher steps`` first); ``teacher-even@…`` ranks by the
 even part of the loss change at that step (the study's ``--even``); ``teacher-gn`` by its
-step-free Gauss–Newton limit (``teacher/curvature.py``).  Retrained generators are cached by the set of removed items, so two methods that pick
-the same items share one retraining, and a killed run resumes.
+step-free Gauss–Newton limit (``teacher/curvature.py``).  Retrained generators are cached by
+the set of removed items in a folder keyed by the generator alone (``dirs["retrained"]``), so two
+methods that pick the same items share one retraining — also across teachers, students and
+baselines of one generator — and a killed run resumes.
 
 Two splits.  ``test`` (the default) reports.  ``val`` measures on TRAINING queries — the ones the
 step study's choosing split scored over the whole set (``attribution teacher steps CONFIG
@@ -161,7 +163,10 @@ def run_counterfactual(cfg, dirs: Dirs, out: Path, methods: list[str], queries: 
     tag = f"s{train_cfg.generator.train.steps}-crn-"  # crn: common random numbers (module.py)
 
     def generator_without(removed: np.ndarray, label: str) -> Path:
-        gdir = out / "generators" / (tag + _removal_key(removed))
+        name = tag + _removal_key(removed)
+        gdir = dirs.get("retrained", out / "generators") / name
+        if (out / "generators" / name / "generator.json").is_file():  # an older run's cache
+            return out / "generators" / name
         if not (gdir / "generator.json").is_file():
             echo(f"[counterfactual] {label}: retraining without {len(removed)} items -> {gdir}")
             train_generator(train_cfg, dirs["world"], dirs["text"], gdir, progress,

@@ -127,20 +127,34 @@ class AbUScorer:
     def score(self, q: Query) -> dict:
         """Returns {"influence": float (K,), "query_loss_before", "query_loss_after", "seconds"}:
         the candidates' loss change after the step as ``teacher.estimator`` takes it."""
-        if self.tc.estimator == "quadratic":
-            return self.score_quadratic(q, [self.tc.eta])[0]
-        return self.score_steps(q, [self.tc.eta])[0]
+        return self.score_at(q, [self.tc.eta])[0]
 
-    def score_quadratic(self, q: Query, etas: list[float]) -> list[dict]:
+    def score_at(self, q: Query, etas: list[float], preconditioners: list | None = None
+                 ) -> list[dict]:
+        """:meth:`score` at several step sizes η (and preconditioners, one per η) by the
+        configured estimator: :meth:`score_steps` or :meth:`score_quadratic` (the step study)."""
+        if self.tc.estimator != "quadratic":
+            return self.score_steps(q, etas, preconditioners)
+        preconditioners = preconditioners or [self.precondition] * len(etas)
+        if len(preconditioners) != len(etas):
+            raise ValueError(f"{len(etas)} step sizes but {len(preconditioners)} preconditioners")
+        found: dict[int, dict] = {}
+        for p in {id(p): p for p in preconditioners}.values():  # one direction each
+            at = [i for i, other in enumerate(preconditioners) if other is p]
+            found.update(zip(at, self.score_quadratic(q, [etas[i] for i in at], p)))
+        return [found[i] for i in range(len(etas))]
+
+    def score_quadratic(self, q: Query, etas: list[float], precondition=None) -> list[dict]:
         """:meth:`score` with the loss change under its second-order model
         (``teacher/predictions.py``): 2η·mean(r0·a) + η²·mean(a²), a = J·d from the predictions
         at θ0 ± 10⁻³·η·d (``teacher.difference: forward``: at θ0 + 3·10⁻⁴·η·d against θ0's),
         so the step is only a weight between the two terms.  The query's own loss after the
         step is measured by taking it (a diagnostic, as in :meth:`score`).  One result per step
-        size of ``etas``, all from the same predictions."""
+        size of ``etas``, all from the same predictions; ``precondition``: the direction's
+        (default the scorer's own)."""
         start = time.time()
         d, before, slope, curve = self.quadratic_terms(
-            q, forward=self.tc.difference == "forward")
+            q, forward=self.tc.difference == "forward", precondition=precondition)
         out = []
         for eta in etas:
             apply_step(self.params, d, eta)
@@ -154,7 +168,7 @@ class AbUScorer:
         return out
 
     def quadratic_terms(self, q: Query, samples=None, factor: float | None = None,
-                        forward: bool = False
+                        forward: bool = False, precondition=None
                         ) -> tuple[dict[str, torch.Tensor], float, torch.Tensor, torch.Tensor]:
         """(d, the query's loss at θ0, slope, curve): the quadratic model's two terms per
         (candidate, view) along the query's unlearning direction d, J·d by a central (or
@@ -166,7 +180,7 @@ class AbUScorer:
             raise ValueError(f"query {q.split}/{q.query_id} has an empty candidate set")
         base = self.base_predictions(q.candidates) if forward else None
         factor = factor or (FORWARD_FACTOR if forward else DIFFERENCE_FACTOR)
-        d, before = self.direction(q)
+        d, before = self.direction(q, precondition)
         if samples is None:
             samples = iter_samples(self.cands, self.alphas, q.candidates, self.tc, self.seed,
                                    self.device)

@@ -14,8 +14,11 @@ the whole training set is scored with the teacher's own item noise.  Per factor:
 * mAP@k agreement with the next larger factor (that factor's top-k as positives, this factor's
   ranking) and with the configured teacher: whether the rankings are stable to a 10× change.
 
-Factor 1 reproduces the stored teacher ranking exactly (same draws, same noise), a check the
-summary reports.  One file per (factor, query): a killed study resumes.
+Each factor is scored by the teacher's own estimator: the exact ascent, or with
+``teacher.estimator: quadratic`` its second-order model (every factor from one set of
+predictions, ``AbUScorer.score_at``).  Factor 1 reproduces the stored teacher ranking exactly
+(same draws, same noise), a check the summary reports.  One file per (factor, query): a killed
+study resumes.
 
 Two more axes.  ``dampings``: the same factors with the EK-FAC (or diagonal) damping changed —
 λ = damping × the mean scaled eigenvalue, so a smaller damping lets the step grow along the
@@ -164,8 +167,8 @@ def score_factors(cfg, dirs: Dirs, out: Path, settings: list[Setting], rows: lis
                     walked.update({(f, d): r for f, r in zip(group, along)})
                 found = [walked[s] for s in todo]
             else:
-                found = scorer.score_steps(q, [cfg.teacher.eta * f for f, _ in todo],
-                                           [preconds[d] for _, d in todo])
+                found = scorer.score_at(q, [cfg.teacher.eta * f for f, _ in todo],
+                                        [preconds[d] for _, d in todo])
             for s, r in zip(todo, found):
                 paths[s].parent.mkdir(parents=True, exist_ok=True)
                 influence = r["influence"].detach().cpu().numpy().astype(np.float32)
@@ -310,6 +313,10 @@ def run_step_study(cfg, dirs: Dirs, out: Path, factors: list[float] | None = Non
     if even and path:
         raise ValueError("the even part is taken of one step each way (--even), not of a "
                          "path (--path): ask for one of them")
+    if path and cfg.teacher.estimator != "ascent":
+        raise ValueError("an unlearning path (--path) walks the exact ascent; this teacher "
+                         f"scores by its {cfg.teacher.estimator} model: run the path study "
+                         "with teacher.estimator=ascent")
     out = study_dir(out, path)
     factors = sorted(set(factors or FACTORS))
     extra = sorted({float(d) for d in (dampings or [])} - {float(cfg.teacher.damping)})

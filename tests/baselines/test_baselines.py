@@ -127,8 +127,17 @@ def test_counterfactual_leave_k_out_on_smoke(smoke_run):
     assert row["known_removed"] == len(cross & set(top.tolist()))
     assert row["known"] == {"shape=cross": [row["known_removed"], 4]}
     assert res["methods"]["teacher"]["known_answers"]["queries"] == 2
-    gens = [json.loads(p.read_text()) for p in (out / "generators").glob("*/generator.json")]
+    gens = [json.loads(p.read_text())
+            for p in pipe.retrained_dir().glob("*/generator.json")]
     assert sorted(top.tolist()) in [g["excluded"] for g in gens]
+    # another student (so another counterfactual folder) on the same generator retrains nothing
+    other = Pipeline(smoke_config(smoke_run.cfg.output_root, "student.epochs=7"), progress=False)
+    assert other.counterfactual_dir() != out and other.retrained_dir() == pipe.retrained_dir()
+    said = []
+    other.run_counterfactual(["teacher", "random"], [0], 3, progress=False, echo=said.append)
+    again = json.loads((other.counterfactual_dir() / "counterfactual.json").read_text())
+    assert not [s for s in said if "retraining" in s]
+    assert again["rows"] == [r for r in res["rows"] if r["query"] == 0]
     assert set(res["methods"]) == {"teacher", "random"}
     assert "teacher" in format_counterfactual(res)
     with pytest.raises(ValueError, match="unknown method"):

@@ -153,3 +153,26 @@ def test_forward_difference_is_the_central_one_with_one_sweep_a_query(smoke_run,
     too_big, _, _ = teacher_scorer(fcfg, pipe.dirs(), "test")
     with pytest.raises(ConfigError, match="teacher.difference=central"):
         too_big.score(q)
+
+
+def test_a_quadratic_teachers_step_study_scores_by_its_model(smoke_run):
+    """The step study studies the teacher's own estimator: with ``teacher.estimator:
+    quadratic`` factor 1 reproduces that teacher, every (factor, damping) equals a separate
+    ``score_quadratic`` with that step and preconditioner, and the path study (an exact
+    ascent) is refused rather than compared with it."""
+    cfg = smoke_config(smoke_run.cfg.output_root, "teacher.estimator=quadratic",
+                       "teacher.difference=forward")
+    pipe = Pipeline(cfg, progress=False)
+    summary = pipe.run_step_study([0.1, 1.0, 10.0], n_queries=2, progress=False)
+    assert summary["factor_1_reproduces_teacher"] is True
+    scorer, _, queries = teacher_scorer(cfg, pipe.dirs(), "test")
+    other = scorer.precondition.with_damping(0.01)
+    eta = scorer.tc.eta
+    got = scorer.score_at(queries[0], [eta, 10 * eta, eta], [scorer.precondition] * 2 + [other])
+    want = scorer.score_quadratic(queries[0], [eta, 10 * eta])
+    want.append(scorer.score_quadratic(queries[0], [eta], other)[0])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g["influence"], w["influence"])
+    assert not torch.allclose(got[0]["influence"], got[2]["influence"])
+    with pytest.raises(ValueError, match="teacher.estimator=ascent"):
+        pipe.run_step_study([1.0], n_queries=1, progress=False, path=2)
