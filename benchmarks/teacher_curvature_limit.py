@@ -25,7 +25,8 @@ again, whose stability to a 10× change can be asked — against the study's exa
 
 Usage:  python benchmarks/teacher_curvature_limit.py [CONFIG] [key=value ...] [--split val]
                 [--queries N] [--steps 0.001 0.01] [--quadratic [FACTOR ...]]
-e.g.    python benchmarks/teacher_curvature_limit.py configs/experiment/toy_evidence.yaml --split val
+e.g.    python benchmarks/teacher_curvature_limit.py configs/experiment/toy_evidence.yaml \
+            teacher.estimator=ascent --split val
 
 Needs the generator, Fisher, queries and teacher stages and a finished ``--even`` step study
 (its factors are the comparison); writes nothing.  Costs 2 forward sweeps over every item's
@@ -117,6 +118,10 @@ def main() -> None:
                     help="also rank by the Gauss–Newton quadratic model of the ascent's loss "
                          "change at these step factors (default: the study's, and 100)")
     args, cfg, pipe = pipeline_args(ap)
+    if cfg.teacher.estimator != "ascent":
+        raise SystemExit("this probe compares with the exact ascent's step study: add "
+                         "teacher.estimator=ascent (the toy configs' teacher is the quadratic "
+                         "model)")
     study = pipe.step_study_dir()
     found = study / summary_name(args.split, even=True)
     if not found.is_file():

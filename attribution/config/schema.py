@@ -150,8 +150,8 @@ class TeacherConfig:
     fisher_batch_size: int = opt(32, **POSITIVE)
     eta: float = opt(0.01, gt=0)  # step size of the one natural-gradient ascent step
     # the candidates' loss change after the step: "ascent" takes the step and measures it;
-    # "quadratic" its second-order model from predictions at θ0 ± 1e-3·η·d
-    # (attribution/teacher/predictions.py): stable to a 10x step, two forward sweeps a query
+    # "quadratic" its second-order model from predictions along d (attribution/teacher/
+    # predictions.py; the toy configs' teacher): its rankings are stable to a 10x step
     estimator: str = opt("ascent", choices=["ascent", "quadratic"])
     # the quadratic estimator's J·d: "central" (θ0 ± sη·d: two sweeps a query, nothing held) or
     # "forward" (θ0 + sη·d against θ0's predictions of every item, held in memory: one sweep a

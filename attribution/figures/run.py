@@ -52,12 +52,18 @@ def quality_vs_throughput(methods: list[dict], k: int, path: str | Path) -> Path
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     sizes = np.array([max(float(m["storage"]), 1.0) for m in methods])
     area = 40 + 600 * np.sqrt(sizes / sizes.max())
+    placed: list[tuple[float, float]] = []
     for m, a in zip(methods, area):
         ax.errorbar(m["qps"], m["quality"], yerr=m["stderr"], fmt="none", ecolor="#555555",
                     capsize=3)
         ax.scatter(m["qps"], m["quality"], s=a, alpha=0.6)
+        # a label whose point sits on an earlier one's (same speed and quality, e.g. the
+        # teacher and its ceiling) goes below that one's label instead of over it
+        near = sum(abs(math.log10(m["qps"] / x)) < 0.5 and abs(m["quality"] - y) < 0.08
+                   for x, y in placed)
+        placed.append((m["qps"], m["quality"]))
         ax.annotate(f"{m['method']}\n{_human(m['storage'])}", (m["qps"], m["quality"]),
-                    textcoords="offset points", xytext=(6, -14), fontsize=7)
+                    textcoords="offset points", xytext=(6, -14 - 20 * near), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("attribution queries / s (end to end, batch 1, this machine)")
     ax.set_ylabel(f"mAP@{k} vs the teacher's ranking")
@@ -220,6 +226,9 @@ def step_figure(summary: dict, path: str | Path) -> Path:
     how = (f", along an unlearning path of {summary['path']} steps per decade"
            if summary.get("path") else
            ", ranked by the even part ½[ΔL(+η) + ΔL(−η)]" if summary.get("even") else "")
-    fig.suptitle(f"Teacher step size{how} ({summary['fisher']}, {summary['queries']} {what}, "
+    model = (", loss change under its quadratic model"
+             if summary.get("estimator") == "quadratic" else "")
+    fig.suptitle(f"Teacher step size{how}{model} ({summary['fisher']}, {summary['queries']} "
+                 f"{what}, "
                  f"N = {summary['n_items']}; mean ± s.e.)", fontsize=10)
     return _save(fig, path)

@@ -245,7 +245,8 @@ def summarize(cfg, dirs: Dirs, scored: dict, k: int = 10, split: str = "test",
                  and np.array_equal(ranks[(1.0, None)], teacher))
     return {"k": k, "split": split, "queries": q, "rows_scored": rows_scored,
             "n_items": len(world), "eta": cfg.teacher.eta, "gain": cfg.teacher.gain,
-            "damping": damping, "fisher": cfg.teacher.fisher, "rows": rows,
+            "damping": damping, "fisher": cfg.teacher.fisher,
+            "estimator": cfg.teacher.estimator, "rows": rows,
             "path": path, "even": even, "factor_1_reproduces_teacher": exact,
             "query_kinds": {kind: int(m.sum()) for kind, m in kinds.items()}}
 

@@ -21,6 +21,8 @@ def format_steps(summary: dict) -> str:
            if summary.get("path") else
            " of the EVEN part ½[ΔL(+η) + ΔL(−η)] (curvature along the step)"
            if summary.get("even") else "")
+    if summary.get("estimator") == "quadratic":
+        how += " of the loss change under its quadratic model"
     lines = [f"teacher step study{how}: {summary['queries']} {what} over all "
              f"{summary['n_items']} items, mAP@{k} agreement; factor 1 at damping "
              f"{summary.get('damping', '')} = the configured step"

@@ -92,10 +92,14 @@ def test_quadratic_estimator_is_the_ascent_to_second_order(smoke_run):
     """Known answer: at small steps the quadratic model's loss changes converge to the exact
     ascent's (relative error O(η): the residual curvature it leaves out); ``teacher.estimator
     = quadratic`` scores by it at the configured step, under a stage key of its own, while the
-    default leaves the teacher's key as it was before the option existed."""
+    exact ascent (the schema's default) keeps the teacher's key as it was before the option
+    existed."""
     pipe = smoke_run
     pipe.run(["teacher"])
-    cfg = smoke_config(pipe.cfg.output_root, "teacher.estimator=quadratic")
+    cfg = smoke_config(pipe.cfg.output_root, "teacher.estimator=quadratic",
+                       "teacher.difference=central")
+    plain = smoke_config(pipe.cfg.output_root, "teacher.estimator=ascent",
+                         "teacher.difference=central")
     scorer, _, queries = teacher_scorer(cfg, pipe.dirs(), "test")
     q, eta = queries[0], scorer.tc.eta
     etas = [eta * 1e-3, eta * 1e-2]
@@ -106,9 +110,9 @@ def test_quadratic_estimator_is_the_ascent_to_second_order(smoke_run):
     got = scorer.score(q)
     torch.testing.assert_close(got["influence"], scorer.score_quadratic(q, [eta])[0]["influence"])
     assert got["query_loss_after"] > got["query_loss_before"]  # the step itself was taken
-    assert "estimator" not in key_sections(pipe.cfg, "teacher")[0]
+    assert "estimator" not in key_sections(plain, "teacher")[0]
     assert key_sections(cfg, "teacher")[0]["estimator"] == "quadratic"
-    assert Pipeline(cfg, progress=False).key("teacher") != pipe.key("teacher")
+    assert Pipeline(cfg, progress=False).key("teacher") != Pipeline(plain).key("teacher")
 
 
 def test_forward_difference_is_the_central_one_with_one_sweep_a_query(smoke_run, monkeypatch):
@@ -121,10 +125,10 @@ def test_forward_difference_is_the_central_one_with_one_sweep_a_query(smoke_run,
 
     pipe = smoke_run
     pipe.run(["teacher"])
-    quad = ["teacher.estimator=quadratic"]
+    quad = ["teacher.estimator=quadratic", "teacher.difference=central"]
     central, _, queries = teacher_scorer(smoke_config(pipe.cfg.output_root, *quad), pipe.dirs(),
                                          "test")
-    fcfg = smoke_config(pipe.cfg.output_root, *quad, "teacher.difference=forward")
+    fcfg = smoke_config(pipe.cfg.output_root, *quad[:1], "teacher.difference=forward")
     forward, _, _ = teacher_scorer(fcfg, pipe.dirs(), "test")
     q = queries[0]
     swept = []
@@ -146,7 +150,8 @@ def test_forward_difference_is_the_central_one_with_one_sweep_a_query(smoke_run,
     torch.testing.assert_close(got[0], got[1])
     assert float((got[0] - want).norm() / want.norm()) < 0.03
     assert (got[0].argsort(descending=True)[:5] == want.argsort(descending=True)[:5]).all()
-    assert "difference" not in key_sections(pipe.cfg, "teacher")[0]
+    assert "difference" not in key_sections(smoke_config(pipe.cfg.output_root, *quad),
+                                            "teacher")[0]
     assert Pipeline(fcfg, progress=False).key("teacher") != Pipeline(
         smoke_config(pipe.cfg.output_root, *quad), progress=False).key("teacher")
     monkeypatch.setattr(scorer_module, "BASE_PREDICTIONS_BYTES", 1024)
@@ -165,6 +170,9 @@ def test_a_quadratic_teachers_step_study_scores_by_its_model(smoke_run):
     pipe = Pipeline(cfg, progress=False)
     summary = pipe.run_step_study([0.1, 1.0, 10.0], n_queries=2, progress=False)
     assert summary["factor_1_reproduces_teacher"] is True
+    from attribution.teacher.steps_table import format_steps
+
+    assert "under its quadratic model" in format_steps(summary).splitlines()[0]
     scorer, _, queries = teacher_scorer(cfg, pipe.dirs(), "test")
     other = scorer.precondition.with_damping(0.01)
     eta = scorer.tc.eta
@@ -176,3 +184,21 @@ def test_a_quadratic_teachers_step_study_scores_by_its_model(smoke_run):
     assert not torch.allclose(got[0]["influence"], got[2]["influence"])
     with pytest.raises(ValueError, match="teacher.estimator=ascent"):
         pipe.run_step_study([1.0], n_queries=1, progress=False, path=2)
+
+
+def test_rankings_sum_a_querys_rows_and_leave_unscored_queries_at_minus_one(tmp_path):
+    from attribution.common.files import DataFileError
+    from attribution.teacher.steps import ranks_from_rows
+
+    def put(name, row):
+        np.save(tmp_path / f"{name}.npy", np.asarray(row, dtype=np.float32))
+        (tmp_path / f"{name}.json").write_text("{}")
+
+    put("a0", [0.0, 3.0, 1.0])  # query 0: a + b = [2, 3, 4] -> items 2, 1, 0
+    put("b0", [2.0, 0.0, 3.0])
+    put("a1", [5.0, 1.0, 0.0])  # query 1: only a exists -> unscored
+    ranks = ranks_from_rows(lambda i: [tmp_path / f"a{i}.npy", tmp_path / f"b{i}.npy"], 2, 3)
+    assert ranks.tolist() == [[2, 1, 0], [-1, -1, -1]]
+    put("b1", [0.0, np.nan, 0.0])  # a row with a NaN is refused, not ranked
+    with pytest.raises(DataFileError, match="finite"):
+        ranks_from_rows(lambda i: [tmp_path / f"a{i}.npy", tmp_path / f"b{i}.npy"], 2, 3)
