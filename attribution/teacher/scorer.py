@@ -135,26 +135,26 @@ class AbUScorer:
         configured estimator: :meth:`score_steps` or :meth:`score_quadratic` (the step study)."""
         if self.tc.estimator != "quadratic":
             return self.score_steps(q, etas, preconditioners)
-        preconditioners = preconditioners or [self.precondition] * len(etas)
-        if len(preconditioners) != len(etas):
-            raise ValueError(f"{len(etas)} step sizes but {len(preconditioners)} preconditioners")
+        preconditioners, directions, before, grad_seconds = self._directions(
+            q, etas, preconditioners)
         found: dict[int, dict] = {}
-        for p in {id(p): p for p in preconditioners}.values():  # one direction each
-            at = [i for i, other in enumerate(preconditioners) if other is p]
-            found.update(zip(at, self.score_quadratic(q, [etas[i] for i in at], p)))
+        for key, d in directions.items():  # every step of one direction from its terms
+            at = [i for i, p in enumerate(preconditioners) if id(p) == key]
+            for i, r in zip(at, self.score_quadratic(q, [etas[i] for i in at], (d, before))):
+                found[i] = {**r, "seconds": grad_seconds + r["seconds"]}
         return [found[i] for i in range(len(etas))]
 
-    def score_quadratic(self, q: Query, etas: list[float], precondition=None) -> list[dict]:
+    def score_quadratic(self, q: Query, etas: list[float], direction=None) -> list[dict]:
         """:meth:`score` with the loss change under its second-order model
         (``teacher/predictions.py``): 2η·mean(r0·a) + η²·mean(a²), a = J·d from the predictions
         at θ0 ± 10⁻³·η·d (``teacher.difference: forward``: at θ0 + 3·10⁻⁴·η·d against θ0's),
         so the step is only a weight between the two terms.  The query's own loss after the
         step is measured by taking it (a diagnostic, as in :meth:`score`).  One result per step
-        size of ``etas``, all from the same predictions; ``precondition``: the direction's
-        (default the scorer's own)."""
+        size of ``etas``, all from the same predictions; ``direction``: (d, the query's loss at
+        θ0) when already taken (:meth:`direction`), else the scorer's own."""
         start = time.time()
         d, before, slope, curve = self.quadratic_terms(
-            q, forward=self.tc.difference == "forward", precondition=precondition)
+            q, forward=self.tc.difference == "forward", direction=direction)
         out = []
         for eta in etas:
             apply_step(self.params, d, eta)
@@ -168,19 +168,19 @@ class AbUScorer:
         return out
 
     def quadratic_terms(self, q: Query, samples=None, factor: float | None = None,
-                        forward: bool = False, precondition=None
+                        forward: bool = False, direction=None
                         ) -> tuple[dict[str, torch.Tensor], float, torch.Tensor, torch.Tensor]:
         """(d, the query's loss at θ0, slope, curve): the quadratic model's two terms per
         (candidate, view) along the query's unlearning direction d, J·d by a central (or
         ``forward``: against :meth:`base_predictions`) difference at ``factor`` × η
         (``predictions.quadratic_terms``; default ``DIFFERENCE_FACTOR``, forward
         ``FORWARD_FACTOR``).  ``samples``: the candidates' sample inputs when already built
-        (``iter_samples``), else streamed."""
+        (``iter_samples``), else streamed; ``direction``: (d, loss) when already taken."""
         if len(q.candidates) == 0:
             raise ValueError(f"query {q.split}/{q.query_id} has an empty candidate set")
         base = self.base_predictions(q.candidates) if forward else None
         factor = factor or (FORWARD_FACTOR if forward else DIFFERENCE_FACTOR)
-        d, before = self.direction(q, precondition)
+        d, before = direction or self.direction(q)
         if samples is None:
             samples = iter_samples(self.cands, self.alphas, q.candidates, self.tc, self.seed,
                                    self.device)
@@ -217,18 +217,8 @@ class AbUScorer:
         θ0 is restored between steps, so each result equals a separate ``score`` with that η.
         ``preconditioners`` (one per η; default the scorer's own): the same gradient
         preconditioned another way, e.g. with another damping (``with_damping``)."""
-        preconditioners = preconditioners or [self.precondition] * len(etas)
-        if len(preconditioners) != len(etas):
-            raise ValueError(f"{len(etas)} step sizes but {len(preconditioners)} preconditioners")
-        if len(q.candidates) == 0:
-            raise ValueError(f"query {q.split}/{q.query_id} has an empty candidate set")
-        start = time.time()
-        grads, before = self._gradient(q)
-        directions: dict[int, dict[str, torch.Tensor]] = {}
-        for p in preconditioners:
-            if id(p) not in directions:
-                directions[id(p)] = p(grads)
-        grad_seconds = time.time() - start
+        preconditioners, directions, before, grad_seconds = self._directions(
+            q, etas, preconditioners)
         out = []
         for eta, p in zip(etas, preconditioners):
             t0 = time.time()
@@ -242,6 +232,24 @@ class AbUScorer:
                         "query_loss_after": after_q,
                         "seconds": grad_seconds + time.time() - t0})
         return out
+
+    def _directions(self, q: Query, etas: list[float], preconditioners: list | None
+                    ) -> tuple[list, dict[int, dict[str, torch.Tensor]], float, float]:
+        """Several steps' shared start: ONE query gradient, preconditioned once by each distinct
+        preconditioner (one per η; default the scorer's own) -> (preconditioners,
+        {id(preconditioner): d}, the query's loss at θ0, seconds taken)."""
+        preconditioners = preconditioners or [self.precondition] * len(etas)
+        if len(preconditioners) != len(etas):
+            raise ValueError(f"{len(etas)} step sizes but {len(preconditioners)} preconditioners")
+        if len(q.candidates) == 0:
+            raise ValueError(f"query {q.split}/{q.query_id} has an empty candidate set")
+        start = time.time()
+        grads, before = self._gradient(q)
+        directions: dict[int, dict[str, torch.Tensor]] = {}
+        for p in preconditioners:
+            if id(p) not in directions:
+                directions[id(p)] = p(grads)
+        return preconditioners, directions, before, time.time() - start
 
     def score_path(self, q: Query, etas: list[float], per_decade: int,
                    precondition=None) -> list[dict]:

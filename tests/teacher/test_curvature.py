@@ -178,7 +178,8 @@ def test_a_quadratic_teachers_step_study_scores_by_its_model(smoke_run):
     eta = scorer.tc.eta
     got = scorer.score_at(queries[0], [eta, 10 * eta, eta], [scorer.precondition] * 2 + [other])
     want = scorer.score_quadratic(queries[0], [eta, 10 * eta])
-    want.append(scorer.score_quadratic(queries[0], [eta], other)[0])
+    want.append(scorer.score_quadratic(queries[0], [eta],
+                                       scorer.direction(queries[0], other))[0])
     for g, w in zip(got, want):
         torch.testing.assert_close(g["influence"], w["influence"])
     assert not torch.allclose(got[0]["influence"], got[2]["influence"])
