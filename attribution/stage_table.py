@@ -33,7 +33,8 @@ STUDENT_EXECUTION_ONLY = {"num_workers", "logger", "devices", "num_nodes", "stra
 # Keys added to a section after runs were cached, and the value that means "as before": at
 # that value they are left out of the stage's key, so those runs stay valid.
 ADDED_LATER = {"world": {"root": None}, "generator": {"weights": None, "pretrained": None},
-               "teacher": {"estimator": "ascent", "difference": "central"}}
+               "teacher": {"estimator": "ascent", "difference": "central"},
+               "student": {"anchor": 0.0}}
 ORDER = list(DEPENDS)
 # The command that (re)builds each stage: named in every error about a stage's files.
 COMMAND = {"world": "world", "text": "text", "generator": "train-generator",
@@ -104,7 +105,7 @@ def key_sections(cfg, stage: str, released_root: Path | None = None) -> list:
                     c.seed],
         "features": [{k: v for k, v in to_dict(c.features).items()
                       if not k.startswith("toyclip") and k != "batch_size"}],
-        "student": [{**{k: v for k, v in to_dict(c.student).items()
+        "student": [{**{k: v for k, v in _unset_dropped(c.student, ADDED_LATER["student"]).items()
                         if k not in STUDENT_EXECUTION_ONLY},
                      "seed": c.seed if c.student.seed is None else c.student.seed}, c.seed,
                     *([str(released_root)] if released_root is not None else [])],

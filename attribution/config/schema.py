@@ -235,6 +235,11 @@ class StudentConfig:
     epochs: int = opt(30, **POSITIVE)
     lr: float = opt(1e-3, gt=0)
     weight_decay: float = opt(0.0, ge=0)
+    # λ of the pull λ·Σ‖θ − θ₀‖² of the head's weights toward their start (L2-SP; 0 = off).  A
+    # linear head starts at the identity on whitened features, which ranks the planted concepts'
+    # items first; training on queries that never name them moves those directions by noise
+    # alone, and the pull keeps them (docs/method.md §3).
+    anchor: float = opt(0.0, ge=0)
     k_eval: list[int] = opt(factory=lambda: [10, 50, 100], ge=1, nonempty=True)
     # Training queries held out for validation (never trained on): a fraction (< 1) or a count.
     # Early stopping, the reported epoch and sweep winners are chosen on them; the test queries

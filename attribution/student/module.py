@@ -15,14 +15,32 @@ class StudentModule(L.LightningModule):
     Args:
         item_feats: float (N, D) training-item features; query_feats: float (Q, D) training
             query features (rows match the teacher rankings' rows).
+        anchor: λ of the pull λ·Σ‖θ − θ₀‖² of the embedding map's weights toward where they
+            started (L2-SP; a linear or residual head starts at the identity, so this keeps the
+            directions the training queries never use as the untuned features had them).
     """
 
     def __init__(self, head: EmbeddingHead, loss: RankingLoss, item_feats: torch.Tensor,
-                 query_feats: torch.Tensor, lr: float = 1e-3, weight_decay: float = 0.0):
+                 query_feats: torch.Tensor, lr: float = 1e-3, weight_decay: float = 0.0,
+                 anchor: float = 0.0):
         super().__init__()
+        if anchor < 0:
+            raise ValueError(f"anchor must be >= 0, got {anchor}")
         self.save_hyperparameters(ignore=["head", "loss", "item_feats", "query_feats"])
         self.head, self.loss_fn = head, loss
         self.item_feats, self.query_feats = item_feats, query_feats
+        self._start = []  # the starting weights: buffers (they follow .to()), not checkpointed
+        if anchor > 0:
+            for i, p in enumerate(head.net.parameters()):
+                self.register_buffer(f"_start_{i}", p.detach().clone(), persistent=False)
+                self._start.append(f"_start_{i}")
+
+    def anchor_penalty(self) -> torch.Tensor:
+        """Σ‖θ − θ₀‖² over the embedding map's weights (0 without an anchor)."""
+        total = torch.zeros((), device=self.device)
+        for p, name in zip(self.head.net.parameters(), self._start, strict=False):
+            total = total + (p - getattr(self, name)).pow(2).sum()
+        return total
 
     def scores(self, batch: dict) -> torch.Tensor:
         """Pair scores (B, P); each distinct query and item is embedded once."""
@@ -43,7 +61,12 @@ class StudentModule(L.LightningModule):
         return parts["loss"]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self.shared_step(batch, "train")
+        loss = self.shared_step(batch, "train")
+        if self._start:
+            pull = self.hparams.anchor * self.anchor_penalty()
+            self.log("train/anchor", pull.detach(), batch_size=batch["items"].numel())
+            loss = loss + pull
+        return loss
 
     @torch.no_grad()
     def embed(self, feats: torch.Tensor | object, batch_size: int = 4096) -> torch.Tensor:

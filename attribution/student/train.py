@@ -135,7 +135,7 @@ def train_student(cfg, features_dir: Path, teacher_dir: Path, out: Path,
     loss = build_loss(sc.loss, n_bins=sc.ordinal_bins,
                       target_temperature=sc.listwise_temperature)
     module = StudentModule(head, loss, feats["items"], feats["query_train"][train_rows], sc.lr,
-                           sc.weight_decay)
+                           sc.weight_decay, sc.anchor)
     ks = [k for k in sc.k_eval if k <= n_items]
     k_val = sc.k_val
     if k_val >= ranks.train.shape[1] and sc.val_scope == "kset":  # every candidate a
