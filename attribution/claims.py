@@ -14,6 +14,7 @@ No value is chosen by its test figure: each claim names in advance which setting
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,6 +234,22 @@ def check_claims(results_root: str | Path, experiment: str, metric: str) -> list
         rows = experiment_rows(Path(results_root) / sweep / "results.csv", experiment)
         if rows:
             out += fn(rows, metric)
+    return out
+
+
+def stale_runs(results_root: str | Path, experiment: str,
+               current: Callable[[str], str | None]) -> dict[str, list[str]]:
+    """{sweep: [run ids]} of the claims' sweep rows that were run under another configuration
+    than the one ``current(run_id)`` says that run would have now (its config hash; None = not
+    known, never stale): a default changed since the sweep ran, so its figures are not this
+    experiment's any more."""
+    out = {}
+    for sweep in CLAIMS:
+        rows = experiment_rows(Path(results_root) / sweep / "results.csv", experiment)
+        old = [r["run"] for r in rows
+               if r.get("config") and current(r["run"]) not in (None, r["config"])]
+        if old:
+            out[sweep] = old
     return out
 
 

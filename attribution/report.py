@@ -11,17 +11,19 @@ import json
 import math
 import os
 import platform
+import re
 import time
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from attribution import figures
 from attribution.abc.format import format_abc
-from attribution.claims import check_claims, format_claims
+from attribution.claims import check_claims, format_claims, stale_runs
 from attribution.common.files import atomic_write_bytes
-from attribution.config import to_dict
+from attribution.config import ConfigError, config_hash, derive, to_dict
 from attribution.counterfactual.results import (
     format_counterfactual,
     format_schedule_pairs,
@@ -205,10 +207,32 @@ def _reference_table(metrics: dict, feature: str, ks: list[int]) -> list[str]:
     return L + [""]
 
 
+# a run id is "key=value,key=value" (sweep_spec._run_id); a value may hold commas (a list)
+_RUN_ID_SPLIT = re.compile(r",(?=[A-Za-z_][\w.]*=)")
+
+
+def _current_key(cfg, run_id: str) -> str | None:
+    """The config hash a sweep run of this experiment would have now (None if its id does not
+    parse into settings of this config)."""
+    try:
+        changes = OmegaConf.to_container(OmegaConf.from_dotlist(_RUN_ID_SPLIT.split(run_id)))
+        return config_hash(derive(cfg, changes))
+    except (ConfigError, OmegaConfBaseException, ValueError, TypeError):
+        return None
+
+
 def _claims(cfg, k: int) -> list[str]:
     """The paper's qualitative claims, checked on this experiment's sweeps (when they ran)."""
     metric = f"student.mAP@{k}"
-    rows = format_claims(check_claims(Path(cfg.output_root) / "sweeps", cfg.name, metric), metric)
+    root = Path(cfg.output_root) / "sweeps"
+    rows = format_claims(check_claims(root, cfg.name, metric), metric)
+    stale = stale_runs(root, cfg.name, lambda run: _current_key(cfg, run)) if rows else {}
+    warning = [f"**Stale:** {len(runs)} row(s) of `{sweep}` ({', '.join(runs[:3])}"
+               f"{', ...' if len(runs) > 3 else ''}) ran under another configuration than this "
+               f"run's (a default changed since, other overrides, or a moved runs folder); "
+               f"their claims describe that configuration. "
+               f"`attribution sweep sweeps/{sweep}.yaml` reruns them." for sweep, runs in
+               stale.items()]
     if not rows:
         return ["## The paper's qualitative claims", "",
                 f"No sweep of experiment `{cfg.name}` has finished: `attribution sweep "
@@ -219,7 +243,7 @@ def _claims(cfg, k: int) -> list[str]:
             "both runs scored (rows marked *unpaired* had no per-query AP saved: their two "
             "standard errors are combined as if independent, which overstates the error); "
             "*holds* / *does not hold* need more than two standard errors.", "",
-            *rows, ""]
+            *[line for w in warning for line in (w, "")], *rows, ""]
 
 
 def _counterfactual(pipe, metrics: dict, figdir: Path) -> list[str]:

@@ -11,6 +11,7 @@ from attribution.claims import (
     loss_claims,
     outside_p_claims,
     scaling_claims,
+    stale_runs,
 )
 
 M = "student.mAP@10"
@@ -106,3 +107,35 @@ def test_paired_differences_separate_what_unpaired_ones_cannot(tmp_path):
     # a file that belongs to another run (its mean is not the table's) is not used
     atomic_save_npz(ap_file(d, "mine", "student.loss=ce"), **{"student@10": base + 0.5})
     assert "unpaired" in check_claims(tmp_path, "mine", M)[0]["ours"]
+
+
+def test_rows_run_under_another_configuration_are_stale(tmp_path):
+    d = tmp_path / "loss"
+    d.mkdir()
+    (d / "results.csv").write_text(
+        f"run,experiment,config,student.loss,{M},{M}_stderr\n"
+        f"student.loss=ce,mine,aaa,ce,0.4,0.01\nstudent.loss=mse,mine,old,mse,0.2,0.01\n"
+        f"student.loss=mse,other,old,mse,0.9,0.01\n")
+    now = {"student.loss=ce": "aaa", "student.loss=mse": "bbb"}
+    assert stale_runs(tmp_path, "mine", now.get) == {"loss": ["student.loss=mse"]}
+    assert stale_runs(tmp_path, "mine", lambda run: None) == {}  # unknown is never stale
+    assert stale_runs(tmp_path, "nobody", now.get) == {}
+
+
+def test_the_report_knows_the_key_a_sweep_run_would_have_now(tmp_path):
+    """The report's expected key for a run id is the key `attribution sweep` gives that run
+    (load_config with the settings as overrides), lists with commas included; a changed
+    default makes an older row's key differ."""
+    from attribution.config import config_hash, load_config
+    from attribution.report import _current_key
+
+    path = "configs/experiment/toy_smoke.yaml"
+    base = [f"output_root={tmp_path}"]
+    cfg = load_config(path, base)
+    for run in ("student.loss=mse", "student.hidden=[64, 64],student.p_outside=0.2"):
+        sweep_key = config_hash(load_config(path, base + run.replace(",student", "\nstudent")
+                                            .splitlines()))
+        assert _current_key(cfg, run) == sweep_key
+    changed = load_config(path, base + ["student.anchor=0.05"])
+    assert _current_key(changed, "student.loss=mse") != _current_key(cfg, "student.loss=mse")
+    assert _current_key(cfg, "student.no_such_key=1") is None
