@@ -11,7 +11,6 @@ import json
 import math
 import os
 import platform
-import re
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from attribution.counterfactual.results import (
     schedule_pairs,
 )
 from attribution.fidelity import format_fidelity
+from attribution.sweep_spec import run_dotlist
 from attribution.teacher.evaluate import format_known_answers
 from attribution.teacher.steps import summary_name
 from attribution.teacher.steps_table import format_steps
@@ -207,15 +207,11 @@ def _reference_table(metrics: dict, feature: str, ks: list[int]) -> list[str]:
     return L + [""]
 
 
-# a run id is "key=value,key=value" (sweep_spec._run_id); a value may hold commas (a list)
-_RUN_ID_SPLIT = re.compile(r",(?=[A-Za-z_][\w.]*=)")
-
-
 def _current_key(cfg, run_id: str) -> str | None:
     """The config hash a sweep run of this experiment would have now (None if its id does not
     parse into settings of this config)."""
     try:
-        changes = OmegaConf.to_container(OmegaConf.from_dotlist(_RUN_ID_SPLIT.split(run_id)))
+        changes = OmegaConf.to_container(OmegaConf.from_dotlist(run_dotlist(run_id)))
         return config_hash(derive(cfg, changes))
     except (ConfigError, OmegaConfBaseException, ValueError, TypeError):
         return None

@@ -8,6 +8,7 @@ import hashlib
 import itertools
 import json
 import random
+import re
 from pathlib import Path
 
 from attribution.config import ConfigError, load_config, read_yaml_file
@@ -66,7 +67,17 @@ def _dotlist(params: dict) -> list[str]:
 
 
 def _run_id(params: dict) -> str:
-    return ",".join(f"{k}={_fmt(v)}" for k, v in params.items())
+    return ",".join(_dotlist(params))
+
+
+# the commas that separate a run id's settings: those before the next "key=" (a value may be a
+# list, whose own commas are followed by a space and a value, not by a key)
+_RUN_ID_SPLIT = re.compile(r",(?=[A-Za-z_][\w.]*=)")
+
+
+def run_dotlist(run_id: str) -> list[str]:
+    """The ``key=value`` overrides a run id was made from (the inverse of :func:`_run_id`)."""
+    return _RUN_ID_SPLIT.split(run_id)
 
 
 def _fmt(v) -> str:

@@ -128,11 +128,13 @@ def test_the_report_knows_the_key_a_sweep_run_would_have_now(tmp_path):
     default makes an older row's key differ."""
     from attribution.config import config_hash, load_config
     from attribution.report import _current_key
+    from attribution.sweep_spec import run_dotlist
 
     path = "configs/experiment/toy_smoke.yaml"
     base = [f"output_root={tmp_path}"]
     cfg = load_config(path, base)
     for run in ("student.loss=mse", "student.hidden=[64, 64],student.p_outside=0.2"):
+        assert run_dotlist(run) == run.replace(",student", "\nstudent").splitlines()
         sweep_key = config_hash(load_config(path, base + run.replace(",student", "\nstudent")
                                             .splitlines()))
         assert _current_key(cfg, run) == sweep_key

@@ -73,10 +73,10 @@ def _train(anchor: float, steps: int = 300):
     module = _module(items, queries, anchor)
     batch = collate_pairs([PairPlan(ranks, len(items), 64, 0.1, None, 0)[(0, i)]
                            for i in range(len(queries))])
+    module.log = lambda *a, **k: None  # no trainer attached
     opt = module.configure_optimizers()
-    for _ in range(steps):
-        loss = module.loss_fn(module.scores(batch), batch["target"])["loss"]
-        loss = loss + anchor * module.anchor_penalty()
+    for _ in range(steps):  # the module's own step: data loss + the pull
+        loss = module.training_step(batch, 0)
         opt.zero_grad()
         loss.backward()
         opt.step()
