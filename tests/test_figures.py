@@ -21,9 +21,13 @@ def _rows():
 def test_aggregate_mean_and_standard_error_over_seeds():
     pts = {p["x"]: p for p in figures.aggregate(_rows(), "student.n_queries", "student.mAP@10")}
     assert pts["10"]["mean"] == pytest.approx(0.3)
-    # std (ddof=1) of {0.2, 0.4} = 0.1414..; / sqrt(2) = 0.1
-    assert pts["10"]["stderr"] == pytest.approx(0.1)
-    assert pts["10"]["over"] == "seeds" and pts["10"]["n"] == 2
+    # std (ddof=1) of {0.2, 0.4} = 0.1414..; / sqrt(2) = 0.1 over seeds; with the runs' own
+    # s.e. over their shared test queries (0.05): sqrt(0.1² + 0.05²)
+    assert pts["10"]["stderr"] == pytest.approx(math.hypot(0.1, 0.05))
+    assert pts["10"]["over"] == "seeds + test queries" and pts["10"]["n"] == 2
+    bare = [{k: v for k, v in r.items() if not k.endswith("_stderr")} for r in _rows()[:2]]
+    pt = figures.aggregate(bare, "student.n_queries", "student.mAP@10")[0]
+    assert pt["stderr"] == pytest.approx(0.1) and pt["over"] == "seeds"  # no query s.e. known
     assert pts["40"]["stderr"] == pytest.approx(0.03) and pts["40"]["over"] == "test queries"
     same = [dict(r, **{"student.mAP@10": "0.2"}) for r in _rows()[:2]]  # seed-independent
     pt = figures.aggregate(same, "student.n_queries", "student.mAP@10")[0]
