@@ -22,7 +22,7 @@ from attribution import figures
 from attribution.abc.format import format_abc
 from attribution.claims import check_claims, format_claims, stale_runs
 from attribution.common.files import atomic_write_bytes
-from attribution.config import ConfigError, config_hash, derive, to_dict
+from attribution.config import ConfigError, derive, run_hash, to_dict
 from attribution.counterfactual.results import (
     format_counterfactual,
     format_schedule_pairs,
@@ -212,7 +212,7 @@ def _current_key(cfg, run_id: str) -> str | None:
     parse into settings of this config)."""
     try:
         changes = OmegaConf.to_container(OmegaConf.from_dotlist(run_dotlist(run_id)))
-        return config_hash(derive(cfg, changes))
+        return run_hash(derive(cfg, changes))
     except (ConfigError, OmegaConfBaseException, ValueError, TypeError):
         return None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from attribution.config import to_dict
+from attribution.config import ADDED_LATER, to_dict
 
 DEPENDS = {
     "world": [],
@@ -30,11 +30,6 @@ EXECUTION_ONLY = {"devices", "num_nodes", "strategy", "batch_size", "query_batch
                   "fisher_batch_size"}
 # Student settings that change only placement, logging or the deployed search, never training.
 STUDENT_EXECUTION_ONLY = {"num_workers", "logger", "devices", "num_nodes", "strategy", "rerank"}
-# Keys added to a section after runs were cached, and the value that means "as before": at
-# that value they are left out of the stage's key, so those runs stay valid.
-ADDED_LATER = {"world": {"root": None}, "generator": {"weights": None, "pretrained": None},
-               "teacher": {"estimator": "ascent", "difference": "central"},
-               "student": {"anchor": 0.0}}
 ORDER = list(DEPENDS)
 # The command that (re)builds each stage: named in every error about a stage's files.
 COMMAND = {"world": "world", "text": "text", "generator": "train-generator",

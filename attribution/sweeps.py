@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from attribution.common.files import DataFileError, atomic_save_npz
-from attribution.config import config_hash, load_config
+from attribution.config import load_config, run_hash
 from attribution.evaluation import per_query_ap
 from attribution.pipeline import Pipeline
 from attribution.sweep_spec import (
@@ -54,7 +54,7 @@ def run_sweep(path: str | Path, extra: list[str] | None = None, output_root: str
     for params in runs:
         run_id = _run_id(params)
         cfg = load_config(sweep["config"], overrides + _dotlist(params))
-        key = config_hash(cfg)
+        key = run_hash(cfg)
         pipe = Pipeline(cfg, progress=progress, echo=lambda s: None)
         if (run_id, cfg.name, key) in done:
             echo(f"[sweep] skip (done) {run_id}")

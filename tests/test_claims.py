@@ -126,7 +126,7 @@ def test_the_report_knows_the_key_a_sweep_run_would_have_now(tmp_path):
     """The report's expected key for a run id is the key `attribution sweep` gives that run
     (load_config with the settings as overrides), lists with commas included; a changed
     default makes an older row's key differ."""
-    from attribution.config import config_hash, load_config
+    from attribution.config import load_config, run_hash
     from attribution.report import _current_key
     from attribution.sweep_spec import run_dotlist
 
@@ -135,9 +135,27 @@ def test_the_report_knows_the_key_a_sweep_run_would_have_now(tmp_path):
     cfg = load_config(path, base)
     for run in ("student.loss=mse", "student.hidden=[64, 64],student.p_outside=0.2"):
         assert run_dotlist(run) == run.replace(",student", "\nstudent").splitlines()
-        sweep_key = config_hash(load_config(path, base + run.replace(",student", "\nstudent")
-                                            .splitlines()))
+        sweep_key = run_hash(load_config(path, base + run.replace(",student", "\nstudent")
+                                         .splitlines()))
         assert _current_key(cfg, run) == sweep_key
     changed = load_config(path, base + ["student.anchor=0.05"])
     assert _current_key(changed, "student.loss=mse") != _current_key(cfg, "student.loss=mse")
     assert _current_key(cfg, "student.no_such_key=1") is None
+
+
+def test_a_key_added_at_its_neutral_value_leaves_finished_rows_current(tmp_path):
+    """Known answer: a row hashed before ``student.anchor_basis`` existed (the same config
+    without that key) has the hash the report expects now, because the key holds its "as
+    before" value; set to anything else, the hash differs (that row would be stale)."""
+    from attribution.config import load_config, run_hash, to_dict
+
+    cfg = load_config("configs/experiment/toy_smoke.yaml", [f"output_root={tmp_path}"])
+    before = to_dict(cfg)
+    del before["student"]["anchor_basis"]
+    assert run_hash(before) == run_hash(cfg)
+    shaped = load_config("configs/experiment/toy_smoke.yaml",
+                         [f"output_root={tmp_path}", "student.anchor=0.01",
+                          "student.anchor_basis=queries"])
+    plain = load_config("configs/experiment/toy_smoke.yaml",
+                        [f"output_root={tmp_path}", "student.anchor=0.01"])
+    assert run_hash(shaped) != run_hash(plain)

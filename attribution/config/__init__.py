@@ -14,6 +14,7 @@ from attribution.config.load import (
     derive,
     load_config,
     read_yaml_file,
+    run_hash,
     save_config,
 )
 from attribution.config.rules import ConfigError, Rule, opt
@@ -22,5 +23,6 @@ from attribution.config.schema import Config
 from attribution.config.validate import check_rules, planted_for, val_concept_rows, val_count
 
 __all__ = ["Config", "ConfigError", "Rule", "check_rules", "config_hash", "derive",
-           "load_config", "opt", "planted_for", "read_yaml_file", "save_config", "to_dict",
+           "load_config", "opt", "planted_for", "read_yaml_file", "run_hash", "save_config",
+           "to_dict",
            "val_concept_rows", "val_count"]

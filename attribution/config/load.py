@@ -12,7 +12,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from attribution.common.plain import to_dict
 from attribution.config.rules import ConfigError
-from attribution.config.schema import Config
+from attribution.config.schema import ADDED_LATER, Config
 from attribution.config.validate import _check_keys, _validate
 
 
@@ -102,3 +102,16 @@ def config_hash(*parts: Any) -> str:
     """A short stable hash of config sections (and upstream hashes) that key a stage's cache."""
     blob = json.dumps([to_dict(p) if OmegaConf.is_config(p) else p for p in parts], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def run_hash(cfg: Any) -> str:
+    """The hash a sweep row records of the whole configuration it ran under (the report
+    recomputes it to find stale rows): every key of ``ADDED_LATER`` at its "as before" value is
+    left out, so adding a key to the schema does not make every finished row look as if it had
+    run under another configuration."""
+    d = to_dict(cfg)
+    for section, keys in ADDED_LATER.items():
+        if isinstance(d.get(section), dict):
+            d[section] = {k: v for k, v in d[section].items()
+                          if not (k in keys and v == keys[k])}
+    return config_hash(d)

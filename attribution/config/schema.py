@@ -9,6 +9,12 @@ from attribution.config.rules import opt
 POSITIVE = {"ge": 1}  # counts
 PARAM_GROUPS = ("cross_attn_kv", "cross_attn", "attn", "all")  # teacher/params.py GROUPS
 STRATEGIES = ("auto", "ddp", "ddp_spawn")
+# Keys added to a section after runs were cached, and the value that means "as before": at
+# that value they are left out of the stage keys (stage_table.py) and of a sweep row's hash
+# (load.py run_hash), so those runs and rows stay valid.
+ADDED_LATER = {"world": {"root": None}, "generator": {"weights": None, "pretrained": None},
+               "teacher": {"estimator": "ascent", "difference": "central"},
+               "student": {"anchor": 0.0, "anchor_basis": "uniform"}}
 # Feature extractors this project can build (features/extractors.py registers exactly these);
 # a feature space is one of them or a "+"-joined concatenation.  Released data (data.source=
 # released) names its spaces by its folders instead (feats/<space>/), checked against the files.
@@ -240,6 +246,10 @@ class StudentConfig:
     # items first; training on queries that never name them moves those directions by noise
     # alone, and the pull keeps them (docs/method.md §3).
     anchor: float = opt(0.0, ge=0)
+    # uniform: the pull above | queries: the first layer's pull measured by P = (I + C/c̄)⁻¹, C
+    # the training queries' second moment in the head's input space — full along directions no
+    # training query carries, weaker the more they use one (student/head.py query_metric).
+    anchor_basis: str = opt("uniform", choices=["uniform", "queries"])
     k_eval: list[int] = opt(factory=lambda: [10, 50, 100], ge=1, nonempty=True)
     # Training queries held out for validation (never trained on): a fraction (< 1) or a count.
     # Early stopping, the reported epoch and sweep winners are chosen on them; the test queries

@@ -102,6 +102,28 @@ def whitening(items: torch.Tensor, shrinkage: float) -> tuple[torch.Tensor, torc
     return mu.to(torch.float32), w.to(torch.float32)
 
 
+def query_metric(queries: torch.Tensor, center: torch.Tensor | None = None,
+                 whitener: torch.Tensor | None = None) -> torch.Tensor:
+    """P = (I + C/c̄)⁻¹ (D, D), the anchor's metric in the head's input space
+    (``student.anchor_basis: queries``): C = the training queries' second moment there (after
+    the head's whitening when ``center``/``whitener`` are given), c̄ = tr(C)/D its mean
+    eigenvalue.  Along a direction no training query carries (a concept none of them names)
+    P = 1, the full pull; along one they use as much as an average direction, ½; the more they
+    use it, the freer the head is to move it — the training signal, not the pull, decides there.
+    """
+    q = queries.detach().to(torch.float64)
+    if center is not None:
+        q = (q - center.to(q)) @ whitener.to(q)
+    if q.ndim != 2 or q.shape[0] == 0:
+        raise ValueError(f"need a (Q, D) matrix of training queries, got shape {tuple(q.shape)}")
+    c = q.T @ q / q.shape[0]
+    mean = float(torch.trace(c)) / c.shape[0]
+    if not mean > 0:
+        raise ValueError("the training queries' features are all zero: no metric to take")
+    eye = torch.eye(c.shape[0], dtype=c.dtype)
+    return torch.linalg.inv(eye + c / mean).to(torch.float32)
+
+
 class EmbeddingHead(nn.Module):
     """f: (B, D_in) -> (B, D_out), shared by queries and training items.
 

@@ -18,28 +18,51 @@ class StudentModule(L.LightningModule):
         anchor: λ of the pull λ·Σ‖θ − θ₀‖² of the embedding map's weights toward where they
             started (L2-SP; a linear or residual head starts at the identity, so this keeps the
             directions the training queries never use as the untuned features had them).
+        anchor_metric: (D_in, D_in) P (:func:`~attribution.student.head.query_metric`): the
+            first layer's weight is pulled by tr(ΔPΔᵀ) instead of ‖Δ‖² — fully along the
+            input directions the training queries do not carry, less along those they do;
+            the other weights keep the plain pull.  None: the plain pull everywhere.
     """
 
     def __init__(self, head: EmbeddingHead, loss: RankingLoss, item_feats: torch.Tensor,
                  query_feats: torch.Tensor, lr: float = 1e-3, weight_decay: float = 0.0,
-                 anchor: float = 0.0):
+                 anchor: float = 0.0, anchor_metric: torch.Tensor | None = None):
         super().__init__()
         if anchor < 0:
             raise ValueError(f"anchor must be >= 0, got {anchor}")
-        self.save_hyperparameters(ignore=["head", "loss", "item_feats", "query_feats"])
+        self.save_hyperparameters(ignore=["head", "loss", "item_feats", "query_feats",
+                                          "anchor_metric"])
         self.head, self.loss_fn = head, loss
         self.item_feats, self.query_feats = item_feats, query_feats
         self._start = []  # the starting weights: buffers (they follow .to()), not checkpointed
+        self._first = None  # the first layer's weight: where the metric applies
+        if anchor_metric is not None:
+            if anchor <= 0:
+                raise ValueError("an anchor metric needs anchor > 0 (there is no pull to shape)")
+            weights = [p for p in head.net.parameters() if p.ndim == 2]
+            if not weights or weights[0].shape[1] != anchor_metric.shape[0] \
+                    or anchor_metric.shape[0] != anchor_metric.shape[1]:
+                raise ValueError(f"anchor metric of shape {tuple(anchor_metric.shape)} does not "
+                                 f"fit the head's first layer "
+                                 f"{tuple(weights[0].shape) if weights else None}")
+            self._first = weights[0]
+            self.register_buffer("_anchor_metric", anchor_metric.detach().clone(),
+                                 persistent=False)
         if anchor > 0:
             for i, p in enumerate(head.net.parameters()):
                 self.register_buffer(f"_start_{i}", p.detach().clone(), persistent=False)
                 self._start.append(f"_start_{i}")
 
     def anchor_penalty(self) -> torch.Tensor:
-        """Σ‖θ − θ₀‖² over the embedding map's weights (0 without an anchor)."""
+        """Σ‖θ − θ₀‖² over the embedding map's weights, the first layer's weight measured by
+        the anchor metric when there is one (0 without an anchor)."""
         total = torch.zeros((), device=self.device)
         for p, name in zip(self.head.net.parameters(), self._start, strict=False):
-            total = total + (p - getattr(self, name)).pow(2).sum()
+            delta = p - getattr(self, name)
+            if p is self._first:
+                total = total + ((delta @ self._anchor_metric) * delta).sum()
+            else:
+                total = total + delta.pow(2).sum()
         return total
 
     def scores(self, batch: dict) -> torch.Tensor:

@@ -24,7 +24,7 @@ from attribution.config import to_dict, val_concept_rows, val_count
 from attribution.data.released import RELEASED_FILES, load_released_features
 from attribution.features.cache import load_features, space_dir
 from attribution.student.data import PairDataModule, load_rankings, select_queries
-from attribution.student.head import EmbeddingHead, head_dims, whitening
+from attribution.student.head import EmbeddingHead, head_dims, query_metric, whitening
 from attribution.student.losses import build_loss
 from attribution.student.module import StudentModule
 
@@ -134,8 +134,15 @@ def train_student(cfg, features_dir: Path, teacher_dir: Path, out: Path,
         head.set_whitening(*whitening(feats["items"], sc.whiten))
     loss = build_loss(sc.loss, n_bins=sc.ordinal_bins,
                       target_temperature=sc.listwise_temperature)
+    metric = None
+    if sc.anchor_basis == "queries":
+        if sc.anchor <= 0:
+            raise ValueError("student.anchor_basis=queries shapes the anchor's pull: set "
+                             "student.anchor > 0 too")
+        metric = query_metric(feats["query_train"][train_rows],
+                              *((head.center, head.whitener) if head.whiten else ()))
     module = StudentModule(head, loss, feats["items"], feats["query_train"][train_rows], sc.lr,
-                           sc.weight_decay, sc.anchor)
+                           sc.weight_decay, sc.anchor, metric)
     ks = [k for k in sc.k_eval if k <= n_items]
     k_val = sc.k_val
     if k_val >= ranks.train.shape[1] and sc.val_scope == "kset":  # every candidate a

@@ -12,7 +12,7 @@ from attribution.config import load_config
 from attribution.pipeline import Pipeline
 from attribution.stage_table import key_sections
 from attribution.student.data import PairPlan, collate_pairs
-from attribution.student.head import EmbeddingHead, head_dims, whitening
+from attribution.student.head import EmbeddingHead, head_dims, query_metric, whitening
 from attribution.student.losses import build_loss
 from attribution.student.module import StudentModule
 
@@ -35,12 +35,14 @@ def _world(seed: int = 0, n: int = 400, rare: int = 6, n_queries: int = 64):
     return items, queries, probe, ranks, set(range(rare))
 
 
-def _module(items, queries, anchor: float) -> StudentModule:
+def _module(items, queries, anchor: float, basis: str = "uniform") -> StudentModule:
     torch.manual_seed(0)
     head = EmbeddingHead(head_dims("linear", items.shape[1], [16]), 0.0, alpha_init=5.0,
                          kind="linear", whiten=True)
     head.set_whitening(*whitening(items, 1e-3))
-    return StudentModule(head, build_loss("listwise"), items, queries, lr=1e-2, anchor=anchor)
+    metric = query_metric(queries, head.center, head.whitener) if basis == "queries" else None
+    return StudentModule(head, build_loss("listwise"), items, queries, lr=1e-2, anchor=anchor,
+                         anchor_metric=metric)
 
 
 def test_penalty_is_the_squared_distance_from_the_start_and_training_adds_it():
@@ -68,9 +70,9 @@ def test_penalty_is_the_squared_distance_from_the_start_and_training_adds_it():
         _module(items, queries, anchor=-1.0)
 
 
-def _train(anchor: float, steps: int = 300):
+def _train(anchor: float, steps: int = 300, basis: str = "uniform"):
     items, queries, probe, ranks, rare = _world()
-    module = _module(items, queries, anchor)
+    module = _module(items, queries, anchor, basis)
     batch = collate_pairs([PairPlan(ranks, len(items), 64, 0.1, None, 0)[(0, i)]
                            for i in range(len(queries))])
     module.log = lambda *a, **k: None  # no trainer attached
@@ -82,15 +84,16 @@ def _train(anchor: float, steps: int = 300):
         opt.step()
     with torch.no_grad():
         top = rank_all(module.head.embed(probe), module.head.embed(items))[0][:10]
-    return float(module.head.net.weight[8, 8].detach()), len(rare & set(top.tolist()))
+        fit = float(module.loss_fn(module.scores(batch), batch["target"])["loss"])
+    return float(module.head.net.weight[8, 8].detach()), len(rare & set(top.tolist())), fit
 
 
 def test_anchor_keeps_the_direction_no_training_query_uses():
     """Known answer: the whitened identity puts all 6 rare items in the probe's top 10; without
     the anchor, training (where the rare direction is noise) shrinks it well below 1; with it,
     the direction stays near 1 and the probe still finds every rare item."""
-    free_gain, _ = _train(0.0)
-    kept_gain, kept_found = _train(0.1)
+    free_gain, _, _ = _train(0.0)
+    kept_gain, kept_found, _ = _train(0.1)
     assert free_gain < 0.5
     assert kept_gain > 0.9 and kept_found == 6
 
@@ -105,3 +108,47 @@ def test_anchor_zero_keeps_the_student_cache_key(tmp_path):
     assert key_sections(cfg(0.01), "student")[0]["anchor"] == 0.01
     assert Pipeline(cfg(0.0)).key("student") != Pipeline(cfg(0.01)).key("student")
     assert Pipeline(cfg(0.0)).key("teacher") == Pipeline(cfg(0.01)).key("teacher")
+    shaped = load_config("configs/experiment/toy.yaml", [f"output_root={tmp_path}",
+                                                         "student.anchor_basis=queries"])
+    assert "anchor_basis" not in key_sections(cfg(0.01), "student")[0]  # uniform: as before
+    assert Pipeline(shaped).key("student") != Pipeline(cfg(0.001)).key("student")
+
+
+def test_query_metric_pulls_fully_where_no_query_goes():
+    """Known values: queries on the first two of four axes, equally → C = diag(a, a, 0, 0),
+    c̄ = a/2, P = (I + C/c̄)⁻¹ = diag(1/3, 1/3, 1, 1); and the penalty it shapes is tr(ΔPΔᵀ)
+    on the first layer's weight, plain ‖Δ‖² on the rest."""
+    queries = torch.tensor([[2.0, 0, 0, 0], [0, 2.0, 0, 0], [-2.0, 0, 0, 0], [0, -2.0, 0, 0]])
+    metric = query_metric(queries)
+    assert torch.allclose(metric, torch.diag(torch.tensor([1 / 3, 1 / 3, 1.0, 1.0])), atol=1e-6)
+    items = torch.randn(50, 4, generator=torch.Generator().manual_seed(1))
+    head = EmbeddingHead([4, 4], 0.0, kind="linear")
+    module = StudentModule(head, build_loss("listwise"), items, queries, anchor=1.0,
+                           anchor_metric=metric)
+    delta = torch.arange(16.0).reshape(4, 4) / 10
+    with torch.no_grad():
+        head.net.weight.add_(delta)
+        head.net.bias.fill_(0.5)
+    expected = float(((delta @ metric) * delta).sum()) + 4 * 0.25
+    assert float(module.anchor_penalty().detach()) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="does not fit"):
+        StudentModule(EmbeddingHead([4, 4], 0.0, kind="linear"), build_loss("listwise"), items,
+                      queries, anchor=1.0, anchor_metric=torch.eye(3))
+    with pytest.raises(ValueError, match="anchor > 0"):
+        StudentModule(EmbeddingHead([4, 4], 0.0, kind="linear"), build_loss("listwise"), items,
+                      queries, anchor=0.0, anchor_metric=metric)
+    with pytest.raises(ValueError, match="all zero"):
+        query_metric(torch.zeros(3, 4))
+
+
+def test_query_shaped_anchor_keeps_the_rare_direction_and_frees_the_rest():
+    """Known answer on the same world: at a pull that keeps the rare direction, the uniform
+    anchor also holds back the directions the training queries use, so the teacher's ranking
+    of them is fitted worse than with no pull; shaped by the queries, the pull keeps the rare
+    direction (the probe still finds all 6 items) and fits the training ranking better."""
+    _, _, free_fit = _train(0.0)
+    u_gain, u_found, u_fit = _train(0.1)
+    q_gain, q_found, q_fit = _train(0.1, basis="queries")
+    assert q_gain > 0.9 and q_found == 6 and u_found == 6
+    assert u_fit > free_fit + 0.1  # the uniform pull costs the fit...
+    assert q_fit < u_fit - 0.05  # ...the shaped one less
