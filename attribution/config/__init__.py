@@ -24,5 +24,4 @@ from attribution.config.validate import check_rules, planted_for, val_concept_ro
 
 __all__ = ["Config", "ConfigError", "Rule", "check_rules", "config_hash", "derive",
            "load_config", "opt", "planted_for", "read_yaml_file", "run_hash", "save_config",
-           "to_dict",
-           "val_concept_rows", "val_count"]
+           "to_dict", "val_concept_rows", "val_count"]

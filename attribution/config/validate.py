@@ -174,6 +174,9 @@ def _validate(cfg: DictConfig) -> None:
     if s.feature not in cfg.features.spaces:
         _fail(f"student.feature={s.feature!r} is not among features.spaces "
               f"{list(cfg.features.spaces)}")
+    if s.anchor_basis != "uniform" and s.anchor <= 0:
+        _fail(f"student.anchor_basis={s.anchor_basis} shapes the anchor's pull, but "
+              f"student.anchor={s.anchor}: set student.anchor > 0 too")
     ranks = s.devices * s.num_nodes
     if s.queries_per_batch % ranks:
         _fail(f"student.queries_per_batch={s.queries_per_batch} (the global batch) must be "

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from attribution.callbacks import rank_all
-from attribution.config import load_config
+from attribution.config import ConfigError, load_config
 from attribution.pipeline import Pipeline
 from attribution.stage_table import key_sections
 from attribution.student.data import PairPlan, collate_pairs
@@ -112,6 +112,10 @@ def test_anchor_zero_keeps_the_student_cache_key(tmp_path):
                                                          "student.anchor_basis=queries"])
     assert "anchor_basis" not in key_sections(cfg(0.01), "student")[0]  # uniform: as before
     assert Pipeline(shaped).key("student") != Pipeline(cfg(0.001)).key("student")
+    with pytest.raises(ConfigError, match="student.anchor > 0"):  # at load, not hours later
+        load_config("configs/experiment/toy.yaml", [f"output_root={tmp_path}",
+                                                    "student.anchor=0",
+                                                    "student.anchor_basis=queries"])
 
 
 def test_query_metric_pulls_fully_where_no_query_goes():
