@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from attribution.config import ADDED_LATER, to_dict
+from attribution.config import to_dict, without_added_later
 
 DEPENDS = {
     "world": [],
@@ -68,10 +68,6 @@ CUSTOMIZE_KEYS = ("n_train", "n_test", "exemplars", "images", "steps", "lr", "ba
                   "prior_weight", "prior_batch_size", "params")
 
 
-def _unset_dropped(section, keys: dict[str, object]) -> dict:
-    return {k: v for k, v in to_dict(section).items() if not (k in keys and v == keys[k])}
-
-
 def _abc_sections(cfg) -> tuple[dict, dict]:
     """(what the customize stage reads, what the abc stage reads) of the ``abc`` section."""
     d = to_dict(cfg.abc)
@@ -86,27 +82,27 @@ def key_sections(cfg, stage: str, released_root: Path | None = None) -> list:
     """What a stage's cache key hashes (besides its upstream keys): the config it reads."""
     c = cfg
     return {
-        "world": [_unset_dropped(c.world, ADDED_LATER["world"]), c.seed],
+        "world": [without_added_later("world", c.world), c.seed],
         "text": [c.text_encoder],
-        "generator": [_unset_dropped(c.generator, ADDED_LATER["generator"]), c.seed],
+        "generator": [without_added_later("generator", c.generator), c.seed],
         "queries": [c.queries, c.seed],
         "fidelity": [c.fidelity, c.queries.sampling, c.seed],
         "fisher": [{k: to_dict(c.teacher)[k] for k in ("fisher", "params", "fisher_epochs")},
                    c.seed],
-        "teacher": [{k: v for k, v in _unset_dropped(c.teacher, ADDED_LATER["teacher"]).items()
+        "teacher": [{k: v for k, v in without_added_later("teacher", c.teacher).items()
                      if k not in EXECUTION_ONLY}, c.seed],
         "ceiling": [c.ceiling, c.seed],
         "toyclip": [{k: v for k, v in to_dict(c.features).items() if k.startswith("toyclip")},
                     c.seed],
         "features": [{k: v for k, v in to_dict(c.features).items()
                       if not k.startswith("toyclip") and k != "batch_size"}],
-        "student": [{**{k: v for k, v in _unset_dropped(c.student, ADDED_LATER["student"]).items()
+        "student": [{**{k: v for k, v in without_added_later("student", c.student).items()
                         if k not in STUDENT_EXECUTION_ONLY},
                      "seed": c.seed if c.student.seed is None else c.student.seed}, c.seed,
                     *([str(released_root)] if released_root is not None else [])],
         "baselines": [c.baselines, c.student.k_eval, c.seed],
         "customize": [_abc_sections(c)[0], c.queries.sampling, c.seed],
-        "abc_teacher": [{k: v for k, v in _unset_dropped(c.teacher, ADDED_LATER["teacher"]).items()
+        "abc_teacher": [{k: v for k, v in without_added_later("teacher", c.teacher).items()
                          if k not in EXECUTION_ONLY}, c.abc.teacher_images, c.seed],
         "abc": [_abc_sections(c)[1], c.seed],
     }[stage]

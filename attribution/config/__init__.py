@@ -16,6 +16,7 @@ from attribution.config.load import (
     read_yaml_file,
     run_hash,
     save_config,
+    without_added_later,
 )
 from attribution.config.rules import ConfigError, Rule, opt
 from attribution.config.schema import *  # noqa: F403  (every section's dataclass and constants)
@@ -24,4 +25,4 @@ from attribution.config.validate import check_rules, planted_for, val_concept_ro
 
 __all__ = ["Config", "ConfigError", "Rule", "check_rules", "config_hash", "derive",
            "load_config", "opt", "planted_for", "read_yaml_file", "run_hash", "save_config",
-           "to_dict", "val_concept_rows", "val_count"]
+           "to_dict", "val_concept_rows", "val_count", "without_added_later"]

@@ -110,8 +110,15 @@ def run_hash(cfg: Any) -> str:
     left out, so adding a key to the schema does not make every finished row look as if it had
     run under another configuration."""
     d = to_dict(cfg)
-    for section, keys in ADDED_LATER.items():
+    for section in ADDED_LATER:
         if isinstance(d.get(section), dict):
-            d[section] = {k: v for k, v in d[section].items()
-                          if not (k in keys and v == keys[k])}
+            d[section] = without_added_later(section, d[section])
     return config_hash(d)
+
+
+def without_added_later(section: str, values: Any) -> dict:
+    """The config section ``section`` (its node or dict) as a plain dict, less its
+    ``ADDED_LATER`` keys that hold their "as before" value — what stage keys and sweep rows'
+    hashes are taken of, so runs cached before a key existed stay valid."""
+    keys = ADDED_LATER.get(section, {})
+    return {k: v for k, v in to_dict(values).items() if not (k in keys and v == keys[k])}

@@ -35,17 +35,20 @@ class StudentModule(L.LightningModule):
         self.head, self.loss_fn = head, loss
         self.item_feats, self.query_feats = item_feats, query_feats
         self._start = []  # the starting weights: buffers (they follow .to()), not checkpointed
-        self._first = None  # the first layer's weight: where the metric applies
+        # index (in head.net.parameters()) of the first layer's weight, where the metric
+        # applies; an index, not the tensor: a Parameter set as an attribute would be registered
+        # a second time (and written into checkpoints) under that name
+        self._first = None
         if anchor_metric is not None:
             if anchor <= 0:
                 raise ValueError("an anchor metric needs anchor > 0 (there is no pull to shape)")
-            weights = [p for p in head.net.parameters() if p.ndim == 2]
-            if not weights or weights[0].shape[1] != anchor_metric.shape[0] \
+            weights = [(i, p) for i, p in enumerate(head.net.parameters()) if p.ndim == 2]
+            if not weights or weights[0][1].shape[1] != anchor_metric.shape[0] \
                     or anchor_metric.shape[0] != anchor_metric.shape[1]:
                 raise ValueError(f"anchor metric of shape {tuple(anchor_metric.shape)} does not "
                                  f"fit the head's first layer "
-                                 f"{tuple(weights[0].shape) if weights else None}")
-            self._first = weights[0]
+                                 f"{tuple(weights[0][1].shape) if weights else None}")
+            self._first = weights[0][0]
             self.register_buffer("_anchor_metric", anchor_metric.detach().clone(),
                                  persistent=False)
         if anchor > 0:
@@ -57,9 +60,9 @@ class StudentModule(L.LightningModule):
         """Σ‖θ − θ₀‖² over the embedding map's weights, the first layer's weight measured by
         the anchor metric when there is one (0 without an anchor)."""
         total = torch.zeros((), device=self.device)
-        for p, name in zip(self.head.net.parameters(), self._start, strict=False):
+        for i, (p, name) in enumerate(zip(self.head.net.parameters(), self._start, strict=False)):
             delta = p - getattr(self, name)
-            if p is self._first:
+            if i == self._first:
                 total = total + ((delta @ self._anchor_metric) * delta).sum()
             else:
                 total = total + delta.pow(2).sum()

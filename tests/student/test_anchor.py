@@ -135,6 +135,10 @@ def test_query_metric_pulls_fully_where_no_query_goes():
         head.net.bias.fill_(0.5)
     expected = float(((delta @ metric) * delta).sum()) + 4 * 0.25
     assert float(module.anchor_penalty().detach()) == pytest.approx(expected, rel=1e-5)
+    # the metric and the starting weights are not checkpointed, and no weight is registered twice
+    assert set(module.state_dict()) == {f"head.{k}" for k in head.state_dict()}
+    assert {n for n, _ in module.named_parameters()} == {f"head.{n}" for n, _ in
+                                                         head.named_parameters()}
     with pytest.raises(ValueError, match="does not fit"):
         StudentModule(EmbeddingHead([4, 4], 0.0, kind="linear"), build_loss("listwise"), items,
                       queries, anchor=1.0, anchor_metric=torch.eye(3))
