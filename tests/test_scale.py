@@ -87,3 +87,23 @@ def test_two_process_ddp_student_equals_one_process(smoke_run, tmp_path):
         assert outs["one"][f"student.mAP@{k}"] == pytest.approx(outs["two"][f"student.mAP@{k}"],
                                                                 abs=1e-6)
     assert json.loads((tmp_path / "two" / "head.json").read_text())["dims"][0] > 0
+
+
+def test_teacher_ranks_wait_for_each_other_as_long_as_configured(tmp_path):
+    """Several teacher processes get a process group whose timeout is teacher.timeout_hours
+    (torch's 30-minute default is shorter than ranks can finish apart); one process gets the
+    plain strategy."""
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from attribution.teacher.run import teacher_strategy
+    from tests.conftest import smoke_config
+
+    one = smoke_config(tmp_path).teacher
+    assert teacher_strategy(one) == "auto"
+    many = smoke_config(tmp_path, "teacher.devices=2", "teacher.strategy=ddp_spawn",
+                        "teacher.timeout_hours=6").teacher
+    strategy = teacher_strategy(many)
+    assert isinstance(strategy, DDPStrategy) and strategy._timeout == timedelta(hours=6)
+    assert strategy._start_method == "spawn"

@@ -140,7 +140,11 @@ def ekfac_factors(unet: nn.Module, module_names: list[str], alphas_cumprod: torc
         analyzer = Analyzer("abu", model, task, cpu=not torch.cuda.is_available(),
                             disable_tqdm=not progress, output_dir=tmp,
                             log_level=logging.WARNING)
-        args = FactorArguments(strategy="ekfac", use_empirical_fisher=True)
+        # every draw (kronfluence caps both fits at 100,000 examples by default: MSCOCO has
+        # 118,287 items); teacher.fisher_items chooses fewer items instead
+        args = FactorArguments(strategy="ekfac", use_empirical_fisher=True,
+                               covariance_max_examples=len(draws),
+                               lambda_max_examples=len(draws))
         analyzer.fit_all_factors("ekfac", draws, per_device_batch_size=batch_size,
                                  factor_args=args, overwrite_output_dir=True)
         eig = analyzer.load_eigendecomposition("ekfac")

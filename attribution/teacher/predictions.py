@@ -1,6 +1,5 @@
 """The generator's noise predictions along the query's unlearning direction d, and what they
-give: J·d by a central difference, and an item's loss change to second order (docs/results.md,
-ninth and tenth sessions).
+give: J·d by a central difference, and an item's loss change to second order (docs/results.md, "The teacher").
 
 With p(θ) the noise prediction on one (item, view, caption, t) sample, r0 = p(θ0) − ε its
 residual and a = J·d its derivative along d, the sample's loss at θ0 + η·d is
@@ -26,9 +25,8 @@ import torch
 from torch import nn
 
 from attribution.generator.model import add_noise
-from attribution.teacher.noise import item_noise
 from attribution.teacher.params import ParamSnapshot
-from attribution.teacher.scoring import CandidateSet, loss_plan
+from attribution.teacher.scoring import CandidateSet, loss_plan, plan_inputs
 from attribution.teacher.unlearn import apply_step
 
 DIFFERENCE_FACTOR = 1e-3  # s: J·d matches the exact product to ~1e-3 here (1e-2: a few %)
@@ -56,12 +54,8 @@ def iter_samples(cands: CandidateSet, alphas: torch.Tensor, item_ids: torch.Tens
     -> (batch, ε (B, C, h, w)) — one batch in memory at a time."""
     keys = loss_plan(item_ids, tc.captions, list(tc.timesteps), tc.flips)
     for s in range(0, len(keys), tc.batch_size):
-        k = keys[s : s + tc.batch_size]
-        eps = item_noise(k, cands.shape, seed)
-        x = add_noise(alphas, cands.view(k[:, 0], k[:, 1]).to(device), eps.to(device),
-                      k[:, 3].to(device))
-        yield (x, k[:, 3].to(device),
-               cands.table.lookup(cands.rows[k[:, 0], k[:, 2]]).to(device)), eps
+        z, cond, t, eps = plan_inputs(cands, keys[s : s + tc.batch_size], seed, device)
+        yield (add_noise(alphas, z, eps, t), t, cond), eps
 
 
 def sample_inputs(cands: CandidateSet, alphas: torch.Tensor, item_ids: torch.Tensor, tc,

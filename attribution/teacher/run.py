@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from attribution.common.devices import accelerator_for
 from attribution.common.files import DataFileError, atomic_save_npy, atomic_write_bytes, load_npy
+from attribution.common.seeds import seeded_generator
 from attribution.config import to_dict
 from attribution.data.dataset import read_manifest
 from attribution.data.queries import QuerySet
@@ -63,7 +64,11 @@ def fit_fisher(cfg, world_dir: Path, text_dir: Path, gen_dir: Path, out: Path,
     """Fit the configured Fisher (diagonal or EK-FAC) and save it tied to the generator."""
     tc = cfg.teacher
     unet, manifest, alphas, cands = load_world_model(cfg, world_dir, text_dir, gen_dir)
-    draws = FisherDraws(cands, len(alphas), tc.fisher_epochs, cfg.seed)
+    items = None
+    if tc.fisher_items is not None and tc.fisher_items < len(cands):
+        items = torch.sort(torch.randperm(len(cands), generator=seeded_generator(
+            cfg.seed, 43))[: tc.fisher_items]).values
+    draws = FisherDraws(cands, len(alphas), tc.fisher_epochs, cfg.seed, items)
     start = time.time()
     if tc.fisher == "diagonal":
         names = list(select_parameters(unet, tc.params))
@@ -120,11 +125,18 @@ def _scorer_base_losses(cfg, out: Path, scorer: AbUScorer, rank: int, world_size
                        barrier)
 
 
+def teacher_gain(tc, n_items: int) -> float:
+    """The Fisher gain s: ``teacher.gain``, else N (``gain_scale: N``) or N² (``N2``)."""
+    if tc.gain is not None:
+        return float(tc.gain)
+    return float(n_items) ** (2 if tc.gain_scale == "N2" else 1)
+
+
 def load_preconditioner(tc, fisher_dir: Path, generator_sha256: str, n_items: int):
     """The configured Fisher (checked against the generator) as the unlearning step's
-    preconditioner, scaled by ``teacher.gain`` (default N = ``n_items``)."""
+    preconditioner, scaled by the gain (:func:`teacher_gain`)."""
     tensors = load_fisher(fisher_dir, generator_sha256, tc.fisher, tc.params)
-    gain = tc.gain if tc.gain is not None else float(n_items)
+    gain = teacher_gain(tc, n_items)
     kind = DiagonalPreconditioner if tc.fisher == "diagonal" else EKFACPreconditioner
     return kind(tensors, gain, tc.damping)
 
@@ -143,6 +155,15 @@ def build_scorer(cfg, world_dir, text_dir, gen_dir, fisher_dir, out: Path,
     base = base_losses(cfg, unet, alphas, cands, out) if eager_base else None
     return AbUScorer(unet, alphas, cands, params, precond, base, tc, cfg.seed,
                      device), cands
+
+
+def test_queries(queries_dir: Path, cands: CandidateSet) -> list[Query]:
+    """The test queries, each against every item (what a second teacher or a replicate
+    scores; no stage-1 candidates are built)."""
+    q = QuerySet(Path(queries_dir) / "query_test", need_embeddings=True)
+    every = torch.arange(len(cands))
+    return [Query("test", i, torch.from_numpy(q.latents[i]),
+                  torch.from_numpy(q.text_embeddings[i]), every) for i in range(len(q))]
 
 
 def make_queries(cfg, queries_dir: Path, cands: CandidateSet, out: Path) -> list[Query]:
@@ -200,7 +221,7 @@ def run_teacher(cfg, world_dir: Path, text_dir: Path, gen_dir: Path, queries_dir
     if todo:
         tc = cfg.teacher
         trainer = L.Trainer(accelerator=accelerator_for(cfg.device), devices=tc.devices,
-                            num_nodes=tc.num_nodes, strategy=tc.strategy,
+                            num_nodes=tc.num_nodes, strategy=teacher_strategy(tc),
                             logger=False, enable_progress_bar=False, inference_mode=False,
                             enable_model_summary=False,
                             callbacks=[ShardWriter(store, len(queries), len(queries) - len(todo),
@@ -224,6 +245,22 @@ def run_teacher(cfg, world_dir: Path, text_dir: Path, gen_dir: Path, queries_dir
     if todo and trainer.world_size > 1 and _distributed():
         trainer.strategy.barrier("merged")
     return summary
+
+
+def teacher_strategy(tc):
+    """``teacher.strategy`` with the process group's timeout (``teacher.timeout_hours``) when
+    several processes score: a rank that finished its share waits at the merge barrier for the
+    slowest one, hours later at MSCOCO scale."""
+    if tc.devices * tc.num_nodes == 1:
+        return tc.strategy
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    timeout = timedelta(hours=tc.timeout_hours)
+    if tc.strategy == "ddp_spawn":
+        return DDPStrategy(start_method="spawn", timeout=timeout)
+    return DDPStrategy(timeout=timeout)
 
 
 def _distributed() -> bool:

@@ -184,9 +184,14 @@ class AbUScorer:
         if samples is None:
             samples = iter_samples(self.cands, self.alphas, q.candidates, self.tc, self.seed,
                                    self.device)
+        # d ∝ 1/gain exactly (the damping is a fraction of the scaled Fisher), so the difference
+        # is taken at the step the gain-N teacher takes: J·d is as precise in float32 at the
+        # published gain N² (a step N times smaller) as at N, and unchanged at gain N
+        n = len(self.cands)
+        step = self.tc.eta * factor * (getattr(self.precondition, "gain", n) / n)
         try:
             slope, curve = quadratic_terms(self, d, samples, len(q.candidates),
-                                           2 if self.tc.flips else 1, self.tc.eta * factor, base)
+                                           2 if self.tc.flips else 1, step, base)
         except FloatingPointError:
             raise FloatingPointError(f"non-finite predictions for query {q.split}/"
                                      f"{q.query_id} along its unlearning direction") from None

@@ -55,6 +55,21 @@ class CandidateSet:
             yield ids, self.view(ids), self.table.lookup(self.rows[ids, 0])
 
 
+def plan_inputs(cands: CandidateSet, keys: torch.Tensor, seed: int,
+                device: str | torch.device = "cpu"
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The model inputs of plan rows ``keys`` (int (B, 4): item, flip, caption, t), on
+    ``device``: (views (B, C, h, w), token states (B, L, D), t (B,), ε (B, C, h, w)).  Each
+    distinct caption's token states are read once per batch and repeated on the device (a
+    batch holds every view and timestep of its items: at MSCOCO's 2 views x 20 timesteps that
+    is 40x less read from the memory-mapped table), and ε is drawn on the device."""
+    z = cands.view(keys[:, 0], keys[:, 1]).to(device)
+    rows = cands.rows[keys[:, 0], keys[:, 2]]
+    distinct, where = torch.unique(rows, return_inverse=True)
+    cond = cands.table.lookup(distinct).to(device)[where.to(device)]
+    return z, cond, keys[:, 3].to(device), item_noise(keys, cands.shape, seed, device)
+
+
 def loss_plan(item_ids: torch.Tensor, captions: int, timesteps: list[int],
               flips: bool) -> torch.Tensor:
     """Every (item, flip, caption, t) the loss of ``item_ids`` averages over: int (K*V*C*T, 4)."""
@@ -83,15 +98,11 @@ def candidate_losses(unet: nn.Module, alphas_cumprod: torch.Tensor, cands: Candi
     if captions > cands.rows.shape[1]:
         raise ValueError(f"teacher uses {captions} captions but items have {cands.rows.shape[1]}")
     keys = loss_plan(item_ids, captions, timesteps, flips)
-    shape = cands.shape
     out = torch.empty(len(keys))
     for s in range(0, len(keys), batch_size):
         k = keys[s : s + batch_size]
-        z = cands.view(k[:, 0], k[:, 1])
-        cond = cands.table.lookup(cands.rows[k[:, 0], k[:, 2]])
-        eps = item_noise(k, shape, seed)
-        out[s : s + len(k)] = denoising_loss(unet, alphas_cumprod, z.to(device), cond.to(device),
-                                             k[:, 3].to(device), eps.to(device),
+        z, cond, t, eps = plan_inputs(cands, k, seed, device)
+        out[s : s + len(k)] = denoising_loss(unet, alphas_cumprod, z, cond, t, eps,
                                              reduce=False).cpu()
     views = 2 if flips else 1
     losses = out.view(len(item_ids), views, captions * len(timesteps)).mean(-1)

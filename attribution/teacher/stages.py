@@ -15,7 +15,8 @@ from attribution.data.dataset import CaptionedImageSet
 from attribution.data.queries import QuerySet
 from attribution.teacher import run as scoring
 from attribution.teacher.ceiling import run_ceiling as ceiling_run
-from attribution.teacher.evaluate import planted_known_answers
+from attribution.teacher.evaluate import planted_known_answers, planted_mask
+from attribution.teacher.second import run_second_teacher as second_run
 
 
 def run_fisher(cfg, inputs: Dirs, out: Path, progress: bool = True) -> dict:
@@ -46,6 +47,29 @@ def run_teacher(cfg, inputs: Dirs, out: Path, progress: bool = True) -> dict:
 
 
 def run_ceiling(cfg, inputs: Dirs, out: Path, progress: bool = True) -> dict:
-    """The teacher's replicate on the test queries and its full-set training sample."""
+    """The teacher's replicate on the test queries (a sample stratified by query type) and
+    its full-set training sample."""
     return ceiling_run(cfg, inputs["world"], inputs["text"], inputs["generator"],
-                       inputs["queries"], inputs["fisher"], inputs["teacher"], out, progress)
+                       inputs["queries"], inputs["fisher"], inputs["teacher"], out, progress,
+                       test_query_types(cfg, inputs["queries"]))
+
+
+def test_query_types(cfg, queries_dir: Path) -> dict[str, np.ndarray]:
+    """Boolean masks over the test queries: ``planted`` (the prompt names a planted test
+    concept) and ``ordinary`` (all others); {} without planted concepts or query attributes
+    (an encoded or folder world)."""
+    planted = planted_for(cfg.world, "test")
+    if not planted:
+        return {}
+    attrs = QuerySet(Path(queries_dir) / "query_test").attributes
+    if attrs is None:
+        return {}
+    mask = planted_mask(attrs, [to_dict(p) for p in planted])
+    return {"ordinary": ~mask, "planted": mask}
+
+
+def run_second_teacher(cfg, inputs: Dirs, out: Path, progress: bool = True) -> dict:
+    """A second teacher (``second_teacher``, by default the published AbU+ step) ranks the test
+    queries over the whole training set."""
+    return second_run(cfg, inputs["world"], inputs["text"], inputs["generator"],
+                      inputs["queries"], inputs["fisher"], out, progress)
