@@ -68,12 +68,7 @@ def kset_map(query_emb: torch.Tensor, item_emb: torch.Tensor, ksets: np.ndarray,
     Returns:
         (mAP, its standard error over queries).
     """
-    with torch.no_grad():
-        scores = torch.einsum("vd,vkd->vk", query_emb,
-                              item_emb[torch.as_tensor(ksets)]).detach().numpy()
-    order = np.argsort(-scores, axis=1, kind="stable")
-    ranked = np.take_along_axis(ksets, order, 1)
-    return mean_average_precision(list(ranked), [set(r[:k].tolist()) for r in ksets])
+    return _pool_map(query_emb, item_emb, np.asarray(ksets), ksets, k)
 
 
 def fullset_kset_map(query_emb: torch.Tensor, item_emb: torch.Tensor, ksets: np.ndarray,
@@ -92,6 +87,68 @@ def fullset_kset_map(query_emb: torch.Tensor, item_emb: torch.Tensor, ksets: np.
                                   [set(r[:k].tolist()) for r in ksets])
 
 
+def outside_samples(ksets: np.ndarray, n_items: int, r: int, seed: int) -> np.ndarray:
+    """int (V, R') ids drawn uniformly without replacement from outside each query's K-set,
+    R' = min(r, N − K): the known negatives of :func:`sampled_kset_map`.  A function of
+    (``seed``, the K-sets) only."""
+    ksets = np.asarray(ksets)
+    n_out = min(int(r), n_items - ksets.shape[1])
+    if n_out < 1:
+        return np.zeros((len(ksets), 0), dtype=np.int64)
+    rng = np.random.default_rng([int(seed), 83])
+    out = np.empty((len(ksets), n_out), dtype=np.int64)
+    for v, row in enumerate(ksets):
+        pool = np.setdiff1d(np.arange(n_items), row, assume_unique=False)
+        out[v] = rng.choice(pool, size=n_out, replace=False)
+    return out
+
+
+def sampled_kset_map(query_emb: torch.Tensor, item_emb: torch.Tensor, ksets: np.ndarray,
+                     outside: np.ndarray, k: int) -> tuple[float, float]:
+    """mAP@k of held-out TRAINING queries over their K-set plus a uniform sample of items from
+    outside it (the ``sampled`` validation scope).
+
+    The positives are the teacher's top-k of each K-set.  Every other item ranked has a label
+    the data supports: a K-set item below the teacher's top k is a known negative, and so is a
+    random item from outside the K-set (stage 1 left it out; under a curation recall near 1 it
+    is not among the teacher's top k, and a random draw is no more likely to be one for being
+    near the query in any feature space).  Ranking every item instead (``full``) also counts
+    as negatives the items just outside the K-set — exactly those a head that departs from the
+    stage-1 features lifts, and the ones stage 1 missed — so it favours the stage-1 features;
+    ranking the K-set alone (``kset``) cannot see a head that lifts far items above the
+    positives.  docs/pipeline.md, "Validation".
+
+    Args:
+        query_emb: float (V, D) embedded validation queries.
+        item_emb: float (N, D) every item embedded (only the rows named are read).
+        ksets: int (V, K) each query's stage-1 candidates in the teacher's order, best first.
+        outside: int (V, R) items from outside each K-set (:func:`outside_samples`).
+        k: positives per query.
+
+    Returns:
+        (mAP, its standard error over queries); ties are broken by position in
+        [K-set, outside sample], i.e. in the positives' favour.
+    """
+    return _pool_map(query_emb, item_emb, np.concatenate([np.asarray(ksets),
+                                                          np.asarray(outside)], 1), ksets, k)
+
+
+def _pool_map(query_emb: torch.Tensor, item_emb: torch.Tensor, pool: np.ndarray,
+              ksets: np.ndarray, k: int) -> tuple[float, float]:
+    """mAP of each query's teacher top-k of its K-set, ranked among ``pool`` (V, P) item ids
+    by inner product (ties by position in the pool).  Scores come from one (V, N) product,
+    so memory is O(V·N), never O(V·P·D)."""
+    with torch.no_grad():
+        scores = (query_emb @ item_emb.T).detach().numpy()
+    pooled = np.take_along_axis(scores, pool, 1)
+    order = np.argsort(-pooled, axis=1, kind="stable")
+    ranked = np.take_along_axis(pool, order, 1)
+    return mean_average_precision(list(ranked), [set(r[:k].tolist()) for r in ksets])
+
+
+VAL_SCOPES = ("kset", "sampled", "full")
+
+
 class ValidationCallback(L.Callback):
     """Validation on held-out training queries: logs ``val/mAP@k`` (+ ``_stderr``) after every
     epoch, keeps the best head's weights (the untrained head, "epoch 0", competes too) and stops
@@ -100,21 +157,30 @@ class ValidationCallback(L.Callback):
     Args:
         item_feats: float (N, D) item features; query_feats: float (V, D) validation queries;
         ksets: int (V, K) their teacher-ordered K-sets; k: positives per query.
-        scope: ``full`` ranks the positives among every item (:func:`fullset_kset_map`, the
-            default), ``kset`` only among the K-set (:func:`kset_map`).
+        scope: ``kset`` ranks the positives among the K-set (:func:`kset_map`, the default),
+            ``sampled`` among the K-set and ``outside`` random items from outside it
+            (:func:`sampled_kset_map`), ``full`` among every item (:func:`fullset_kset_map`).
+        outside: R for ``sampled`` (default: K, as many outside items as candidates).
+        seed: what the outside sample is drawn with.
     """
 
     def __init__(self, item_feats, query_feats, ksets: np.ndarray, k: int,
-                 patience: int | None = None, scope: str = "full"):
-        if scope not in ("full", "kset"):
-            raise ValueError(f"validation scope must be 'full' or 'kset', got {scope!r}")
+                 patience: int | None = None, scope: str = "kset",
+                 outside: int | None = None, seed: int = 0):
+        if scope not in VAL_SCOPES:
+            raise ValueError(f"validation scope must be one of {VAL_SCOPES}, got {scope!r}")
         self.items = torch.as_tensor(np.asarray(item_feats), dtype=torch.float32)
         self.queries = torch.as_tensor(np.asarray(query_feats), dtype=torch.float32)
         self.ksets, self.k, self.patience = np.asarray(ksets), k, patience
         self.scope = scope
-        # kset: only the K-set items are embedded at each evaluation; full: every item
-        self.ids, inverse = np.unique(self.ksets, return_inverse=True)
-        self.local = inverse.reshape(self.ksets.shape)
+        pool = self.ksets
+        if scope == "sampled":
+            r = self.ksets.shape[1] if outside is None else outside
+            self.outside = outside_samples(self.ksets, len(self.items), r, seed)
+            pool = np.concatenate([self.ksets, self.outside], 1)
+        # sampled / kset: only the items named are embedded at each evaluation; full: every item
+        self.ids, inverse = np.unique(pool, return_inverse=True)
+        self.local = inverse.reshape(pool.shape)
         self.best, self.best_se, self.best_epoch, self.best_state = -1.0, 0.0, None, None
         self.history: list[float] = []
         self.wait = 0
@@ -129,8 +195,12 @@ class ValidationCallback(L.Callback):
         if self.scope == "full":
             return fullset_kset_map(embed(self.queries[sel]), embed(self.items),
                                     self.ksets[sel], self.k)
-        return kset_map(embed(self.queries[sel]), embed(self.items[self.ids]), self.local[sel],
-                        self.k)
+        local = self.local[sel]
+        emb_q, emb_i = embed(self.queries[sel]), embed(self.items[self.ids])
+        if self.scope == "kset":
+            return kset_map(emb_q, emb_i, local, self.k)
+        kk = self.ksets.shape[1]
+        return sampled_kset_map(emb_q, emb_i, local[:, :kk], local[:, kk:], self.k)
 
     def consider(self, module, epoch: int) -> None:
         """Evaluate ``module`` as the head after ``epoch`` epochs; keep it if it is the best."""
@@ -162,10 +232,14 @@ class ThroughputCallback(L.Callback):
     the search alone, over an exact index of every embedded training item."""
 
     def __init__(self, item_feats, query_feats, k: int = 10, n_queries: int = 50,
-                 warmup: int = 5):
+                 warmup: int = 5, gpu: bool = False):
         self.item_feats, self.query_feats = item_feats, query_feats
-        self.k, self.n, self.warmup = k, n_queries, warmup
+        self.k, self.n, self.warmup, self.gpu = k, n_queries, warmup, gpu
         self.results: dict[str, float] = {}
+
+    def results_as(self, prefix: str) -> dict[str, float]:
+        """The measured rates under ``prefix`` (``student.head_search_queries_per_second``)."""
+        return {f"{prefix}{k}": v for k, v in self.results.items()}
 
     @staticmethod
     def _sync(module) -> None:
@@ -173,7 +247,7 @@ class ThroughputCallback(L.Callback):
             torch.cuda.synchronize()
 
     def on_fit_end(self, trainer, module) -> None:
-        index = retrieval.build_index(module.embed(self.item_feats).numpy())
+        index = retrieval.build_index(module.embed(self.item_feats).numpy(), gpu=self.gpu)
         feats = torch.as_tensor(np.asarray(self.query_feats[: self.n]), dtype=torch.float32)
         emb = module.embed(feats).numpy()
         for i in range(min(self.warmup, len(feats))):

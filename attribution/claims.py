@@ -71,7 +71,7 @@ def _points(rows: list[dict], key: str, metric: str, member: str | None = None
     """Per setting of ``key``: the aggregated test figure, with the per-query AP (averaged
     over the setting's seeds) when every run of the setting saved it and it agrees with the
     table's figure."""
-    member = member or f"student@{metric.rsplit('@', 1)[1]}"
+    member = member or f"{_ap_prefix(metric)}student@{metric.rsplit('@', 1)[1]}"
     out = {}
     for p in aggregate(rows, key, metric):
         runs = [r for r in rows if str(r.get(key)) == p["x"]]
@@ -79,7 +79,7 @@ def _points(rows: list[dict], key: str, metric: str, member: str | None = None
         ap = None
         if arrays and all(a is not None for a in arrays) and len({len(a) for a in arrays}) == 1:
             ap = np.mean(arrays, axis=0)
-            if member.startswith("student") and abs(ap.mean() - p["mean"]) > 1e-6:
+            if "student@" in member and abs(ap.mean() - p["mean"]) > 1e-6:
                 ap = None  # the file belongs to another run than the table's row
         out[p["x"]] = Point(p["mean"], p["stderr"], ap)
     return out
@@ -114,15 +114,25 @@ def _k(metric: str) -> str:
     return metric.rsplit("@", 1)[1]
 
 
+SECOND = "second."  # a metric measured against the second teacher: second.student.mAP@k
+
+
+def _ap_prefix(metric: str) -> str:
+    """The per-query AP files' member prefix of a metric: "" for the run's teacher,
+    "second:" for the second teacher (evaluation.per_query_ap)."""
+    return "second:" if metric.startswith(SECOND) else ""
+
+
 def feature_space_claims(rows: list[dict], metric: str) -> list[dict]:
     """Tuned > untuned, per feature space: the student on a space vs that space's raw cosine."""
-    tail = metric.split(".", 1)[1]
+    against = SECOND if metric.startswith(SECOND) else ""
+    tail = metric[len(against):].split(".", 1)[1]
     out = []
     for space, tuned in _points(rows, "student.feature", metric).items():
         run = next(r for r in rows if str(r.get("student.feature")) == space)
-        b = Point(_num(run.get(f"baseline.{space}.{tail}")),
-                  _num(run.get(f"baseline.{space}.{tail}_stderr")),
-                  _ap_arrays(run, f"baseline@{_k(metric)}"))
+        b = Point(_num(run.get(f"{against}baseline.{space}.{tail}")),
+                  _num(run.get(f"{against}baseline.{space}.{tail}_stderr")),
+                  _ap_arrays(run, f"{_ap_prefix(metric)}baseline@{_k(metric)}"))
         if math.isnan(b.mean):
             continue
         d, se, paired = _diff(tuned, b)
@@ -253,11 +263,22 @@ def stale_runs(results_root: str | Path, experiment: str,
     return out
 
 
-def format_claims(claims: list[dict], metric: str) -> list[str]:
-    """Markdown table lines."""
+def format_claims(claims: list[dict], metric: str, second: list[dict] | None = None,
+                  second_name: str = "the second teacher") -> list[str]:
+    """Markdown table lines; with ``second`` (the same claims against a second teacher:
+    ``check_claims(..., "second." + metric)``) a figure and a verdict under each teacher."""
     if not claims:
         return []
-    return [f"| claim (docs/method.md §5) | sweep | ours, test {metric} (difference ± s.e.) | "
-            "verdict |", "|---|---|---|---|",
-            *(f"| {c['claim']} | `{c['sweep']}` | {c['ours']} | {c['verdict']} |"
-              for c in claims)]
+    if not second:
+        return [f"| claim (docs/method.md §5) | sweep | ours, test {metric} (difference ± s.e.) "
+                "| verdict |", "|---|---|---|---|",
+                *(f"| {c['claim']} | `{c['sweep']}` | {c['ours']} | {c['verdict']} |"
+                  for c in claims)]
+    other = {(c["claim"], c["sweep"]): c for c in second}
+    missing = {"ours": "—", "verdict": "no result (rerun the sweep)"}
+    return [f"| claim (docs/method.md §5) | sweep | against this run's teacher: test {metric} "
+            f"(difference ± s.e.) | verdict | against {second_name} | verdict |",
+            "|---|---|---|---|---|---|",
+            *(f"| {c['claim']} | `{c['sweep']}` | {c['ours']} | {c['verdict']} | "
+              f"{other.get((c['claim'], c['sweep']), missing)['ours']} | "
+              f"{other.get((c['claim'], c['sweep']), missing)['verdict']} |" for c in claims)]

@@ -15,18 +15,21 @@ from pathlib import Path
 
 import numpy as np
 
-from attribution.callbacks import ap_at_k, map_by_type
-from attribution.common.files import Dirs, atomic_write_bytes, load_npy, load_npz
+from attribution.callbacks import ap_at_k, map_at_ks, map_by_type
+from attribution.common.files import (
+    DataFileError,
+    Dirs,
+    atomic_write_bytes,
+    load_npy,
+    load_npz,
+)
 from attribution.config import planted_for, to_dict
 from attribution.data.dataset import CaptionedImageSet
 from attribution.data.queries import QuerySet
 from attribution.student.deploy import student_test_ranks
 from attribution.teacher.ceiling import self_agreement
-from attribution.teacher.evaluate import (
-    planted_known_answers,
-    planted_mask,
-    teacher_storage_bytes,
-)
+from attribution.teacher.evaluate import planted_known_answers, teacher_storage_bytes
+from attribution.teacher.stages import test_query_types
 
 
 def known_answer_recall(cfg, world_dir: Path, queries_dir: Path, rank: np.ndarray) -> dict:
@@ -43,15 +46,9 @@ def known_answer_recall(cfg, world_dir: Path, queries_dir: Path, rank: np.ndarra
 
 
 def query_types(cfg, queries_dir: Path) -> dict[str, np.ndarray]:
-    """Boolean masks over the test queries: ``planted`` (the prompt names a planted concept,
-    whose known answers the teacher finds) and ``ordinary`` (all others); {} without planted
-    concepts or query attributes."""
-    planted = planted_for(cfg.world, "test")
-    attrs = QuerySet(Path(queries_dir) / "query_test").attributes
-    if not planted or attrs is None:
-        return {}
-    mask = planted_mask(attrs, [to_dict(p) for p in planted])
-    return {"ordinary": ~mask, "planted": mask}
+    """Boolean masks over the test queries: ``planted`` and ``ordinary`` (the ceiling stage's
+    strata: :func:`attribution.teacher.stages.test_query_types`)."""
+    return test_query_types(cfg, queries_dir)
 
 
 def released_metrics(student: dict) -> dict:
@@ -92,8 +89,11 @@ def run_metrics(cfg, dirs: Dirs, finished: Mapping[str, dict]) -> dict:
         out.update({f"teacher.{k}": v for k, v in ceiling.items()})
         # overall and per query type, beside each method's figure of that type
         out.update({f"teacher.{k}": v for k, v in self_agreement(
-            dirs["ceiling"], teacher_rank, ks, ceiling.get("self_queries", 0), types).items()})
+            dirs["ceiling"], teacher_rank, ks,
+            ceiling.get("self_rows", ceiling.get("self_queries", 0)), types).items()})
     ranked = {"student": student_rank}
+    if (dirs["student"] / "rank_whitened.npy").is_file():  # the whitened head's start
+        ranked["baseline.whitened"] = np.load(dirs["student"] / "rank_whitened.npy")
     baselines = finished.get("baselines") is not None
     if baselines:
         ranked.update({f"baseline.{p.stem[5:]}": np.load(p)
@@ -101,19 +101,11 @@ def run_metrics(cfg, dirs: Dirs, finished: Mapping[str, dict]) -> dict:
     for method, rank in ranked.items():
         out.update({f"{method}.{k}": v
                     for k, v in map_by_type(rank, teacher_rank, ks, types).items()})
-    e2e = student.get("end_to_end", {})
-    out["student.queries_per_second"] = e2e.get("queries_per_second", float("nan"))
-    out["search.queries_per_second"] = e2e.get("search_queries_per_second", float("nan"))
-    out["speedup_vs_teacher"] = out["teacher.seconds_per_query"] * out[
-        "student.queries_per_second"]
-    feature = cfg.student.feature
-    out[f"baseline.{feature}.queries_per_second"] = e2e.get("baseline_queries_per_second",
-                                                           float("nan"))
-    out["student.storage_bytes"] = e2e.get("storage_bytes", 0)
-    out[f"baseline.{feature}.storage_bytes"] = e2e.get("baseline_storage_bytes", 0)
-    out["teacher.storage_bytes"] = teacher_storage_bytes(dirs["world"], dirs["generator"],
-                                                         dirs["fisher"])
-    out["n_items"] = e2e.get("n_items", 0)
+    if finished.get("second_teacher") is not None:
+        out.update(second_teacher_metrics(dirs["second_teacher"], teacher_rank, ranked, ks,
+                                          types, finished["second_teacher"]))
+    out.update(cost_metrics(cfg, dirs, student.get("end_to_end", {}),
+                            out["teacher.seconds_per_query"]))
     if baselines:
         base = json.loads((dirs["baselines"] / "baselines.json").read_text())
         for method, r in base.items():
@@ -122,18 +114,63 @@ def run_metrics(cfg, dirs: Dirs, finished: Mapping[str, dict]) -> dict:
     return out
 
 
+def cost_metrics(cfg, dirs: Dirs, e2e: dict, teacher_seconds: float) -> dict:
+    """Queries/s end to end and storage of the student, its untuned features and the teacher
+    (``e2e``: the student stage's end-to-end measurement)."""
+    feature = cfg.student.feature
+    qps = e2e.get("queries_per_second", float("nan"))
+    return {"student.queries_per_second": qps,
+            "search.queries_per_second": e2e.get("search_queries_per_second", float("nan")),
+            "speedup_vs_teacher": teacher_seconds * qps,
+            f"baseline.{feature}.queries_per_second": e2e.get("baseline_queries_per_second",
+                                                              float("nan")),
+            "student.storage_bytes": e2e.get("storage_bytes", 0),
+            f"baseline.{feature}.storage_bytes": e2e.get("baseline_storage_bytes", 0),
+            "teacher.storage_bytes": teacher_storage_bytes(dirs["world"], dirs["generator"],
+                                                           dirs["fisher"]),
+            "n_items": e2e.get("n_items", 0)}
+
+
+def second_teacher_metrics(folder: Path, teacher_rank: np.ndarray,
+                           ranked: dict[str, np.ndarray], ks: list[int],
+                           types: dict[str, np.ndarray], summary: dict) -> dict:
+    """Every method against the second teacher (``second.<method>.mAP@k``, per query type
+    too), and the two teachers against each other: ``second.teacher.mAP@k`` is the run's
+    teacher ranked against the second's top k, ``teacher.second.mAP@k`` the second's ranking
+    against the run's teacher's top k (mAP is not symmetric)."""
+    second = load_npz(Path(folder) / "teacher_test.npz", "the second teacher's rankings")["rank"]
+    if second.shape != teacher_rank.shape:
+        raise DataFileError(f"the second teacher ranked {second.shape} (queries, items), the "
+                            f"run's teacher {teacher_rank.shape}: delete {folder} and rerun")
+    out = {"second.name": summary.get("name", "second teacher"),
+           "second.seconds_per_query": summary.get("seconds_per_query", float("nan"))}
+    def scored(rank, against):
+        return {**map_at_ks(rank, against, ks), **map_by_type(rank, against, ks, types)}
+
+    for method, rank in {**ranked, "teacher": teacher_rank}.items():
+        out.update({f"second.{method}.{k}": v for k, v in scored(rank, second).items()})
+    out.update({f"teacher.second.{k}": v for k, v in scored(second, teacher_rank).items()})
+    return out
+
+
 def per_query_ap(cfg, dirs: Dirs) -> dict[str, np.ndarray]:
     """Each test query's AP@k against the teacher, for every ``student.k_eval`` k: the student
     (``student@k``) and, when the baselines finished, its untuned input features
-    (``baseline@k``).  Two runs scored on the same test queries are compared pairwise with
-    these (a paired standard error: docs/pipeline.md, sweeps)."""
+    (``baseline@k``); with a finished second teacher the same against it (``second:...``).
+    Two runs scored on the same test queries are compared pairwise with these (a paired
+    standard error: docs/pipeline.md, sweeps)."""
     teacher_rank = load_npz(Path(dirs["teacher"]) / "teacher_test.npz",
                             "teacher test rankings")["rank"]
     ranked = {"student": student_test_ranks(cfg, dirs["features"], dirs["student"])}
     base = Path(dirs["baselines"]) / f"rank_{cfg.student.feature}.npy"
     if base.is_file():
         ranked["baseline"] = load_npy(base, "baseline test rankings")
-    return {f"{name}@{k}": ap_at_k(rank, teacher_rank, k)
+    refs = {"": teacher_rank}
+    second = Path(dirs.get("second_teacher", "")) / "teacher_test.npz"
+    if cfg.second_teacher.enabled and second.is_file():  # "second:student@k", ...
+        refs["second:"] = load_npz(second, "the second teacher's rankings")["rank"]
+    return {f"{prefix}{name}@{k}": ap_at_k(rank, ref, k)
+            for prefix, ref in refs.items()
             for k in cfg.student.k_eval if k <= teacher_rank.shape[1]
             for name, rank in ranked.items()}
 

@@ -5,7 +5,8 @@ Embeddings are L2-normalized, so inner product = cosine and a HIGHER score = MOR
 
 Kinds: ``flat`` (exact), ``ivf`` (IVF-Flat, ``nlist`` lists, ``nprobe`` searched), ``hnsw``
 (HNSW, ``m`` links), ``ivfpq`` (IVF + product quantization, for indexes that do not fit in
-memory).  ``gpu=True`` moves the index to a GPU when faiss-gpu and a GPU are present.
+memory).  ``gpu=True`` puts the index on GPU 0 (faiss-gpu; the caller decides from the
+config's device, ``common.devices.faiss_on_gpu``); saved indexes are always the CPU form.
 
 :class:`Reranked` puts an exact second pass behind an approximate index: the index proposes the
 top ``candidates`` and their full vectors (float16, memory-mapped from disk for indexes larger
@@ -53,9 +54,16 @@ def build_index(emb: np.ndarray, kind: str = "flat", nlist: int = 64, nprobe: in
     else:
         raise ValueError(f"unknown index kind {kind!r} (flat | ivf | ivfpq | hnsw)")
     index.add(x)
-    if gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-    return index
+    return to_gpu(index) if gpu else index
+
+
+def to_gpu(index):
+    """The index on GPU 0 (the caller checked that faiss has GPU support and a GPU:
+    ``common.devices.faiss_on_gpu``); HNSW has no GPU form in faiss and stays."""
+    faiss = _faiss()
+    if type(index).__name__.startswith("IndexHNSW"):
+        return index
+    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
 
 
 class Reranked:
@@ -101,9 +109,9 @@ def save_rerank_vectors(emb: np.ndarray, path: str | Path) -> None:
     np.save(path, np.asarray(emb, dtype=np.float16))
 
 
-def load_index(path: str | Path, rerank: int = 0):
-    """Load an index; with ``rerank`` > 0 and ``<path stem>.vectors.npy`` beside it, wrap it in
-    :class:`Reranked` over those vectors (memory-mapped)."""
+def load_index(path: str | Path, rerank: int = 0, gpu: bool = False):
+    """Load an index (onto the GPU with ``gpu``); with ``rerank`` > 0 and ``<path stem>.vectors
+    .npy`` beside it, wrap it in :class:`Reranked` over those vectors (memory-mapped)."""
     from attribution.common.files import DataFileError, load_npy
 
     path = Path(path)
@@ -115,6 +123,8 @@ def load_index(path: str | Path, rerank: int = 0):
         raise DataFileError(f"faiss index is corrupt: {path} ({str(err).splitlines()[0]}). "
                             "To rebuild it, rerun `attribution student CONFIG` (delete the "
                             "student folder first)") from err
+    if gpu:
+        index = to_gpu(index)
     vectors = path.with_suffix(".vectors.npy")
     if rerank > 0 and vectors.is_file():
         return Reranked(index, load_npy(vectors, "Re-ranking vectors", mmap=True), rerank)

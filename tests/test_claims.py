@@ -143,19 +143,13 @@ def test_the_report_knows_the_key_a_sweep_run_would_have_now(tmp_path):
     assert _current_key(cfg, "student.no_such_key=1") is None
 
 
-def test_a_key_added_at_its_neutral_value_leaves_finished_rows_current(tmp_path):
-    """Known answer: a row hashed before ``student.anchor_basis`` existed (the same config
-    without that key) has the hash the report expects now, because the key holds its "as
-    before" value; set to anything else, the hash differs (that row would be stale)."""
-    from attribution.config import load_config, run_hash, to_dict
+def test_a_row_s_hash_carries_the_format_version(tmp_path, monkeypatch):
+    """A row hashed by another format version of this project (other defaults, other stage
+    meanings) is not the row the report expects now: it is stale."""
+    import attribution.config.load as load
+    from attribution.config import load_config, run_hash
 
     cfg = load_config("configs/experiment/toy_smoke.yaml", [f"output_root={tmp_path}"])
-    before = to_dict(cfg)
-    del before["student"]["anchor_basis"]
-    assert run_hash(before) == run_hash(cfg)
-    shaped = load_config("configs/experiment/toy_smoke.yaml",
-                         [f"output_root={tmp_path}", "student.anchor=0.01",
-                          "student.anchor_basis=queries"])
-    plain = load_config("configs/experiment/toy_smoke.yaml",
-                        [f"output_root={tmp_path}", "student.anchor=0.01"])
-    assert run_hash(shaped) != run_hash(plain)
+    now = run_hash(cfg)
+    monkeypatch.setattr(load, "FORMAT_VERSION", load.FORMAT_VERSION - 1)
+    assert run_hash(cfg) != now

@@ -47,6 +47,15 @@ def load_rankings(folder: str | Path, n_items: int) -> Rankings:
                                 f"({{'random': {{'rank': ...}}}}): {path}: no {err}") from err
         out[split] = as_rank_array(rank, str(path))
         validate_ranks(out[split], n_items, str(path))
+        for key in ("influence_subset", "influence"):  # the scores the ranks came from
+            scores = data["random"].get(key) if isinstance(data["random"], dict) else None
+            if scores is not None:
+                arr = np.asarray(scores)
+                if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+                    bad = np.flatnonzero(~np.isfinite(arr).all(axis=tuple(range(1, arr.ndim))))
+                    raise DataFileError(f"{path}: ['random']['{key}'] holds non-finite scores "
+                                        f"(query rows {bad[:5].tolist()}): the rankings made "
+                                        "from them cannot be trusted")
     if out["test"].shape[1] != n_items:
         raise DataFileError(f"test rankings rank {out['test'].shape[1]} items, but there are "
                             f"{n_items} training items: test queries need full-set rankings")

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from attribution import retrieval
+from attribution.common.devices import faiss_on_gpu
 from attribution.common.files import DataFileError, Dirs, load_weights, read_json
 from attribution.data.dataset import CaptionedImageSet
 from attribution.data.queries import QuerySet
@@ -64,19 +65,27 @@ def deployed(cfg, dirs: Dirs) -> Deployed:
     """The deployed student of these (verified) folders."""
     world = CaptionedImageSet(dirs["world"], verify=False)
     head = load_head(dirs["student"])
-    index = retrieval.load_index(Path(dirs["student"]) / "index.faiss", cfg.student.rerank)
+    index = retrieval.load_index(Path(dirs["student"]) / "index.faiss", cfg.student.rerank,
+                                 gpu=faiss_on_gpu(cfg.device))
     extractor = extractor_for(cfg, dirs, cfg.student.feature, world.manifest["image_size"])
     return Deployed(world, head, index, extractor)
 
 
 @torch.no_grad()
-def student_test_ranks(cfg, features_dir: Path, student_dir: Path) -> np.ndarray:
-    """The trained student's ranking of every training item for each test query: int (Q, N)."""
+def student_test_scores(cfg, features_dir: Path, student_dir: Path) -> np.ndarray:
+    """The trained student's score (cosine in its embedding) of every training item for each
+    test query: float (Q, N), higher = more influential."""
     head = load_head(student_dir)
     feats = load_features(space_dir(features_dir, cfg.student.feature))
     qe = head.embed(torch.as_tensor(np.array(feats["query_test"]), dtype=torch.float32))
     ie = head.embed(torch.as_tensor(np.array(feats["items"]), dtype=torch.float32))
-    return np.argsort(-(qe @ ie.T).numpy(), axis=1, kind="stable")
+    return (qe @ ie.T).numpy()
+
+
+def student_test_ranks(cfg, features_dir: Path, student_dir: Path) -> np.ndarray:
+    """The trained student's ranking of every training item for each test query: int (Q, N)."""
+    return np.argsort(-student_test_scores(cfg, features_dir, student_dir), axis=1,
+                      kind="stable")
 
 
 def test_images(queries_dir: Path, n_queries: int) -> tuple[list[torch.Tensor], list[str]]:
@@ -100,21 +109,27 @@ def _rate(fn, n: int, warmup: int) -> float:
 
 @torch.no_grad()
 def feature_search_throughput(cfg, dirs: Dirs, space: str, n_queries: int = 30, k: int = 10,
-                              warmup: int = 3, extractor=None) -> dict:
+                              warmup: int = 3, extractor=None, transform=None) -> dict:
     """The untuned baseline deployed: features -> flat cosine search over the raw item
     features (no head); queries/s at batch 1 and the index's storage.  ``extractor``: the
-    space's extractor when the caller already built it."""
+    space's extractor when the caller already built it; ``transform``: a fixed map of the
+    features (float (B, D) -> (B, D'), numpy) applied to items and queries before the cosine,
+    e.g. the student's whitening (the whitened baseline); its cost is timed with the query."""
     if extractor is None:
         world = CaptionedImageSet(dirs["world"], verify=False)
         extractor = extractor_for(cfg, dirs, space, world.manifest["image_size"])
     items = np.asarray(load_features(space_dir(dirs["features"], space))["items"],
                        dtype=np.float32)
+    if transform is not None:
+        items = np.asarray(transform(items), dtype=np.float32)
     items = items / np.maximum(np.linalg.norm(items, axis=1, keepdims=True), 1e-12)
     index = retrieval.build_index(items, "flat")
     images, captions = test_images(dirs["queries"], n_queries)
 
     def one(i):
         f = extractor.extract(images[i], [captions[i]]).numpy()
+        if transform is not None:
+            f = np.asarray(transform(f), dtype=np.float32)
         return retrieval.search(index, f / max(float(np.linalg.norm(f)), 1e-12), k)
 
     return {"queries_per_second": _rate(one, len(images), warmup),

@@ -15,9 +15,11 @@ class StudentModule(L.LightningModule):
     Args:
         item_feats: float (N, D) training-item features; query_feats: float (Q, D) training
             query features (rows match the teacher rankings' rows).
-        anchor: λ of the pull λ·Σ‖θ − θ₀‖² of the embedding map's weights toward where they
-            started (L2-SP; a linear or residual head starts at the identity, so this keeps the
-            directions the training queries never use as the untuned features had them).
+        anchor: λ of the pull λ·Σ‖θ − θ₀‖² / Σ‖θ₀‖² of the embedding map's weights toward
+            where they started (L2-SP; a linear or residual head starts at the identity, so
+            this keeps the directions the training queries never use as the untuned features
+            had them).  The squared distance is relative to the start's own ‖θ₀‖² (D for a D-d
+            identity), so λ is a pull on the map's relative change whatever its width.
         anchor_metric: (D_in, D_in) P (:func:`~attribution.student.head.query_metric`): the
             first layer's weight is pulled by tr(ΔPΔᵀ) instead of ‖Δ‖² — fully along the
             input directions the training queries do not carry, less along those they do;
@@ -55,10 +57,15 @@ class StudentModule(L.LightningModule):
             for i, p in enumerate(head.net.parameters()):
                 self.register_buffer(f"_start_{i}", p.detach().clone(), persistent=False)
                 self._start.append(f"_start_{i}")
+            scale = sum(float(p.detach().double().pow(2).sum()) for p in head.net.parameters())
+            if not scale > 0:
+                raise ValueError("the anchor is relative to the head's starting weights, which "
+                                 "are all zero")
+            self._start_scale = scale
 
     def anchor_penalty(self) -> torch.Tensor:
-        """Σ‖θ − θ₀‖² over the embedding map's weights, the first layer's weight measured by
-        the anchor metric when there is one (0 without an anchor)."""
+        """Σ‖θ − θ₀‖² / Σ‖θ₀‖² over the embedding map's weights, the first layer's weight
+        measured by the anchor metric when there is one (0 without an anchor)."""
         total = torch.zeros((), device=self.device)
         for i, (p, name) in enumerate(zip(self.head.net.parameters(), self._start, strict=False)):
             delta = p - getattr(self, name)
@@ -66,7 +73,7 @@ class StudentModule(L.LightningModule):
                 total = total + ((delta @ self._anchor_metric) * delta).sum()
             else:
                 total = total + delta.pow(2).sum()
-        return total
+        return total / self._start_scale if self._start else total
 
     def scores(self, batch: dict) -> torch.Tensor:
         """Pair scores (B, P); each distinct query and item is embedded once."""

@@ -29,16 +29,17 @@ from attribution.common.files import DataFileError, atomic_save_npy, atomic_writ
 from attribution.config import derive
 from attribution.metrics import standard_error
 from attribution.teacher import curation
-from attribution.teacher.run import build_scorer, make_queries
+from attribution.teacher.run import build_scorer, make_queries, test_queries
 from attribution.teacher.scorer import Query
 
 PARTIAL = "delete it; rerunning recomputes only this query"
 
 
-def _scores(scorer, queries: list[Query], out: Path, stem: str, n_items: int,
-            progress: bool) -> np.ndarray:
-    """float (Q, N) influences, one cached file per query."""
-    rows = []
+def query_scores(scorer, queries: list[Query], out: Path, stem: str, n_items: int,
+                 progress: bool) -> tuple[np.ndarray, int]:
+    """(float (Q, N) influences, how many were scored now): one cached file per query
+    (``<stem>_<query id>.npy``, checked when read), so a killed run resumes at the next."""
+    rows, fresh = [], 0
     for i, q in enumerate(queries):
         path = out / f"{stem}_{q.query_id}.npy"
         if path.is_file():
@@ -49,32 +50,68 @@ def _scores(scorer, queries: list[Query], out: Path, stem: str, n_items: int,
         else:
             row = scorer.score(q)["influence"].detach().cpu().numpy().astype(np.float32)
             atomic_save_npy(path, row)
+            fresh += 1
         if progress:
-            print(f"  ceiling {stem} {i + 1}/{len(queries)}", flush=True)
+            print(f"  {out.name.split('-')[0]} {stem} {i + 1}/{len(queries)}", flush=True)
         rows.append(row)
-    return np.stack(rows) if rows else np.zeros((0, n_items), np.float32)
+    return (np.stack(rows) if rows else np.zeros((0, n_items), np.float32)), fresh
 
 
-def replicate_ranks(out: Path, n_queries: int) -> np.ndarray:
-    """int (n_queries, N): the stored fresh-noise replicate's ranking of the first test queries."""
+def stratified_rows(types: dict[str, np.ndarray] | None, n_queries: int, n_sample: int,
+                    seed: int) -> np.ndarray:
+    """int (n_sample,) sorted test-query rows: each query type (boolean masks over the
+    ``n_queries`` rows) gets its share of the sample, rounded by largest remainder and at least
+    one row, drawn at random within the type; all rows when ``n_sample`` >= ``n_queries``.
+    Without types, a uniform random sample."""
+    if n_sample >= n_queries:
+        return np.arange(n_queries)
+    masks = [m for m in (types or {}).values() if m.any()] or [np.ones(n_queries, bool)]
+    sizes = np.array([m.sum() for m in masks])
+    quota = n_sample * sizes / sizes.sum()
+    take = np.maximum(1, np.floor(quota).astype(int))
+    for i in np.argsort(-(quota - np.floor(quota)), kind="stable"):
+        if take.sum() >= n_sample:
+            break
+        take[i] += 1
+    while take.sum() > n_sample:  # the minimum of one row per type overshot
+        take[int(np.argmax(take))] -= 1
+    rng = np.random.default_rng([int(seed), 89])
+    rows = [rng.permutation(np.flatnonzero(m))[: min(t, m.sum())] for m, t in zip(masks, take)]
+    return np.sort(np.concatenate(rows))
+
+
+def replicate_ranks(out: Path, rows) -> np.ndarray:
+    """int (len(rows), N): the stored fresh-noise replicate's ranking of those test queries."""
     rep = np.stack([load_npy(out / f"replicate_test_{i}.npy", "A ceiling query's influences",
-                             rebuild=PARTIAL) for i in range(n_queries)])
+                             rebuild=PARTIAL) for i in rows])
     return np.argsort(-rep, axis=1, kind="stable")
 
 
-def self_agreement(out: Path, teacher_rank: np.ndarray, ks: list[int], n_queries: int,
+def self_agreement(out: Path, teacher_rank: np.ndarray, ks: list[int], rows,
                    types: dict[str, np.ndarray] | None = None) -> dict:
-    """``self_mAP@k`` (+ ``_stderr``) of the stored replicate of the first ``n_queries`` test
-    queries against the teacher's ranking, at any k (read when metrics are written, so changing
-    ``student.k_eval`` never rescores); with ``types`` (boolean masks over the test queries)
-    also ``self.<type>.mAP@k`` on each type's queries."""
-    if not n_queries:
+    """``self_mAP@k`` (+ ``_stderr``) of the stored replicate of the test queries ``rows``
+    against the teacher's ranking, at any k (read when metrics are written, so changing
+    ``student.k_eval`` never rescores).  With ``types`` (boolean masks over every test query)
+    also ``self.<type>.mAP@k`` on each type's sampled queries, and the overall figure is
+    weighted as the test set is (Σ_t n_t/n · mean_t, s.e. from the types' s.e.), so it bounds
+    the methods on their own query mix whatever share of each type was rescored.  ``rows``
+    may be a count (the first rows, as ceilings made before stratified samples stored)."""
+    rows = np.arange(rows) if np.isscalar(rows) else np.asarray(rows, dtype=np.int64)
+    if not len(rows):
         return {}
     ks = [k for k in ks if k <= teacher_rank.shape[1]]
-    rep, teacher = replicate_ranks(out, n_queries), teacher_rank[:n_queries]
+    rep, teacher = replicate_ranks(out, rows), teacher_rank[rows]
+    sampled = {t: m[rows] for t, m in (types or {}).items() if m[rows].any()}
+    by_type = map_by_type(rep, teacher, ks, sampled)
     agreement = {f"self_{k}": v for k, v in map_at_ks(rep, teacher, ks).items()}
-    agreement.update({f"self.{k}": v for k, v in map_by_type(
-        rep, teacher, ks, {t: m[:n_queries] for t, m in (types or {}).items()}).items()})
+    if sampled and all(m.any() == m[rows].any() for m in (types or {}).values()):
+        n = len(teacher_rank)
+        for k in ks:
+            w = {t: types[t].sum() / n for t in sampled}
+            agreement[f"self_mAP@{k}"] = float(sum(w[t] * by_type[f"{t}.mAP@{k}"] for t in w))
+            agreement[f"self_mAP@{k}_stderr"] = float(np.sqrt(sum(
+                (w[t] * by_type[f"{t}.mAP@{k}_stderr"]) ** 2 for t in w)))
+    agreement.update({f"self.{k}": v for k, v in by_type.items()})
     return agreement
 
 
@@ -91,8 +128,12 @@ def curation_recall(full_scores: np.ndarray, ksets: np.ndarray, ks: list[int]) -
 
 
 def run_ceiling(cfg, world_dir: Path, text_dir: Path, gen_dir: Path, queries_dir: Path,
-                fisher_dir: Path, teacher_dir: Path, out: Path, progress: bool = True) -> dict:
-    """Score the replicate and the full-set training sample; write ``ceiling.json``."""
+                fisher_dir: Path, teacher_dir: Path, out: Path, progress: bool = True,
+                types: dict[str, np.ndarray] | None = None) -> dict:
+    """Score the replicate and the full-set training sample; write ``ceiling.json``.
+
+    ``types``: boolean masks over the test queries (ordinary / planted); a sample of them
+    (``ceiling.test_queries``) is stratified by them (:func:`stratified_rows`)."""
     cc = cfg.ceiling
     out.mkdir(parents=True, exist_ok=True)
     # one device (cfg.device): the rescoring is a handful of queries, not split over ranks
@@ -106,11 +147,13 @@ def run_ceiling(cfg, world_dir: Path, text_dir: Path, gen_dir: Path, queries_dir
         fresh = derive(cfg, {"seed": cfg.seed + cc.seed_offset})  # new draws and item noise
         scorer, cands = build_scorer(fresh, world_dir, text_dir, gen_dir, fisher_dir, out,
                                      device=device)
-        queries = [q for q in make_queries(cfg, queries_dir, cands, teacher_dir)
-                   if q.split == "test"][:n_test]
-        _scores(scorer, queries, out, "replicate_test", n_items, progress)
+        rows = stratified_rows(types, len(teacher_rank), n_test, cfg.seed)
+        test = test_queries(queries_dir, cands)
+        query_scores(scorer, [test[i] for i in rows], out, "replicate_test", n_items,
+                     progress)
         summary["self_queries"] = n_test
-        summary.update(self_agreement(out, teacher_rank, [10], n_test))
+        summary["self_rows"] = rows.tolist()
+        summary.update(self_agreement(out, teacher_rank, [10], rows, types))
         del scorer
     ksets = np.load(teacher_dir / "candidates_train.npy")
     n_train = min(cc.curation_queries, len(ksets))
@@ -121,7 +164,7 @@ def run_ceiling(cfg, world_dir: Path, text_dir: Path, gen_dir: Path, queries_dir
         train = [q for q in make_queries(cfg, queries_dir, cands, teacher_dir)
                  if q.split == "train"][:n_train]
         full = [Query(q.split, q.query_id, q.z, q.cond, torch.arange(len(cands))) for q in train]
-        scores = _scores(scorer, full, out, "fullset_train", n_items, progress)
+        scores = query_scores(scorer, full, out, "fullset_train", n_items, progress)[0]
         summary.update(curation_recall(scores, ksets[:n_train],
                                        [k for k in (10, 50, 100) if k <= ksets.shape[1]]))
         summary["curation_queries"] = n_train

@@ -213,34 +213,10 @@ def summarize(cfg, dirs: Dirs, scored: dict, k: int = 10, split: str = "test",
     mask = planted_mask(attributes, planted) if attributes else np.zeros(q, bool)
     kinds = {"planted": mask, "ordinary": ~mask} if mask.any() and (~mask).any() else {}
     damping = cfg.teacher.damping
-    rows = []
-    for s in settings:
-        f, d = s
-        infl, metas = scored[s]
-        rise = np.array([m["query_loss_after"] - m["query_loss_before"] for m in metas])
-        before = np.array([m["query_loss_before"] for m in metas])
-        share = (infl > 0).mean(axis=1)
-        row = {"factor": f, "damping": damping if d is None else d,
-               "eta": cfg.teacher.eta * f, "queries": q,
-               "query_loss_rise": float(rise.mean()), "query_loss_rise_stderr": standard_error(rise),
-               "relative_query_loss_rise": float((rise / before).mean()),
-               "share_items_rising": float(share.mean()),
-               "share_items_rising_stderr": standard_error(share)}
-        known = planted_known_answers(world.attributes, attributes, ranks[s], planted)
-        row.update({f"{name} recall@10": r["recall@10"] for name, r in known.items()})
-        if teacher is not None:
-            vs_teacher = map_at_ks(ranks[s], teacher, [k])
-            row[f"vs_teacher.mAP@{k}"] = vs_teacher[f"mAP@{k}"]
-            row[f"vs_teacher.mAP@{k}_stderr"] = vs_teacher[f"mAP@{k}_stderr"]
-        larger = sorted(g for g, e in settings if e == d and g > f)
-        if larger:
-            nxt = map_at_ks(ranks[s], ranks[(larger[0], d)], [k])
-            row[f"vs_next.mAP@{k}"] = nxt[f"mAP@{k}"]
-            row[f"vs_next.mAP@{k}_stderr"] = nxt[f"mAP@{k}_stderr"]
-            row["next_factor"] = larger[0]
-            row.update({f"vs_next.{key}": v for key, v in map_by_type(
-                ranks[s], ranks[(larger[0], d)], [k], kinds).items()})
-        rows.append(row)
+    known = {s: planted_known_answers(world.attributes, attributes, ranks[s], planted)
+             for s in settings}
+    rows = [_study_row(cfg, s, scored[s], ranks, settings, known[s], teacher, kinds, k)
+            for s in settings]
     exact = bool(split == "test" and (1.0, None) in scored and not path and not even
                  and np.array_equal(ranks[(1.0, None)], teacher))
     return {"k": k, "split": split, "queries": q, "rows_scored": rows_scored,
@@ -249,6 +225,36 @@ def summarize(cfg, dirs: Dirs, scored: dict, k: int = 10, split: str = "test",
             "estimator": cfg.teacher.estimator, "rows": rows,
             "path": path, "even": even, "factor_1_reproduces_teacher": exact,
             "query_kinds": {kind: int(m.sum()) for kind, m in kinds.items()}}
+
+
+def _study_row(cfg, s: tuple, scored_s: tuple, ranks: dict, settings: list, known: dict,
+               teacher, kinds: dict, k: int) -> dict:
+    """One (factor, damping) row of the study's table (:func:`summarize`)."""
+    f, d = s
+    infl, metas = scored_s
+    rise = np.array([m["query_loss_after"] - m["query_loss_before"] for m in metas])
+    before = np.array([m["query_loss_before"] for m in metas])
+    share = (infl > 0).mean(axis=1)
+    row = {"factor": f, "damping": cfg.teacher.damping if d is None else d,
+           "eta": cfg.teacher.eta * f, "queries": len(ranks[s]),
+           "query_loss_rise": float(rise.mean()), "query_loss_rise_stderr": standard_error(rise),
+           "relative_query_loss_rise": float((rise / before).mean()),
+           "share_items_rising": float(share.mean()),
+           "share_items_rising_stderr": standard_error(share)}
+    row.update({f"{name} recall@10": r["recall@10"] for name, r in known.items()})
+    if teacher is not None:
+        vs_teacher = map_at_ks(ranks[s], teacher, [k])
+        row[f"vs_teacher.mAP@{k}"] = vs_teacher[f"mAP@{k}"]
+        row[f"vs_teacher.mAP@{k}_stderr"] = vs_teacher[f"mAP@{k}_stderr"]
+    larger = sorted(g for g, e in settings if e == d and g > f)
+    if larger:
+        nxt = map_at_ks(ranks[s], ranks[(larger[0], d)], [k])
+        row[f"vs_next.mAP@{k}"] = nxt[f"mAP@{k}"]
+        row[f"vs_next.mAP@{k}_stderr"] = nxt[f"mAP@{k}_stderr"]
+        row["next_factor"] = larger[0]
+        row.update({f"vs_next.{key}": v for key, v in map_by_type(
+            ranks[s], ranks[(larger[0], d)], [k], kinds).items()})
+    return row
 
 
 def _add_one_step_agreement(summary: dict, scored: dict, one_step: Path, rows: list[int],

@@ -148,3 +148,26 @@ def test_coco_sweeps_run_on_the_fixture(released, tmp_path):
     rows = read_rows(table)
     assert [r["student.loss"] for r in rows] == ["ce", "mse", "ordinal", "listwise"]
     assert all(0 <= float(r["student.mAP@10"]) <= 1 for r in rows)
+
+
+def test_wandb_scratch_stays_under_the_run_folder(released, tmp_path):
+    """An offline W&B student writes its scratch (debug logs, cache, settings) beside the
+    stage's folder, not under the user's home."""
+    import os
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"),
+           "XDG_CONFIG_HOME": str(home / ".config")}
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_DIR"):
+        env.pop(var, None)
+    cmd = [sys.executable, "-m", "attribution", "student", str(COCO),
+           f"output_root={tmp_path / 'runs'}", f"data.root={released}", "student.epochs=1",
+           "student.k_eval=[10]", "student.logger=wandb_offline", "student.num_workers=0",
+           "student.val_queries=6", "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (home / ".cache" / "wandb").exists() and not (home / ".config" / "wandb").exists()
+    assert (tmp_path / "runs" / "coco_released" / ".wandb").is_dir()

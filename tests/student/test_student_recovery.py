@@ -48,3 +48,48 @@ def test_ignored_dimensions_are_invisible_to_raw_cosine():
     h = world.code(f)
     assert (h[:, world.latent:] ** 2).sum() / (h ** 2).sum() > 0.25
     assert main.shape[1] + extra.shape[1] == 1280
+
+
+@pytest.mark.parametrize("stage1", ["same", "other", "random"])
+def test_default_validation_prefers_the_head_that_is_better_on_test(stage1):
+    """Known answer on a set whose hidden map is known (linear): the untrained head (raw
+    cosine, "epoch 0") against the hidden map itself (the best head there is).  The test
+    queries — ranked by the teacher over every item — say the map is better; the default
+    validation (held-out training queries, the K-set's top k_val ranked among the K-set; and
+    among it and as many items drawn from outside it) must say so too, however stage 1 picked
+    the K-set.
+    Ranking every item with half the K-set positive (the old ``full`` scope at k_val = K/2)
+    prefers raw cosine when stage 1 used the same features: the bias this default removes."""
+    import torch
+    import torch.nn.functional as F
+
+    from attribution.callbacks import ValidationCallback, map_at_ks, rank_all
+    from attribution.config import validation_k
+    from benchmarks.student_recovery import make_recovery_set
+
+    s = make_recovery_set("linear", n_items=3000, dim=160, q_train=240, k=200, q_test=40,
+                          noise=0.25, seed=0, stage1=stage1)
+    world = HiddenWorld("linear", 160, seed=0)
+
+    def raw(x):
+        return F.normalize(torch.as_tensor(np.asarray(x), dtype=torch.float32), dim=-1)
+
+    def oracle(x):  # the hidden map h = M f, the teacher's own geometry
+        return torch.from_numpy(world.code(np.asarray(x, dtype=np.float32))).float()
+
+    items = s["items"]
+    test = {name: map_at_ks(rank_all(e(s["test_q"]), e(items)), s["test_rank"], [30])[
+        "mAP@30"] for name, e in (("raw", raw), ("oracle", oracle))}
+    assert test["oracle"] > test["raw"] + 0.1
+    val = np.arange(200, 240)  # held-out training queries
+    k_val = validation_k(None, [30], 200)
+    cb = ValidationCallback(items, s["train_q"][val], s["train_rank"][val], k_val)
+    assert cb.scope == "kset" and k_val == 20  # the default rule
+    sampled = ValidationCallback(items, s["train_q"][val], s["train_rank"][val], k_val,
+                                 scope="sampled")
+    assert sampled.evaluate(oracle)[0] > sampled.evaluate(raw)[0]
+    assert cb.evaluate(oracle)[0] > cb.evaluate(raw)[0]
+    if stage1 == "same":
+        old = ValidationCallback(items, s["train_q"][val], s["train_rank"][val], 100,
+                                 scope="full")
+        assert old.evaluate(raw)[0] > old.evaluate(oracle)[0]

@@ -17,7 +17,9 @@ from attribution.callbacks import (
     feature_baseline,
     fullset_kset_map,
     kset_map,
+    outside_samples,
     rank_all,
+    sampled_kset_map,
 )
 from attribution.features.cache import space_dir
 from attribution.student.head import HEADS, EmbeddingHead, head_dims
@@ -102,6 +104,38 @@ def test_fullset_validation_charges_items_from_outside_the_kset():
     assert cb.evaluate(lambda x: x)[0] == pytest.approx(full)
     assert ValidationCallback(items, q, kset, 2, scope="kset").evaluate(
         lambda x: x)[0] == pytest.approx(within)
+
+
+def test_sampled_validation_charges_only_items_drawn_at_random_from_outside():
+    # the same query and K-set as above; item 5 (outside, just below the top) is NOT in the
+    # outside sample, item 0 (outside, drawn) is lifted above the positives: only item 0 counts
+    q = torch.tensor([[1.0, 0.0]])
+    items = torch.full((10, 2), -1.0)
+    items[9] = torch.tensor([1.0, 0.0])
+    items[5] = torch.tensor([0.95, 0.05])
+    items[0] = torch.tensor([0.9, 0.1])
+    items[7] = torch.tensor([0.8, 0.6])
+    items[1] = torch.tensor([0.6, 0.8])
+    items[3] = torch.tensor([0.0, 1.0])
+    kset, outside = np.array([[7, 3, 9, 1]]), np.array([[0, 2, 4]])
+    m, _ = sampled_kset_map(q, items, kset, outside, 2)
+    # pool ranking: 9, 0, 7, 1, 3, (2, 4): positives 7, 3 at 3rd and 5th
+    assert m == pytest.approx((1 / 3 + 2 / 5) / 2)
+    cb = ValidationCallback(items, q, kset, 2, scope="sampled", outside=6, seed=0)
+    assert cb.outside.shape == (1, 6) and not set(cb.outside[0]) & {7, 3, 9, 1}
+    assert set(cb.outside[0]) == {0, 2, 4, 5, 6, 8}  # R >= N - K: every outside item
+    # ...which makes it the full-set figure
+    assert cb.evaluate(lambda x: x)[0] == pytest.approx(fullset_kset_map(q, items, kset, 2)[0])
+
+
+def test_outside_samples_are_outside_distinct_and_seeded():
+    ksets = np.stack([np.random.default_rng(i).permutation(100)[:20] for i in range(5)])
+    a = outside_samples(ksets, 100, 30, seed=3)
+    assert a.shape == (5, 30)
+    for row, out in zip(ksets, a):
+        assert not set(row) & set(out) and len(set(out)) == 30
+    assert np.array_equal(a, outside_samples(ksets, 100, 30, seed=3))
+    assert not np.array_equal(a, outside_samples(ksets, 100, 30, seed=4))
 
 
 def test_split_is_fixed_disjoint_and_shared_across_data_scaling():

@@ -112,3 +112,34 @@ def test_validation_concepts_prompt_only_held_out_training_queries(tmp_path):
 def test_too_many_validation_concept_queries_fail_by_name(tmp_path):
     with pytest.raises(ConfigError, match="queries.planted_val"):
         smoke_config(tmp_path, "queries.planted_val=8")
+
+
+def test_whitened_input_is_the_untrained_whitened_head(smoke_run):
+    """Known answer: the ``whitened`` method row (the student's input whitened as its head is,
+    untrained) ranks every test query exactly as a whitened linear head at its identity start;
+    the student stage measures it beside the trained head, with its per-kind figures."""
+    import json
+
+    from attribution.features.cache import load_features, space_dir
+
+    smoke_run.run(["student"])
+    cfg = smoke_run.cfg
+    assert cfg.student.whiten > 0  # the toy recipe whitens
+    m = json.loads((smoke_run.dir("student") / "metrics.json").read_text())
+    k = cfg.student.k_eval[0]
+    assert f"baseline.whitened.mAP@{k}" in m and "baseline.whitened.queries_per_second" in m
+    feats = load_features(space_dir(smoke_run.dir("features"), cfg.student.feature))
+    items = torch.as_tensor(np.asarray(feats["items"]), dtype=torch.float32)
+    queries = torch.as_tensor(np.asarray(feats["query_test"]), dtype=torch.float32)
+    head = EmbeddingHead(head_dims("linear", items.shape[1], []), 0.0, kind="linear",
+                         whiten=True).eval()
+    head.set_whitening(*whitening(items, cfg.student.whiten))
+    with torch.no_grad():
+        want = rank_all(head.embed(queries), head.embed(items))
+    got = np.load(smoke_run.dir("student") / "rank_whitened.npy")
+    assert (got[:, :20] == want[:, :20]).mean() > 0.99  # float ties aside
+    assert not np.array_equal(got, rank_all(F.normalize(queries, dim=-1),
+                                            F.normalize(items, dim=-1)))
+    smoke_run.run(["baselines"])
+    metrics = smoke_run.write_metrics()
+    assert f"baseline.whitened.planted.mAP@{k}" in metrics

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from attribution.common.files import DataFileError
-from attribution.teacher.ceiling import _scores, curation_recall
+from attribution.teacher.ceiling import (
+    curation_recall,
+    query_scores,
+    self_agreement,
+    stratified_rows,
+)
 
 
 @pytest.fixture(scope="module")
@@ -95,10 +100,54 @@ def test_a_corrupt_query_file_is_named_and_nothing_is_rescored(tmp_path):
         query_id = 3
 
     np.save(tmp_path / "replicate_test_3.npy", np.ones(5, np.float32))
-    assert _scores(Never(), [Q()], tmp_path, "replicate_test", 5, False).shape == (1, 5)
+    scores, fresh = query_scores(Never(), [Q()], tmp_path, "replicate_test", 5, False)
+    assert scores.shape == (1, 5) and fresh == 0
     (tmp_path / "replicate_test_3.npy").write_bytes(b"garbage")
     with pytest.raises(DataFileError, match="replicate_test_3.npy"):
-        _scores(Never(), [Q()], tmp_path, "replicate_test", 5, False)
+        query_scores(Never(), [Q()], tmp_path, "replicate_test", 5, False)
     np.save(tmp_path / "replicate_test_3.npy", np.full(5, np.nan, np.float32))
     with pytest.raises(DataFileError, match="finite"):
-        _scores(Never(), [Q()], tmp_path, "replicate_test", 5, False)
+        query_scores(Never(), [Q()], tmp_path, "replicate_test", 5, False)
+
+
+def test_a_sample_of_test_queries_is_stratified_like_the_test_set():
+    """100 test queries, the first 20 planted (as the queries stage writes them): a sample of
+    40 takes 8 planted and 32 ordinary (the test set's 20 %), not the first 40 (half planted)."""
+    planted = np.zeros(100, bool)
+    planted[:20] = True
+    types = {"ordinary": ~planted, "planted": planted}
+    rows = stratified_rows(types, 100, 40, seed=0)
+    assert len(rows) == 40 == len(set(rows.tolist())) and planted[rows].sum() == 8
+    assert np.array_equal(rows, stratified_rows(types, 100, 40, seed=0))
+    assert not np.array_equal(rows, stratified_rows(types, 100, 40, seed=1))
+    assert np.array_equal(stratified_rows(types, 100, 100, seed=0), np.arange(100))
+    assert planted[stratified_rows(types, 100, 3, seed=0)].sum() == 1  # every type kept
+    assert len(stratified_rows({}, 100, 7, seed=0)) == 7
+
+
+def test_ceiling_overall_is_weighted_as_the_test_set(tmp_path):
+    """Known answer: 10 test queries, 2 planted.  The replicate agrees perfectly on the planted
+    ones it rescored (AP 1) and ranks the teacher's top 3 last of 30 on the ordinary ones (AP
+    (1/28 + 2/29 + 3/30)/3); rescored: both planted and 2 ordinary.  The plain mean over the
+    sample weighs the two kinds half and half; the ceiling weighs them as the test set does,
+    20 % planted."""
+    n_items, k = 30, 3
+    teacher = np.stack([np.random.default_rng(i).permutation(n_items) for i in range(10)])
+    planted = np.zeros(10, bool)
+    planted[:2] = True
+    rows = np.array([0, 1, 5, 7])
+    for i in rows:
+        score = np.zeros(n_items, np.float32)
+        if planted[i]:  # the replicate ranks the teacher's top k first
+            score[teacher[i, :k]] = 1.0
+        else:  # ...or last
+            score[:] = 1.0
+            score[teacher[i, :k]] = 0.0
+        np.save(tmp_path / f"replicate_test_{i}.npy", score)
+    out = self_agreement(tmp_path, teacher, [k], rows,
+                         {"ordinary": ~planted, "planted": planted})
+    last = (1 / 28 + 2 / 29 + 3 / 30) / 3
+    assert out[f"self.planted.mAP@{k}"] == pytest.approx(1.0)
+    assert out[f"self.ordinary.mAP@{k}"] == pytest.approx(last)
+    assert out[f"self_mAP@{k}"] == pytest.approx(0.2 * 1.0 + 0.8 * last)
+    assert out[f"self_mAP@{k}_stderr"] == pytest.approx(0.0, abs=1e-12)  # no spread in a kind

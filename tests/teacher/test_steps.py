@@ -196,18 +196,18 @@ def test_counterfactual_on_the_choosing_split_reads_the_val_study(study, capsys)
     q = val_concept_rows(pipe.cfg)[0]
     out = pipe.run_counterfactual(["teacher"], [q], 2, progress=False, echo=lambda s: None,
                                   split="val")
-    res = json.loads((out / "counterfactual_val.json").read_text())
+    res = json.loads((out / "counterfactual_val_k2.json").read_text())  # k = 2: its own file
     assert res["split"] == "val" and res["queries"] == [q]
     assert res["rows"][0]["removed"] == ranks["teacher"][q, :2].tolist()
     assert abs(res["rows"][0]["delta_loss"]) > 0  # two items removed: the query's loss moves
-    assert "counterfactual_val.json" in [p.name for p in result_files(out)]
+    assert "counterfactual_val_k2.json" in [p.name for p in result_files(out)]
     code, text, err = run_cli(capsys, "counterfactual", "configs/experiment/toy_smoke.yaml",
                               f"output_root={pipe.cfg.output_root}", "--split", "val",
                               "--methods", "teacher", "-k", "2", "--queries", str(q),
                               "--no-progress")  # the same removal: cached, nothing retrained
     assert code == 0, err
     assert "1 training queries (the choosing split)" in text
-    assert (out / "counterfactual_val.png").is_file()
+    assert (out / "counterfactual_val_k2.png").is_file()
     metrics = pipe.root / "metrics.json"
     hidden = metrics.rename(metrics.with_suffix(".hidden"))  # a counterfactual before the report
     try:
