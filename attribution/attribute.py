@@ -14,12 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from attribution import retrieval
 from attribution.common.files import DataFileError, Dirs
 from attribution.data.dataset import read_manifest
 from attribution.data.images import center_crop_resize, save_grid
+from attribution.features.cache import load_features, space_dir
 from attribution.student.deploy import deployed
 
 SHARE_POOL = 1000  # items the share of influence is normalized over (the rest count as zero)
@@ -73,9 +75,58 @@ def read_image(path: str | Path, size: int, notices: list[str] | None = None) ->
                             f"({err.__class__.__name__}: {err})") from err
 
 
+def _check_output(path: str | Path | None, flag: str, suffixes: tuple[str, ...],
+                  image: str | Path) -> Path | None:
+    """An output file name given on the command line: its folder exists, its suffix fits,
+    and it is not the query image."""
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise DataFileError(f"{flag} {path}: the folder {path.parent} does not exist (it is "
+                            "not created for you)")
+    if path.suffix.lower() not in suffixes:
+        raise DataFileError(f"{flag} {path}: give a {' or '.join(suffixes)} file name")
+    if path.exists() and Path(image).exists() and path.samefile(image):
+        raise DataFileError(f"{flag} {path} is the query image itself: writing it would "
+                            "overwrite the image; give another file name")
+    return path
+
+
+def write_html(page_path: Path, x: torch.Tensor, prompt: str, world, student: tuple,
+               untuned: tuple, feature: str) -> None:
+    """``attribute --html``: the report's gallery for one query — the student's top k and
+    the untuned features' (``student``/``untuned``: (ids, scores)); no teacher ranks an
+    image it has not scored, so no AP and nothing marked as shared."""
+    from attribution import gallery
+
+    files = page_path.with_name(page_path.stem + "_files")
+    q = ((x[0].movedim(0, -1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+    gallery.save_thumbnail(q, files / "queries" / "0.png")
+    for i in list(student[0]) + list(untuned[0]):
+        gallery.save_thumbnail(world.images[int(i)], files / "items" / f"{i}.png")
+    methods = [gallery.Ranked(name, np.asarray([ids]),
+                              _sparse(ids, scores, len(world)))
+               for name, (ids, scores) in (("student", student),
+                                           (f"untuned {feature}", untuned))]
+    rows = gallery.gallery_rows([gallery.QueryRow(0, prompt, "query",
+                                                  f"{files.name}/queries/0.png")],
+                                methods, None, len(student[0]),
+                                [c[0] for c in world.captions], files.name)
+    page_path.write_text(gallery.page("Attribution of one query", [], rows, ["query"]))
+
+
+def _sparse(ids: list[int], scores: list[float], n: int) -> np.ndarray:
+    """(1, n) scores holding ``scores`` at ``ids`` (what the gallery's cells read)."""
+    out = np.zeros((1, n), np.float32)
+    out[0, ids] = scores
+    return out
+
+
 @torch.no_grad()
 def attribute(cfg, dirs: Dirs, image: str | Path, prompt: str, k: int = 10,
-              grid_path: str | Path | None = None, calibrator=None) -> dict:
+              grid_path: str | Path | None = None, calibrator=None,
+              html_path: str | Path | None = None) -> dict:
     """Top-k training items for one (image, prompt), with scores and the share of influence.
 
     ``dirs``: the verified folders of the world, toyclip, features and student stages.
@@ -91,13 +142,8 @@ def attribute(cfg, dirs: Dirs, image: str | Path, prompt: str, k: int = 10,
         raise DataFileError(f"-k must be a positive number of training items, got {k}")
     if not str(prompt).strip():
         raise DataFileError("--prompt must not be empty: the student reads the prompt too")
-    if grid_path is not None:
-        grid_path = Path(grid_path)
-        if not grid_path.parent.is_dir():
-            raise DataFileError(f"--grid {grid_path}: the folder {grid_path.parent} does not "
-                                "exist (it is not created for you)")
-        if grid_path.suffix.lower() not in (".png", ".jpg", ".jpeg"):
-            raise DataFileError(f"--grid {grid_path}: give a .png (or .jpg) file name")
+    grid_path = _check_output(grid_path, "--grid", (".png", ".jpg", ".jpeg"), image)
+    html_path = _check_output(html_path, "--html", (".html", ".htm"), image)
     notices: list[str] = []
     # the image is checked before any model is loaded
     x = read_image(image, read_manifest(dirs["world"])["image_size"], notices)
@@ -107,7 +153,8 @@ def attribute(cfg, dirs: Dirs, image: str | Path, prompt: str, k: int = 10,
         notices.append(f"note: -k {k} exceeds the {index.ntotal} training items; showing all")
         k = int(index.ntotal)
     start = time.perf_counter()
-    emb = head.embed(extractor.extract(x, [prompt]))
+    raw = extractor.extract(x, [prompt])
+    emb = head.embed(raw)
     n = min(int(index.ntotal), max(k, SHARE_POOL)) if calibrator is not None else k
     scores, ids = retrieval.search(index, emb.numpy(), n)
     seconds = time.perf_counter() - start
@@ -119,6 +166,13 @@ def attribute(cfg, dirs: Dirs, image: str | Path, prompt: str, k: int = 10,
         q = ((x[0].movedim(0, -1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
         save_grid(np.stack([q] + [np.asarray(world.images[i]) for i in ids]), grid_path,
                   ncol=k + 1)
+    if html_path is not None:
+        items = torch.as_tensor(np.asarray(load_features(space_dir(
+            dirs["features"], cfg.student.feature))["items"]), dtype=torch.float32)
+        cos = (F.normalize(items, dim=-1) @ F.normalize(raw, dim=-1)[0]).numpy()
+        top = np.argsort(-cos, kind="stable")[:k]
+        write_html(html_path, x, prompt, world, (ids, scores),
+                   (top.tolist(), cos[top].tolist()), cfg.student.feature)
     return {"ids": ids, "scores": scores, "captions": [world.captions[i][0] for i in ids],
             "shares": shares, "share_pool": n, "seconds": seconds, "notices": notices}
 

@@ -20,14 +20,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from attribution.common.devices import check_device
 from attribution.common.files import (
     DataFileError,
+    FolderLock,
     atomic_write_bytes,
     read_json,
     record_files,
     verify_files,
 )
-from attribution.config import ConfigError, config_hash, derive, save_config
+from attribution.config import FORMAT_VERSION, ConfigError, config_hash, derive, save_config
 from attribution.stage_table import (
     COMMAND,
     DEPENDS,
@@ -69,11 +71,13 @@ class Pipeline:
     order = ORDER
 
     def __init__(self, cfg, progress: bool = True, echo: Callable[[str], None] = print,
-                 config_path: str | None = None):
+                 config_path: str | None = None, rebuild: bool = False):
         self.cfg, self.progress, self.echo = cfg, progress, echo
         self.root = Path(cfg.output_root) / cfg.name
         self.config_path = config_path or "CONFIG"  # how errors spell the rebuild command
+        self.rebuild = rebuild  # run in a folder made under another format (its files stay)
         self._verified: set[str] = set()
+        self._keys: dict[str, str] = {}
 
     def _sections(self, stage: str) -> list:
         return key_sections(self.cfg, stage, self.released_root() if self.released else None)
@@ -100,8 +104,35 @@ class Pipeline:
         return seen
 
     def key(self, stage: str) -> str:
-        upstream = [self.key(d) for d in self.depends(stage)]
-        return config_hash(stage, *self._sections(stage), *upstream)
+        """The stage's cache key (its folder's suffix), computed once: the config is read-only,
+        and deriving a section (the second teacher's config) costs a config merge."""
+        if stage not in self._keys:
+            upstream = [self.key(d) for d in self.depends(stage)]
+            self._keys[stage] = config_hash(stage, FORMAT_VERSION, *self._sections(stage),
+                                            *upstream)
+        return self._keys[stage]
+
+    def check_format(self) -> None:
+        """Refuse a run folder made by a version of this project whose stages mean something
+        else (``FORMAT_VERSION``), unless ``rebuild``; then mark the folder as this format.
+        A folder with finished stages but no mark predates the mark: format 1."""
+        marker = self.root / "format.json"
+        found = None
+        if marker.is_file():
+            info = read_json(marker, "The run folder's format record",
+                             f"delete {marker} if the folder is this version's")
+            found = info.get("format") if isinstance(info, dict) else None
+        elif any(self.root.glob("*/stage.json")):
+            found = 1
+        if found not in (None, FORMAT_VERSION) and not self.rebuild:
+            raise ConfigError(
+                f"{self.root} was made by an older version of this project (format {found}; "
+                f"this version writes format {FORMAT_VERSION}, with other defaults and cache "
+                f"keys): delete that folder, or rerun with --rebuild to compute this version's "
+                f"stages beside the old ones")
+        if found != FORMAT_VERSION:
+            self.root.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(marker, json.dumps({"format": FORMAT_VERSION}).encode())
 
     def dir(self, stage: str) -> Path:
         return self.root / f"{stage}-{self.key(stage)}"
@@ -123,6 +154,8 @@ class Pipeline:
         skip = {"toy": set(), "folder": {"fidelity"}, "encoded": NEEDS_IMAGES}[kind]
         if not self.cfg.ceiling.enabled:
             skip = skip | {"ceiling"}
+        if not self.cfg.second_teacher.enabled:
+            skip = skip | {"second_teacher"}
         wanted = stages or [s for s in ORDER if (s not in OPTIONAL or self.cfg.abc.enabled)
                             and s not in skip]
         unknown = [s for s in wanted if s not in DEPENDS]
@@ -142,18 +175,37 @@ class Pipeline:
         needed: list[str] = []
         for s in wanted:
             needed += [a for a in [*self.ancestors(s), s] if a not in needed]
-        self.root.mkdir(parents=True, exist_ok=True)
-        save_config(self.cfg, self.root / "config.yaml")
-        results = {}
-        for s in needed:
-            results[s] = self.run_stage(s)
-            self.echo(results[s].line())
-        if "student" in results:
-            from attribution.report import write_report
+        check_device(self.cfg.device)  # before any work, not when a stage reaches the GPU
+        self._check_fits([s for s in needed if self.finished(s) is None])  # before any folder
+        with self.lock():
+            self.check_format()
+            save_config(self.cfg, self.root / "config.yaml")
+            results = {}
+            for s in needed:
+                results[s] = self.run_stage(s)
+                self.echo(results[s].line())
+            if "student" in results:
+                from attribution.report import write_report
 
-            self.write_metrics()
-            self.echo(f"[   report] {write_report(self)}")
+                self.write_metrics()
+                self.echo(f"[   report] {write_report(self)}")
         return results
+
+    def lock(self) -> FolderLock:
+        """One writer per run folder (``common.files.FolderLock``): a second process working
+        in ``runs/<name>/`` is refused with one line naming the first."""
+        return FolderLock(self.root)
+
+    def _check_fits(self, todo: list[str]) -> None:
+        """Sizes against this machine before a stage allocates them (``plan.check_fits``)."""
+        if not todo:
+            return
+        from attribution.plan import check_fits
+
+        try:
+            check_fits(self.cfg, self.root, todo)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
     def released_root(self) -> Path:
         from attribution.data.released import data_root
@@ -164,9 +216,11 @@ class Pipeline:
         """``runs/<name>/metrics.json``: the headline figures of the run, flat keys."""
         from attribution.evaluation import write_metrics
 
-        finished = {s: info["summary"] for s in ("student", "teacher", "ceiling", "baselines")
+        finished = {s: info["summary"] for s in ("student", "teacher", "ceiling", "baselines",
+                                                 "second_teacher")
                     if not (self.released and s != "student")
                     and (s != "ceiling" or self.cfg.ceiling.enabled)
+                    and (s != "second_teacher" or self.cfg.second_teacher.enabled)
                     and (info := self.finished(s)) is not None}
         return write_metrics(self.cfg, self.dirs(), finished, self.root / "metrics.json")
 
@@ -263,10 +317,11 @@ class Pipeline:
         """The teacher step-size study (``teacher/steps.py``) on this run's finished teacher."""
         from attribution.teacher.steps import run_step_study
 
-        self.run(["teacher"])
-        return run_step_study(self.cfg, self.dirs(), self.step_study_dir(), factors, n_queries,
-                              progress=progress, dampings=dampings, split=split, path=path,
-                              even=even)
+        with self.lock():
+            self.run(["teacher"])
+            return run_step_study(self.cfg, self.dirs(), self.step_study_dir(), factors,
+                                  n_queries, progress=progress, dampings=dampings, split=split,
+                                  path=path, even=even)
 
     def run_curvature(self, split: str = "test", n_queries: int | None = None,
                       progress: bool = True) -> dict:
@@ -274,9 +329,10 @@ class Pipeline:
         queries, stored beside its files."""
         from attribution.teacher.curvature import run_curvature
 
-        self.run(["teacher"])
-        return run_curvature(self.cfg, self.dirs(), self.step_study_dir(), split, n_queries,
-                             progress)
+        with self.lock():
+            self.run(["teacher"])
+            return run_curvature(self.cfg, self.dirs(), self.step_study_dir(), split, n_queries,
+                                 progress)
 
     def run_counterfactual(self, methods: list[str], queries: list[int], k: int,
                            progress: bool = True, echo=print, steps: int | None = None,
@@ -288,8 +344,10 @@ class Pipeline:
 
         baseline = [m for m in methods if m not in ("teacher", "random", "student")
                     and not m.startswith(STEP_METHODS)]
-        self.run(["teacher"] + (["student"] if "student" in methods else [])
-                 + (["baselines"] if baseline else []))
-        dirs = {**self.dirs(), "steps": self.step_study_dir(), "retrained": self.retrained_dir()}
-        return run_counterfactual(self.cfg, dirs, self.counterfactual_dir(), methods, queries, k,
-                                  progress, echo, steps, split)
+        with self.lock():
+            self.run(["teacher"] + (["student"] if "student" in methods else [])
+                     + (["baselines"] if baseline else []))
+            dirs = {**self.dirs(), "steps": self.step_study_dir(),
+                    "retrained": self.retrained_dir()}
+            return run_counterfactual(self.cfg, dirs, self.counterfactual_dir(), methods,
+                                      queries, k, progress, echo, steps, split)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from attribution.config import to_dict, without_added_later
+from attribution.config import second_teacher_config, to_dict
+from attribution.teacher.formats import NOISE_VERSION
 
 DEPENDS = {
     "world": [],
@@ -16,6 +17,7 @@ DEPENDS = {
     "fisher": ["generator"],
     "teacher": ["fisher", "queries"],
     "ceiling": ["teacher"],
+    "second_teacher": ["fisher", "queries"],
     "toyclip": ["world"],
     "features": ["toyclip", "queries"],
     "student": ["features", "teacher"],
@@ -27,14 +29,14 @@ DEPENDS = {
 OPTIONAL = {"customize", "abc_teacher", "abc"}  # run by default only with abc.enabled
 # Teacher settings that change only speed or placement, never results: not part of cache keys.
 EXECUTION_ONLY = {"devices", "num_nodes", "strategy", "batch_size", "query_batch_size",
-                  "fisher_batch_size"}
+                  "fisher_batch_size", "timeout_hours"}
 # Student settings that change only placement, logging or the deployed search, never training.
 STUDENT_EXECUTION_ONLY = {"num_workers", "logger", "devices", "num_nodes", "strategy", "rerank"}
 ORDER = list(DEPENDS)
 # The command that (re)builds each stage: named in every error about a stage's files.
 COMMAND = {"world": "world", "text": "text", "generator": "train-generator",
            "queries": "queries", "fidelity": "fidelity", "fisher": "teacher fisher",
-           "teacher": "teacher score", "ceiling": "run", "toyclip": "toyclip",
+           "teacher": "teacher score", "ceiling": "run", "second_teacher": "run", "toyclip": "toyclip",
            "features": "features", "student": "student", "baselines": "run",
            "customize": "customize", "abc_teacher": "abc", "abc": "abc"}
 # A pre-encoded world (world.kind=encoded) holds latents and token states, not images: the
@@ -55,6 +57,7 @@ STAGES = {
     "fisher": "attribution.teacher.stages:run_fisher",
     "teacher": "attribution.teacher.stages:run_teacher",
     "ceiling": "attribution.teacher.stages:run_ceiling",
+    "second_teacher": "attribution.teacher.stages:run_second_teacher",
     "toyclip": "attribution.features.stage:run_toyclip",
     "features": "attribution.features.stage:run_features",
     "student": "attribution.student.stage:run_student",
@@ -80,29 +83,43 @@ def _abc_sections(cfg) -> tuple[dict, dict]:
 
 def key_sections(cfg, stage: str, released_root: Path | None = None) -> list:
     """What a stage's cache key hashes (besides its upstream keys): the config it reads."""
+    if stage == "second_teacher":
+        return _second_teacher_sections(cfg)
     c = cfg
     return {
-        "world": [without_added_later("world", c.world), c.seed],
+        "world": [c.world, c.seed],
         "text": [c.text_encoder],
-        "generator": [without_added_later("generator", c.generator), c.seed],
+        "generator": [c.generator, c.seed],
         "queries": [c.queries, c.seed],
         "fidelity": [c.fidelity, c.queries.sampling, c.seed],
-        "fisher": [{k: to_dict(c.teacher)[k] for k in ("fisher", "params", "fisher_epochs")},
-                   c.seed],
-        "teacher": [{k: v for k, v in without_added_later("teacher", c.teacher).items()
-                     if k not in EXECUTION_ONLY}, c.seed],
-        "ceiling": [c.ceiling, c.seed],
+        "fisher": [{k: to_dict(c.teacher)[k] for k in ("fisher", "params", "fisher_epochs",
+                                                        "fisher_items")}, c.seed],
+        "teacher": [{k: v for k, v in to_dict(c.teacher).items()
+                     if k not in EXECUTION_ONLY}, c.seed, NOISE_VERSION],
+        # a sample of the test queries is stratified by query type (the first rows before)
+        "ceiling": [c.ceiling, c.seed, *(["stratified"] if c.ceiling.test_queries is not None
+                                         and c.ceiling.test_queries < c.queries.n_test else [])],
+        "second_teacher": None,  # derived below, for that stage only (a config merge)
         "toyclip": [{k: v for k, v in to_dict(c.features).items() if k.startswith("toyclip")},
                     c.seed],
         "features": [{k: v for k, v in to_dict(c.features).items()
                       if not k.startswith("toyclip") and k != "batch_size"}],
-        "student": [{**{k: v for k, v in without_added_later("student", c.student).items()
+        "student": [{**{k: v for k, v in to_dict(c.student).items()
                         if k not in STUDENT_EXECUTION_ONLY},
                      "seed": c.seed if c.student.seed is None else c.student.seed}, c.seed,
                     *([str(released_root)] if released_root is not None else [])],
         "baselines": [c.baselines, c.student.k_eval, c.seed],
         "customize": [_abc_sections(c)[0], c.queries.sampling, c.seed],
-        "abc_teacher": [{k: v for k, v in without_added_later("teacher", c.teacher).items()
-                         if k not in EXECUTION_ONLY}, c.abc.teacher_images, c.seed],
+        "abc_teacher": [{k: v for k, v in to_dict(c.teacher).items()
+                         if k not in EXECUTION_ONLY}, c.abc.teacher_images, c.seed,
+                        NOISE_VERSION],
         "abc": [_abc_sections(c)[1], c.seed],
     }[stage]
+
+
+def _second_teacher_sections(c) -> list:
+    if not c.second_teacher.enabled:
+        return ["off"]
+    teacher = to_dict(second_teacher_config(c).teacher)
+    return [{k: v for k, v in teacher.items() if k not in EXECUTION_ONLY},
+            c.second_teacher.name, c.seed, NOISE_VERSION]

@@ -14,8 +14,9 @@ from pathlib import Path
 from attribution.config import ConfigError, load_config, read_yaml_file
 
 
-def load_sweep(path: str | Path) -> dict:
-    """Read and check a sweep file's form (every parameter must name a config key)."""
+def load_sweep(path: str | Path, check_runs_too: bool = True) -> dict:
+    """Read and check a sweep file's form (every parameter must name a config key) and, unless
+    ``check_runs_too`` is false (a figure of finished rows), every run's config."""
     path = Path(path)
     sweep = read_yaml_file(path, "sweep file")
     if not isinstance(sweep, dict):
@@ -43,7 +44,8 @@ def load_sweep(path: str | Path) -> dict:
                               f"'value: ...' (the local runner expands only these)")
         if "values" in spec and (not isinstance(spec["values"], list) or not spec["values"]):
             raise ConfigError(f"sweep {path}: parameter '{name}' values must be a non-empty list")
-    check_runs(sweep, expand(sweep), [], path)  # every key names a field, every value is valid
+    if check_runs_too:  # every key names a field, every value is valid
+        check_runs(sweep, expand(sweep), [], path)
     return sweep
 
 

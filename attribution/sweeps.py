@@ -14,7 +14,7 @@ import csv
 import json
 from pathlib import Path
 
-from attribution.common.files import DataFileError, atomic_save_npz
+from attribution.common.files import DataFileError, FolderLock, atomic_save_npz
 from attribution.config import load_config, run_hash
 from attribution.evaluation import per_query_ap
 from attribution.pipeline import Pipeline
@@ -32,11 +32,17 @@ __all__ = ["load_sweep", "expand", "check_runs", "run_sweep"]
 
 
 def run_sweep(path: str | Path, extra: list[str] | None = None, output_root: str | None = None,
-              progress: bool = False, echo=print, seeds: list[int] | None = None) -> Path:
+              progress: bool = False, echo=print, seeds: list[int] | None = None,
+              rebuild: bool = False, experiment: str | None = None) -> Path:
     """Run every not-yet-finished run of a sweep; return the results CSV.
 
-    ``seeds`` adds ``student.seed`` as one more grid axis (only the student reruns per seed)."""
+    ``seeds`` adds ``student.seed`` as one more grid axis (only the student reruns per seed);
+    ``rebuild``: run in an experiment folder an older version made (``Pipeline.check_format``);
+    ``experiment``: an experiment file in place of the one the sweep's command names (the same
+    sweep on another recipe, e.g. this project's student instead of the paper's)."""
     sweep = load_sweep(path)
+    if experiment is not None:
+        sweep["config"] = str(experiment)
     if seeds:
         sweep["parameters"] = {**sweep["parameters"], "student.seed": {"values": list(seeds)}}
     overrides = list(extra or []) + ([f"output_root={output_root}"] if output_root else [])
@@ -45,6 +51,12 @@ def run_sweep(path: str | Path, extra: list[str] | None = None, output_root: str
     check_runs(sweep, runs, overrides, path)
     out = Path(base.output_root) / "sweeps" / Path(path).stem
     out.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out):  # one sweep at a time writes this sweep's table
+        return _run_sweep_runs(sweep, runs, overrides, out, progress, echo, rebuild)
+
+
+def _run_sweep_runs(sweep: dict, runs: list[dict], overrides: list[str], out: Path,
+                    progress: bool, echo, rebuild: bool) -> Path:
     table = out / "results.csv"
     done = set()
     if table.is_file():
@@ -55,14 +67,15 @@ def run_sweep(path: str | Path, extra: list[str] | None = None, output_root: str
         run_id = _run_id(params)
         cfg = load_config(sweep["config"], overrides + _dotlist(params))
         key = run_hash(cfg)
-        pipe = Pipeline(cfg, progress=progress, echo=lambda s: None)
+        pipe = Pipeline(cfg, progress=progress, echo=lambda s: None, rebuild=rebuild)
         if (run_id, cfg.name, key) in done:
             echo(f"[sweep] skip (done) {run_id}")
             _save_ap(pipe, out, run_id, echo)  # a row finished before these files existed
             continue
-        pipe.run()  # runs every stage, so it also writes runs/<name>/metrics.json
-        _save_ap(pipe, out, run_id, echo, replace=True)
-        metrics = json.loads((pipe.root / "metrics.json").read_text())
+        with pipe.lock():  # the metrics read are this run's, not another process's
+            pipe.run()  # runs every stage, so it also writes runs/<name>/metrics.json
+            _save_ap(pipe, out, run_id, echo, replace=True)
+            metrics = json.loads((pipe.root / "metrics.json").read_text())
         row = {"run": run_id, "experiment": cfg.name, "config": key,
                **{k: _fmt(v) for k, v in params.items()}, **metrics}
         echo(f"[sweep] {run_id}: {sweep['metric']['name']}="

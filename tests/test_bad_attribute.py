@@ -67,7 +67,8 @@ def test_attribute_refuses_bad_images(capsys, tmp_path, finished, case):
     (["-k", "0"], "-k"), (["-k", "-3"], "-k"), (["--prompt", "  "], "--prompt"),
     (["--grid", "{tmp}/no/such/folder/g.png"], "does not exist"),
     (["--grid", "{tmp}/grid.txt"], ".png"),
-], ids=["k0", "k-negative", "empty-prompt", "grid-folder", "grid-suffix"])
+    (["--grid", "{tmp}/q.png"], "query image itself"),
+], ids=["k0", "k-negative", "empty-prompt", "grid-folder", "grid-suffix", "grid-is-image"])
 def test_attribute_refuses_bad_arguments(capsys, tmp_path, finished, args, named):
     img = tmp_path / "q.png"
     Image.new("RGB", (16, 16), (200, 30, 30)).save(img)
@@ -77,6 +78,7 @@ def test_attribute_refuses_bad_arguments(capsys, tmp_path, finished, args, named
                            "--image", img, *prompt, *args)
     assert_clear(code, err, named)
     assert not (tmp_path / "no").exists()  # no folder created anywhere
+    assert Image.open(img).size == (16, 16)  # the query image is untouched
 
 
 @pytest.mark.parametrize("case,notice", [

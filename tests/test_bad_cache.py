@@ -101,7 +101,7 @@ def test_teacher_merge_names_the_bad_shard(capsys, tmp_path, finished):
 # ---------------------------------------------------------------------------- the attribute CLI
 
 
-def test_corrupt_last_checkpoint_falls_back_to_latest(smoke_run, tmp_path, caplog):
+def test_corrupt_last_checkpoint_falls_back_to_latest(smoke_run, tmp_path, capsys):
     from attribution.common.files import DataFileError
     from attribution.generator.train import resume_checkpoint
 
@@ -110,10 +110,24 @@ def test_corrupt_last_checkpoint_falls_back_to_latest(smoke_run, tmp_path, caplo
     assert resume_checkpoint(ckpts) == ckpts / "last.ckpt"
     _truncate(ckpts / "last.ckpt")
     assert resume_checkpoint(ckpts) == ckpts / "latest.ckpt"  # the intact copy is used
-    assert "last.ckpt" in caplog.text
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("note:")]
+    assert len(notes) == 1 and str(ckpts / "last.ckpt") in notes[0]
+    assert notes[0].endswith(f"resuming from {ckpts / 'latest.ckpt'}")
     _flip_byte(ckpts / "latest.ckpt", 100)
     with pytest.raises(DataFileError, match=r"last\.ckpt.*latest\.ckpt"):
         resume_checkpoint(ckpts)
+
+
+def test_a_resume_at_the_end_reports_the_loss_its_logs_recorded(tmp_path):
+    """A generator resumed from its final checkpoint trains no step; its final loss is the last
+    one an earlier attempt logged (the highest step over every log version), not NaN."""
+    from attribution.generator.train import logged_loss
+
+    for version, rows in {0: "step,train/loss\n9,0.5\n19,0.25\n", 1: "step,train/loss\n"}.items():
+        (tmp_path / f"version_{version}").mkdir()
+        (tmp_path / f"version_{version}" / "metrics.csv").write_text(rows)
+    assert logged_loss(tmp_path) == 0.25
+    assert logged_loss(tmp_path / "none") != logged_loss(tmp_path / "none")  # NaN: no logs
 
 
 def test_checkpoint_that_would_run_code_is_refused(smoke_run, tmp_path):

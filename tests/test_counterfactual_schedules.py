@@ -81,3 +81,25 @@ def test_both_studies_read_the_same_query_set_per_split():
         study_query_set("train")
     with pytest.raises(ConfigError, match="counterfactual split 'dev'"):
         query_split("dev")
+
+
+def test_another_k_has_a_result_file_of_its_own(tmp_path):
+    """``-k`` other than 10 writes beside the k = 10 result instead of replacing it, and is
+    never paired with another k's schedule."""
+    import json
+
+    from attribution.counterfactual.results import result_file, result_files, schedule_pairs
+    from tests.conftest import smoke_config
+
+    cfg = smoke_config(tmp_path)
+    names = [result_file(cfg, tmp_path, steps, split, k).name for steps, split, k in (
+        (None, "test", 10), (None, "test", 5), (300, "test", 5), (None, "val", 20))]
+    assert names == ["counterfactual.json", "counterfactual_k5.json",
+                     "counterfactual_s300_k5.json", "counterfactual_val_k20.json"]
+    rng = np.random.default_rng(0)
+    full = {(m, q): base + rng.normal(0, 0.1) for q in range(4)
+            for m, base in (("teacher", 2.0), ("random", 0.0))}
+    for name in names:
+        (tmp_path / name).write_text(json.dumps(_result(1000, full)))
+    assert [p.name for p in result_files(tmp_path)][0] == "counterfactual.json"
+    assert schedule_pairs(tmp_path) == []  # the k = 5 short schedule is not the k = 10's

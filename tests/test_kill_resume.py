@@ -125,3 +125,58 @@ def test_student_killed_mid_training_reruns_byte_identical(smoke_run, tmp_path):
 
 if sys.platform == "win32":  # SIGKILL is POSIX
     pytestmark = pytest.mark.skip("needs POSIX signals")
+
+
+def _terminate_when(argv: list[str], ready, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Start ``argv``, send SIGTERM once ``ready()`` holds; -> its exit code and stderr (it
+    must stop within 60 s: within a batch, not at the end of its stage)."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT)
+    start = time.time()
+    try:
+        while not ready():
+            assert proc.poll() is None, "the stage ended before the signal"
+            assert time.time() - start < timeout, "the stage never reached the signal point"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    return subprocess.CompletedProcess(argv, proc.returncode, "", err)
+
+
+# the student's and the generator's stop share the Lightning path the teacher's takes: they
+# run with -m slow (the suite's budget)
+@pytest.mark.parametrize("stage", [pytest.param("generator", marks=pytest.mark.slow), "teacher",
+                                   pytest.param("student", marks=pytest.mark.slow)])
+def test_sigterm_stops_a_stage_with_143_and_it_resumes(smoke_run, tmp_path, stage):
+    """SIGTERM (a scheduler's stop) ends the stage within a batch with exit code 143 and one line
+    saying how to resume; no completion record is written, what finished stays, and the same
+    command then finishes the stage."""
+    smoke_run.run(["features", "teacher"] if stage == "student" else ["fisher", "queries"])
+    root = tmp_path / "copy"
+    shutil.copytree(Path(smoke_run.cfg.output_root), root)
+    longer = {"generator": ["generator.train.steps=3000"],
+              "teacher": [], "student": ["student.epochs=300", "student.logger=csv"]}[stage]
+    from attribution.pipeline import Pipeline
+    from tests.conftest import smoke_config
+
+    folder = Pipeline(smoke_config(root, *longer)).dir(stage)
+    shutil.rmtree(folder, ignore_errors=True)
+    command = {"generator": "train-generator", "teacher": "teacher", "student": "student"}
+    argv = _cli(*command[stage].split(), *(["score"] if stage == "teacher" else []),
+                str(SMOKE), f"output_root={root}", *longer)
+    ready = {"generator": lambda: list(folder.glob("**/*.ckpt")),
+             "teacher": lambda: len(list(folder.glob("shards/*/*.npz"))) >= 2,
+             "student": lambda: (folder / "checkpoints" / "last.ckpt").is_file()}[stage]
+    stopped = _terminate_when(argv, ready)
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    lines = [ln for ln in stopped.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("terminated (SIGTERM)") and "Traceback" not in stopped.stderr
+    assert not (folder / "stage.json").exists()
+    if stage == "teacher":
+        kept = len(list(folder.glob("shards/*/*.npz")))
+        assert kept >= 2
+    if stage != "generator":  # (a 3,000-step generator is not worth finishing here)
+        _finish(argv)
+        assert (folder / "stage.json").is_file()

@@ -40,8 +40,10 @@ def test_smoke_pipeline_end_to_end_and_cached(smoke_run, capsys):
                    if ln.startswith("[") and not ln.startswith("[   report]")]
     from attribution.pipeline import OPTIONAL, ORDER
 
-    # every stage but the optional customization benchmark (abc.enabled is false)
-    assert len(stage_lines) == len(ORDER) - len(OPTIONAL)
+    # every stage but the optional customization benchmark (abc.enabled is false) and the
+    # second teacher (second_teacher.enabled is false)
+    assert len(stage_lines) == len(ORDER) - len(OPTIONAL) - 1
+    assert not any("second_teacher" in ln for ln in stage_lines)
     assert all("cached" in ln for ln in stage_lines)
     assert f"[   report] {smoke_run.root / 'report.md'}" in second
 
@@ -102,3 +104,88 @@ def test_counterfactual_runs_only_the_stages_its_methods_rank_from(tmp_path, mon
     pipe.run_counterfactual(["student", "random"], [0], 3)
     pipe.run_counterfactual(["dtrak", "teacher"], [0], 3)
     assert asked == [["teacher"], ["teacher", "student"], ["teacher", "baselines"]]
+
+
+def test_a_run_folder_of_an_older_format_is_refused_with_one_line(tmp_path, capsys):
+    """A folder whose stages an older version made (no format mark, or another format) is
+    refused with one error line naming both fixes; ``--rebuild`` runs beside it and marks the
+    folder, after which no flag is needed."""
+    from attribution.config import FORMAT_VERSION
+    from tests.conftest import run_cli
+
+    run = tmp_path / "toy_smoke"
+    (run / "world-0123456789ab").mkdir(parents=True)
+    (run / "world-0123456789ab" / "stage.json").write_text("{}")
+    code, _, err = run_cli(capsys, "world", SMOKE, f"output_root={tmp_path}", "--no-progress")
+    assert code == 2 and err.startswith("error: ") and "older version" in err
+    assert "--rebuild" in err and "delete" in err and "Traceback" not in err
+    assert not (run / "format.json").exists()
+    code, _, err = run_cli(capsys, "world", SMOKE, f"output_root={tmp_path}", "--no-progress",
+                           "--rebuild")
+    assert code == 0, err
+    assert json.loads((run / "format.json").read_text()) == {"format": FORMAT_VERSION}
+    assert (run / "world-0123456789ab" / "stage.json").is_file()  # the old files stay
+    assert run_cli(capsys, "world", SMOKE, f"output_root={tmp_path}", "--no-progress")[0] == 0
+    (run / "format.json").write_text(json.dumps({"format": FORMAT_VERSION - 1}))
+    code, _, err = run_cli(capsys, "world", SMOKE, f"output_root={tmp_path}", "--no-progress")
+    assert code == 2 and f"format {FORMAT_VERSION - 1}" in err
+
+
+def test_a_device_the_machine_lacks_is_an_error_before_any_work(tmp_path, capsys, monkeypatch):
+    """``device=cuda`` without a GPU stops with one line naming the fallback (``device=auto``)
+    before a stage starts; with a GPU but faiss built without GPU support, the student's index
+    names the ``gpu`` extra; ``auto`` quietly uses what there is."""
+    import torch
+
+    from attribution.common import devices
+    from tests.conftest import run_cli
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the missing-device errors cannot happen")
+    code, _, err = run_cli(capsys, "world", SMOKE, f"output_root={tmp_path}", "device=cuda",
+                           "--no-progress")
+    assert code == 2 and err.startswith("error: device=cuda") and "device=auto" in err
+    assert not (tmp_path / "toy_smoke").exists()
+    assert devices.faiss_on_gpu("auto") is False and devices.faiss_on_gpu("cpu") is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    import faiss
+
+    if not hasattr(faiss, "StandardGpuResources"):  # faiss-cpu: the gpu extra is missing
+        with pytest.raises(devices.DeviceError, match=r"gpu extra"):
+            devices.faiss_on_gpu("cuda")
+        assert devices.faiss_on_gpu("auto") is False
+
+
+def test_one_writer_per_run_folder_with_two_real_processes(tmp_path):
+    """A second process on a run folder that one is working in is refused with one line
+    naming the first's pid, before any work; once the first is killed (its lock dies with it)
+    the folder is taken over."""
+    import os
+    import signal
+    import time
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\n"
+         "from attribution.common.files import FolderLock\n"
+         f"with FolderLock({str(tmp_path / 'toy_smoke')!r}):\n"
+         "    print('held', flush=True)\n"
+         "    time.sleep(120)\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        cmd = [sys.executable, "-m", "attribution", "world", str(SMOKE),
+               f"output_root={tmp_path}", "--no-progress"]
+        second = subprocess.run(cmd, capture_output=True, text=True)
+        assert second.returncode == 2, second.stderr
+        assert second.stderr.startswith("error: ") and f"pid {holder.pid}" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert not list((tmp_path / "toy_smoke").glob("world-*"))  # no work began
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+        time.sleep(0.2)
+        third = subprocess.run(cmd, capture_output=True, text=True)
+        assert third.returncode == 0, third.stderr  # the dead holder's lock is gone
+        assert list((tmp_path / "toy_smoke").glob("world-*/stage.json"))
+    finally:
+        holder.kill()

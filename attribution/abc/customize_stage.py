@@ -26,63 +26,61 @@ from attribution.generator.text_encoder import load_text_encoder
 from attribution.generator.train import encode_world
 
 
-def run_customize(cfg, inputs: Dirs, out: Path, progress: bool = True) -> dict:
-    """Customize one model per concept and synthesize its images (skips finished concepts).
+class _Setup:
+    """What every concept's customization shares: the generator, its schedule and codec, the
+    text encoder, the prior (training items) and the sampling settings."""
 
-    ``inputs``: the world, text and generator folders."""
-    a = cfg.abc
-    world = CaptionedImageSet(inputs["world"])
-    size, n_caps = world.manifest["image_size"], len(world.captions[0])
-    unet, manifest = load_unet(inputs["generator"])
-    device = torch_device(cfg.device)
-    unet = unet.to(device)
-    scheduler = build_scheduler(cfg.generator)
-    alphas = scheduler.alphas_cumprod.to(device)
-    codec = build_codec(cfg.generator, size)
-    table = TextTable.load(inputs["text"])
-    enc = load_text_encoder(cfg.text_encoder.name, cfg.text_encoder.weights,
-                            cfg.text_encoder.max_length)
-    prior = None
-    if a.prior_weight > 0:
-        prior = Prior(encode_world(codec, world).to(device), table.rows, table.lookup)
-    uncond = enc.encode([""])[0]
-    sc = cfg.queries.sampling
-    templates = list(range(len(C.toy_world.TEMPLATES)))
-    concepts = all_concepts(cfg)
-    (out / "models").mkdir(parents=True, exist_ok=True)
-    (out / "synth").mkdir(parents=True, exist_ok=True)
-    done, seconds = 0, []
-    for c in tqdm(concepts, desc="customizing", disable=not progress):
-        model_path = out / "models" / f"{c.index:03d}.safetensors"
-        synth_path = out / "synth" / f"{c.index:03d}.npz"
-        if synth_path.is_file():
-            continue
-        start = time.time()
-        ex_images = np.stack([C.render(c, lay, size) for lay in c.exemplars])
+    def __init__(self, cfg, inputs: Dirs):
+        self.cfg, a = cfg, cfg.abc
+        self.world = CaptionedImageSet(inputs["world"])
+        size = self.world.manifest["image_size"]
+        self.unet, self.manifest = load_unet(inputs["generator"])
+        self.device = torch_device(cfg.device)
+        self.unet = self.unet.to(self.device)
+        self.scheduler = build_scheduler(cfg.generator)
+        self.alphas = self.scheduler.alphas_cumprod.to(self.device)
+        self.codec = build_codec(cfg.generator, size)
+        table = TextTable.load(inputs["text"])
+        self.enc = load_text_encoder(cfg.text_encoder.name, cfg.text_encoder.weights,
+                                     cfg.text_encoder.max_length)
+        self.prior = None
+        if a.prior_weight > 0:
+            self.prior = Prior(encode_world(self.codec, self.world).to(self.device), table.rows,
+                               table.lookup)
+        self.uncond = self.enc.encode([""])[0]
+        self.templates = list(range(len(C.toy_world.TEMPLATES)))
+
+    def one(self, c: C.Concept, model_path: Path, synth_path: Path) -> None:
+        """Customize on ``c``'s exemplars (unless its delta is saved) and synthesize."""
+        a, sc, codec, size = self.cfg.abc, self.cfg.queries.sampling, self.codec, self.codec.size
+        ex_images = np.stack([C.render(c, lay, self.world.manifest["image_size"])
+                              for lay in c.exemplars])
         ex_z = codec.encode(from_uint8(ex_images))
-        ex_caps = [C.captions(lay, templates) for lay in c.exemplars]
-        ex_cond = enc.encode([t for caps in ex_caps for t in caps]).view(
-            len(ex_caps), len(templates), *uncond.shape)
+        ex_caps = [C.captions(lay, self.templates) for lay in c.exemplars]
+        ex_cond = self.enc.encode([t for caps in ex_caps for t in caps]).view(
+            len(ex_caps), len(self.templates), *self.uncond.shape)
         if not model_path.is_file():
-            delta = customize(unet, alphas, ex_z.to(device), ex_cond.to(device), a, c.index,
-                              prior, seed=cfg.seed)
+            delta = customize(self.unet, self.alphas, ex_z.to(self.device),
+                              ex_cond.to(self.device), a, c.index, self.prior,
+                              seed=self.cfg.seed)
             save_delta(model_path, delta, {"concept": c.word, "kind": c.kind,
-                                           "generator_sha256": manifest["weights_sha256"]})
+                                           "generator_sha256": self.manifest["weights_sha256"]})
         delta = load_delta(model_path)  # what every later use sees (stored as float16)
-        layouts = C.synthesis_prompts(c, a.images, cfg.seed)
-        prompts = [C.prompt(lay) for lay in layouts]
-        cond = enc.encode(prompts)
+        cond = self.enc.encode([C.prompt(lay) for lay in
+                                C.synthesis_prompts(c, a.images, self.cfg.seed)])
         ids = [SAMPLE_ID_BASE + c.index * 100 + j for j in range(a.images)]
-        with Customized(unet, delta):
-            z = sample(unet, scheduler, cond, uncond, ids, (codec.channels, codec.size,
-                                                            codec.size),
-                       seed=sc.seed, sampler=sc.sampler, steps=sc.steps, guidance=sc.guidance,
-                       batch_size=sc.batch_size, device=device, progress=False)
+        with Customized(self.unet, delta):
+            z = sample(self.unet, self.scheduler, cond, self.uncond, ids,
+                       (codec.channels, size, size), seed=sc.seed, sampler=sc.sampler,
+                       steps=sc.steps, guidance=sc.guidance, batch_size=sc.batch_size,
+                       device=self.device, progress=False)
+        n_caps = len(self.world.captions[0])
         atomic_save_npz(synth_path, images=to_uint8(codec.decode(z)), z=z.numpy(),
-                  cond=cond.numpy(), exemplar_images=ex_images, exemplar_z=ex_z.numpy(),
-                  exemplar_cond=ex_cond[:, :n_caps].numpy().astype(np.float16))
-        done += 1
-        seconds.append(time.time() - start)
+                        cond=cond.numpy(), exemplar_images=ex_images, exemplar_z=ex_z.numpy(),
+                        exemplar_cond=ex_cond[:, :n_caps].numpy().astype(np.float16))
+
+
+def _concept_info(cfg, out: Path, concepts: list[C.Concept], n_caps: int) -> list[dict]:
     info = []
     for c in concepts:
         with np.load(out / "synth" / f"{c.index:03d}.npz") as f:
@@ -92,7 +90,28 @@ def run_customize(cfg, inputs: Dirs, out: Path, progress: bool = True) -> dict:
                      "exemplar_captions": [C.captions(lay, list(range(n_caps)))
                                            for lay in c.exemplars],
                      "prompts": [C.prompt(lay) for lay in
-                                 C.synthesis_prompts(c, a.images, cfg.seed)][:n_img]})
+                                 C.synthesis_prompts(c, cfg.abc.images, cfg.seed)][:n_img]})
+    return info
+
+
+def run_customize(cfg, inputs: Dirs, out: Path, progress: bool = True) -> dict:
+    """Customize one model per concept and synthesize its images (skips finished concepts).
+
+    ``inputs``: the world, text and generator folders."""
+    setup = _Setup(cfg, inputs)
+    concepts = all_concepts(cfg)
+    (out / "models").mkdir(parents=True, exist_ok=True)
+    (out / "synth").mkdir(parents=True, exist_ok=True)
+    done, seconds = 0, []
+    for c in tqdm(concepts, desc="customizing", disable=not progress):
+        synth_path = out / "synth" / f"{c.index:03d}.npz"
+        if synth_path.is_file():
+            continue
+        start = time.time()
+        setup.one(c, out / "models" / f"{c.index:03d}.safetensors", synth_path)
+        done += 1
+        seconds.append(time.time() - start)
+    info = _concept_info(cfg, out, concepts, len(setup.world.captions[0]))
     atomic_write_bytes(out / "concepts.json", json.dumps(info, indent=2).encode())
     _grid(out, concepts, cfg)
     return {"concepts": len(concepts), "customized_now": done,

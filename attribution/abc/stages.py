@@ -114,22 +114,12 @@ def teacher_scores(cfg, inputs: Dirs, bench: Benchmark, out: Path,
             for qi, _ in wanted}
 
 
-def run_abc(cfg, inputs: Dirs, out: Path, progress: bool = True) -> dict:
-    """Score every method on the benchmark; write abc.json and calibration.json (the report
-    draws the figure).  ``inputs``: the world, toyclip, features, student, customize and
-    abc_teacher folders."""
+def _method_scores(cfg, inputs: Dirs, bench, spaces: list[str], train: np.ndarray,
+                   calib_ids: list[int], progress: bool) -> tuple[dict, dict]:
+    """(method -> scores (Q, P) over every query, space -> its mapper's fit): each space's
+    cosine, its tuned mapper's where asked, and the student on its own space."""
     a = cfg.abc
-    world = CaptionedImageSet(inputs["world"], verify=False)
-    bench = Benchmark(world, inputs["customize"])
-    test = bench.query_split == "test"
-    # the last `abc.calibration_concepts` training concepts fit the calibrators and are kept
-    # from the mappers (a mapper's scores on its own training pairs would be overconfident)
-    calib_ids = [c["index"] for c in bench.concepts if c["split"] == "train"][
-        a.n_train - a.calibration_concepts:]
-    calib = np.isin(bench.query_owner, calib_ids) & ~test
-    train = ~test & ~calib
-    spaces = list(a.spaces) or list(cfg.features.spaces)
-    scores: dict[str, np.ndarray] = {}  # method -> (Q, P) over every query
+    scores: dict[str, np.ndarray] = {}
     mappers = {}
     for space in tqdm(spaces, desc="AbC features", disable=not progress):
         pool_f, q_f = space_features(cfg, inputs, bench, space)
@@ -151,10 +141,26 @@ def run_abc(cfg, inputs: Dirs, out: Path, progress: bool = True) -> dict:
             with torch.no_grad():
                 scores["student"] = (head.embed(torch.from_numpy(q_f))
                                      @ head.embed(torch.from_numpy(pool_f)).T).numpy()
-    results = {}
-    for method, s in scores.items():
-        results[method] = evaluate_rankings(_rank(s[test]), bench.positives[test],
-                                            bench.query_kind[test], list(a.k))
+    return scores, mappers
+
+
+def run_abc(cfg, inputs: Dirs, out: Path, progress: bool = True) -> dict:
+    """Score every method on the benchmark; write abc.json and calibration.json (the report
+    draws the figure).  ``inputs``: the world, toyclip, features, student, customize and
+    abc_teacher folders."""
+    a = cfg.abc
+    bench = Benchmark(CaptionedImageSet(inputs["world"], verify=False), inputs["customize"])
+    test = bench.query_split == "test"
+    # the last `abc.calibration_concepts` training concepts fit the calibrators and are kept
+    # from the mappers (a mapper's scores on its own training pairs would be overconfident)
+    calib_ids = [c["index"] for c in bench.concepts if c["split"] == "train"][
+        a.n_train - a.calibration_concepts:]
+    calib = np.isin(bench.query_owner, calib_ids) & ~test
+    scores, mappers = _method_scores(cfg, inputs, bench, list(a.spaces) or list(
+        cfg.features.spaces), ~test & ~calib, calib_ids, progress)
+    results = {method: evaluate_rankings(_rank(s[test]), bench.positives[test],
+                                         bench.query_kind[test], list(a.k))
+               for method, s in scores.items()}
     t = load_teacher_scores(inputs["abc_teacher"])
     if t:
         qids = np.asarray(sorted(t))
@@ -176,7 +182,6 @@ def run_abc(cfg, inputs: Dirs, out: Path, progress: bool = True) -> dict:
     atomic_write_bytes(out / "abc.json", json.dumps(summary, indent=2).encode())
     atomic_write_bytes(out / "calibration.json", json.dumps(
         {m: c.to_dict() for m, c in calibrators.items()}, indent=2).encode())
-
     best = max(results, key=lambda m: results[m]["all"]["mAP"])
     return {"pool": bench.pool_size, "test_queries": int(test.sum()), "best_method": best,
             "best_mAP": results[best]["all"]["mAP"], "chance_mAP": chance["mAP"]}

@@ -194,3 +194,64 @@ def load_weights(path: Path, what: str = "weights file", rebuild: str | None = N
     except Exception as err:  # torch raises many types for truncated / foreign files
         raise DataFileError(f"{what} is corrupt or holds more than weights: {path} "
                             f"({err.__class__.__name__}).{hint}") from err
+
+
+class FolderBusyError(DataFileError):
+    """Another process is writing the same run folder."""
+
+
+_HELD: dict[str, list] = {}  # lock path -> [open file, depth]: re-entrant within a process
+
+
+class FolderLock:
+    """One writer per run folder: an exclusive ``fcntl`` lock on ``<folder>/.lock`` held while
+    the block runs (re-entrant within a process: a pipeline that runs a second pipeline on its
+    own folder keeps it).  A second process is refused with one line naming the holder's pid;
+    the lock dies with its process, so a folder a killed run left behind is simply taken over.
+    Ranks other than 0 of a distributed launch (RANK / LOCAL_RANK / SLURM_PROCID set and not 0)
+    do not lock: their rank 0 holds the folder for them."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / ".lock"
+
+    @staticmethod
+    def _worker() -> bool:
+        return any(os.environ.get(v, "0") not in ("", "0")
+                   for v in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+
+    def __enter__(self) -> FolderLock:
+        import fcntl
+
+        key = str(self.path.resolve())
+        if self._worker() or key in _HELD:
+            _HELD.setdefault(key, [None, 0])[1] += 1
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")  # noqa: SIM115 (held until __exit__)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            raise FolderBusyError(
+                f"another attribution process (pid {holder}) is working in {self.path.parent}: "
+                "wait for it to finish, or stop it; two writers would interleave their "
+                "files") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        _HELD[key] = [handle, 1]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        key = str(self.path.resolve())
+        held = _HELD.get(key)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            if held[0] is not None:
+                held[0].close()  # releases the lock
+            del _HELD[key]

@@ -13,16 +13,25 @@ from attribution.config.load import (
     config_hash,
     derive,
     load_config,
+    preset_names,
+    read_preset,
     read_yaml_file,
     run_hash,
     save_config,
-    without_added_later,
+    second_teacher_config,
 )
 from attribution.config.rules import ConfigError, Rule, opt
 from attribution.config.schema import *  # noqa: F403  (every section's dataclass and constants)
 from attribution.config.schema import Config
-from attribution.config.validate import check_rules, planted_for, val_concept_rows, val_count
+from attribution.config.validate import (
+    check_rules,
+    planted_for,
+    val_concept_rows,
+    val_count,
+    validation_k,
+)
 
 __all__ = ["Config", "ConfigError", "Rule", "check_rules", "config_hash", "derive",
-           "load_config", "opt", "planted_for", "read_yaml_file", "run_hash", "save_config",
-           "to_dict", "val_concept_rows", "val_count", "without_added_later"]
+           "load_config", "opt", "planted_for", "preset_names", "read_preset",
+           "read_yaml_file", "run_hash", "save_config", "second_teacher_config", "to_dict",
+           "val_concept_rows", "val_count", "validation_k"]

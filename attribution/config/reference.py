@@ -11,13 +11,19 @@ import ast
 import dataclasses
 from pathlib import Path
 
-from attribution.config import schema
+from attribution.config import generator_schema, schema
 from attribution.config.schema import Config
 
 
 def _comments() -> dict[tuple[str, str], str]:
     """(class, field) -> the comment on the field's line, after the comment lines just above."""
-    src = Path(schema.__file__).read_text()
+    out = {}
+    for module in (schema, generator_schema):
+        out.update(_module_comments(Path(module.__file__).read_text()))
+    return out
+
+
+def _module_comments(src: str) -> dict[tuple[str, str], str]:
     lines = src.splitlines()
     out = {}
     for node in ast.parse(src).body:

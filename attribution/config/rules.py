@@ -15,6 +15,9 @@ class ConfigError(ValueError):
     """A config file or override is wrong; the message says which key and why."""
 
 
+INT_LIMIT = 2**63  # every integer key is read into 64-bit arrays and seeds
+
+
 # ----------------------------------------------------------------------------------------- rules
 @dataclass(frozen=True)
 class Rule:
@@ -39,6 +42,8 @@ class Rule:
             return None
         if not math.isfinite(value):
             return "must be a finite number"
+        if isinstance(value, int) and not -INT_LIMIT <= value < INT_LIMIT:
+            return f"must fit a 64-bit integer (below 2**63 = {INT_LIMIT})"
         bounds = [("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b),
                   ("le", "<=", lambda v, b: v <= b), ("lt", "<", lambda v, b: v < b)]
         said = [f"{sym} {getattr(self, name):g}" for name, sym, ok in bounds

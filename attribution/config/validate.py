@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -18,6 +19,8 @@ from attribution.data.toy_world import all_values  # numpy only
 def _check_keys(schema: Any, data: Any, path: str, source: str) -> None:
     """Fail on keys that the schema does not have, naming the key and its close matches."""
     if not isinstance(data, dict) or not isinstance(schema, DictConfig):
+        return
+    if schema._metadata.object_type is dict:  # a free mapping (features.weights): any key
         return
     valid = list(schema.keys())
     for key, value in data.items():
@@ -84,8 +87,21 @@ def _validate(cfg: DictConfig) -> None:
               f"only, got {cfg.name!r}")
     if not str(cfg.output_root).strip():
         _fail("Config key 'output_root' must not be empty")
-    w, g, u = cfg.world, cfg.generator, cfg.generator.unet
-    # --- world
+    root = Path(str(cfg.output_root))
+    blocker = next((a for a in [root, *root.parents] if a.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        _fail(f"Config key 'output_root'={cfg.output_root!r}: {blocker} is a file, not a "
+              "folder (runs are written under it)")
+    _validate_world(cfg)
+    _validate_generator(cfg)
+    _validate_teacher(cfg)
+    _validate_student(cfg)
+    _validate_abc(cfg)
+
+
+def _validate_world(cfg: DictConfig) -> None:
+    """The world's own rules (planted concepts, roots)."""
+    w, g = cfg.world, cfg.generator
     if w.kind == "toy":
         for i, p in enumerate(w.planted):
             if p.value not in all_values(p.attribute):
@@ -109,7 +125,11 @@ def _validate(cfg: DictConfig) -> None:
     if w.kind == "encoded" and g.codec != "vae":
         _fail("world.kind=encoded holds VAE latents: set generator.codec=vae and "
               "generator.vae_path to the VAE the encoding used")
-    # --- generator
+
+
+def _validate_generator(cfg: DictConfig) -> None:
+    """The generator's architecture against the world, and its schedule."""
+    w, g, u = cfg.world, cfg.generator, cfg.generator.unet
     if g.codec == "vae" and not g.vae_path:
         _fail("generator.codec=vae needs generator.vae_path (an AutoencoderKL folder)")
     if g.weights and g.pretrained:
@@ -137,7 +157,11 @@ def _validate(cfg: DictConfig) -> None:
     if cfg.queries.sampling.steps > g.num_train_timesteps:
         _fail(f"queries.sampling.steps={cfg.queries.sampling.steps} exceeds "
               f"generator.num_train_timesteps={g.num_train_timesteps}")
-    # --- queries, teacher
+
+
+def _validate_teacher(cfg: DictConfig) -> None:
+    """Queries and the teacher against the world and the generator."""
+    w, g = cfg.world, cfg.generator
     q, t = cfg.queries, cfg.teacher
     n_test_concepts, n_forced = len(planted_for(w, "test")), len(val_concept_rows(cfg))
     if w.kind == "toy" and q.planted_test * n_test_concepts > q.n_test:
@@ -157,7 +181,10 @@ def _validate(cfg: DictConfig) -> None:
     if w.kind != "encoded" and t.captions > w.captions_per_item:
         _fail(f"teacher.captions={t.captions} exceeds world.captions_per_item="
               f"{w.captions_per_item}")
-    # --- features, student
+
+
+def _validate_student(cfg: DictConfig) -> None:
+    """Feature spaces and the student against the data and the teacher."""
     s = cfg.student
     if cfg.data.source == "toy":
         for space in cfg.features.spaces:
@@ -169,6 +196,11 @@ def _validate(cfg: DictConfig) -> None:
                 hint = f" Did you mean {close}?" if close else ""
                 _fail(f"Config key 'features.spaces' names {space!r}: each '+'-part must be one "
                       f"of {list(FEATURE_EXTRACTORS)}, each once.{hint}")
+    for section in ("weights", "arch"):
+        for name, value in cfg.features[section].items():
+            if not isinstance(value, str) or not value.strip():
+                _fail(f"Config key 'features.{section}.{name}' must be a "
+                      f"{'file path' if section == 'weights' else 'model name'}, got {value!r}")
     if len(set(cfg.features.spaces)) != len(cfg.features.spaces):
         _fail(f"Config key 'features.spaces' repeats a space: {list(cfg.features.spaces)}")
     if s.feature not in cfg.features.spaces:
@@ -186,28 +218,43 @@ def _validate(cfg: DictConfig) -> None:
               "identity the linear head starts from)")
     if s.val_queries >= 1 and s.val_queries != int(s.val_queries):
         _fail(f"student.val_queries={s.val_queries}: a fraction below 1 or a whole count")
+    if s.select == "last" and s.patience is not None:
+        _fail("student.select=last keeps the last epoch: early stopping (student.patience) "
+              "would cut it short on validation; set student.patience=null")
     if s.patience is not None and s.val_queries == 0:
         _fail("student.patience needs validation queries (student.val_queries > 0)")
     if s.m is not None and s.budget is not None:
         _fail("set student.m or student.budget, not both")
     if cfg.data.source == "toy":
-        if s.m is not None and s.m > t.k:
-            _fail(f"student.m={s.m} exceeds the teacher's candidates teacher.k={t.k}")
-        n_val = val_count(q.n_train, s.val_queries)
-        if n_val >= q.n_train:
-            _fail(f"student.val_queries={s.val_queries} holds out {n_val} of the "
-                  f"{q.n_train} training queries (queries.n_train): none would be left to train")
-        if s.n_queries is not None and s.n_queries > q.n_train - n_val:
-            _fail(f"student.n_queries={s.n_queries} exceeds the {q.n_train - n_val} training "
-                  f"queries left after student.val_queries={s.val_queries} are held out")
-        nq = s.n_queries or q.n_train - n_val
-        if s.budget is not None and not 1 <= s.budget // nq <= t.k:
-            _fail(f"student.budget={s.budget} over {nq} queries keeps {s.budget // nq} "
-                  f"candidates per query, outside [1, teacher.k={t.k}]")
-        if w.kind != "encoded" and min(s.k_eval) > w.n_items:
-            _fail(f"student.k_eval={list(s.k_eval)}: every k exceeds world.n_items="
-                  f"{w.n_items}")
-    # --- customization benchmark
+        _validate_student_counts(cfg)
+
+
+def _validate_student_counts(cfg: DictConfig) -> None:
+    """The student's query and candidate counts against the toy world's queries and
+    teacher (known at load for data the pipeline makes)."""
+    w, q, s, t = cfg.world, cfg.queries, cfg.student, cfg.teacher
+    if s.m is not None and s.m > t.k:
+        _fail(f"student.m={s.m} exceeds the teacher's candidates teacher.k={t.k}")
+    n_val = val_count(q.n_train, s.val_queries)
+    if n_val >= q.n_train:
+        _fail(f"student.val_queries={s.val_queries} holds out {n_val} of the "
+              f"{q.n_train} training queries (queries.n_train): none would be left to train")
+    if s.n_queries is not None and s.n_queries > q.n_train - n_val:
+        _fail(f"student.n_queries={s.n_queries} exceeds the {q.n_train - n_val} training "
+              f"queries left after student.val_queries={s.val_queries} are held out")
+    nq = s.n_queries or q.n_train - n_val
+    if s.budget is not None and not 1 <= s.budget // nq <= t.k:
+        _fail(f"student.budget={s.budget} over {nq} queries keeps {s.budget // nq} "
+              f"candidates per query, outside [1, teacher.k={t.k}]")
+    validation_k(s.k_val, s.k_eval, t.k)
+    if w.kind != "encoded" and min(s.k_eval) > w.n_items:
+        _fail(f"student.k_eval={list(s.k_eval)}: every k exceeds world.n_items="
+              f"{w.n_items}")
+
+
+def _validate_abc(cfg: DictConfig) -> None:
+    """The customization benchmark's spaces and counts."""
+    s = cfg.student
     a = cfg.abc
     spaces = list(a.spaces) or list(cfg.features.spaces)
     bad = [sp for sp in [*spaces, *a.tuned_spaces] if sp not in cfg.features.spaces]
@@ -237,6 +284,21 @@ def val_concept_rows(cfg) -> list[int]:
         return []
     n = cfg.queries.planted_val * len(planted_for(cfg.world, "val"))
     return list(range(cfg.queries.n_train - n, cfg.queries.n_train)) if n else []
+
+
+def validation_k(k_val: int | None, k_eval, n_candidates: int) -> int:
+    """The validation positives per query: ``student.k_val``, or derived from the smallest
+    ``student.k_eval`` and the K candidates per training query, min(k_eval, K // 10); an
+    explicit k_val above K / 2 is a ConfigError (half the K-set or more positive: validation
+    would mostly ask that the K-set come first, which is stage 1's own choice)."""
+    if k_val is None:
+        return max(1, min(min(k_eval), n_candidates // 10))
+    if k_val > n_candidates // 2:
+        raise ConfigError(f"student.k_val={k_val} is more than half of the K={n_candidates} "
+                          f"candidates per training query; use at most {n_candidates // 2} "
+                          f"(or leave it unset: min(smallest student.k_eval, K/10) = "
+                          f"{max(1, min(min(k_eval), n_candidates // 10))})")
+    return k_val
 
 
 def val_count(n_train: int, val_queries: float) -> int:

@@ -23,34 +23,50 @@ def query_split(split: str) -> str:
         raise ConfigError(f"counterfactual {e}") from None
 
 
-def result_file(cfg, out: Path, steps: int | None = None, split: str = "test") -> Path:
+DEFAULT_K = 10  # the removal size whose results keep the plain file names
+
+
+def result_file(cfg, out: Path, steps: int | None = None, split: str = "test",
+                k: int = DEFAULT_K) -> Path:
     """``counterfactual.json`` for retrains as long as the generator's own schedule,
     ``counterfactual_s<steps>.json`` for a shorter one (both can live side by side: the
     schedule comparison reads the two); ``counterfactual_val[_s<steps>].json`` on the val
-    split."""
+    split; ``..._k<k>.json`` for a removal size other than 10 (so another -k never replaces
+    a result)."""
     query_split(split)
     stem = "counterfactual" if split == "test" else f"counterfactual_{split}"
-    if steps is None or steps == cfg.generator.train.steps:
-        return Path(out) / f"{stem}.json"
-    return Path(out) / f"{stem}_s{steps}.json"
+    if steps is not None and steps != cfg.generator.train.steps:
+        stem += f"_s{steps}"
+    if k != DEFAULT_K:
+        stem += f"_k{k}"
+    return Path(out) / f"{stem}.json"
 
 
 def _split_and_steps(path: Path) -> tuple[str, int | None]:
     """(split, shorter schedule's steps or None for the full one) of a ``result_file`` name."""
+    split, steps, _ = _name_parts(path)
+    return split, steps
+
+
+def _name_parts(path: Path) -> tuple[str, int | None, int]:
+    """(split, shorter schedule's steps or None, removal size k) of a ``result_file`` name."""
     rest = path.stem.removeprefix("counterfactual")
-    split = "test"
+    split, k = "test", DEFAULT_K
     if rest.startswith("_val"):
         split, rest = "val", rest.removeprefix("_val")
+    head, sep, tail = rest.rpartition("_k")
+    if sep and tail.isdigit():
+        rest, k = head, int(tail)
     steps = rest.removeprefix("_s")
-    return split, int(steps) if steps.isdigit() else None
+    return split, int(steps) if steps.isdigit() else None, k
 
 
 def result_files(out: Path) -> list[Path]:
     """Every finished (or cut-short) result in ``out``: test before val, and within a split
     the full-length schedule first, then the shorter ones by length."""
     def key(p: Path):
-        split, steps = _split_and_steps(p)
-        return SPLITS.index(split), steps is not None, steps or 0
+        split, steps, k = _name_parts(p)
+        return SPLITS.index(split), k != DEFAULT_K, k, steps is not None, steps or 0
 
     return sorted(Path(out).glob("counterfactual*.json"), key=key)
 
@@ -59,7 +75,8 @@ def schedule_pairs(out: Path) -> list[dict]:
     """The full-length result of each split beside each shorter schedule of the same split:
     ``{"split", "short": file name, "comparison": compare_schedules(...) or None, "why": the
     reason it could not be compared, or ""}`` — what the CLI and the report print."""
-    pairs, everything = [], result_files(out)
+    pairs = []
+    everything = [p for p in result_files(out) if _name_parts(p)[2] == DEFAULT_K]
     for split in SPLITS:
         files = [p for p in everything if _split_and_steps(p)[0] == split]
         if not files or _split_and_steps(files[0])[1] is not None:

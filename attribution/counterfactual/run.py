@@ -134,62 +134,17 @@ def _removal_key(items: np.ndarray) -> str:
     return hashlib.sha256(",".join(map(str, sorted(items.tolist()))).encode()).hexdigest()[:12]
 
 
-def run_counterfactual(cfg, dirs: Dirs, out: Path, methods: list[str], queries: list[int],
-                       k: int, progress: bool = True, echo=print,
-                       steps: int | None = None, split: str = "test") -> Path:
-    """Retrain without each method's top-``k`` for each query of ``split``; write
-    ``result_file`` (per method: mean ΔLoss and image distance with standard errors over
-    queries, per-query rows) in ``out``; return it.  ``dirs``: the finished world, text,
-    generator, queries, features, teacher, student and baselines folders (and ``steps``, the
-    step study's, for ``teacher@…`` and the val split).
-
-    ``steps``: retrain on a shorter schedule (cheaper); the reference is then the generator
-    retrained on that same schedule with nothing removed, not the pipeline's generator."""
-    which = query_split(split)
-    ranks = method_ranks(cfg, dirs, methods, split)
-    n_rows = next(iter(ranks.values())).shape[0]
+def _check_queries(queries: list[int], n_rows: int, which: str) -> None:
     if len(set(queries)) != len(queries):
         raise ConfigError(f"{which} queries {queries} repeat an id")
     bad = [q for q in queries if not 0 <= q < n_rows]
     if bad:
         raise ConfigError(f"{which} queries {bad} out of range (there are {n_rows})")
-    out.mkdir(parents=True, exist_ok=True)
-    qs = QuerySet(dirs["queries"] / f"query_{which}", need_embeddings=True)
-    known = _known(cfg, dirs["world"], qs)
-    alphas = build_scheduler(cfg.generator).alphas_cumprod
-    train_cfg = cfg
-    if steps is not None:
-        train_cfg = derive(cfg, {"generator": {"train": {"steps": steps}}})
-    tag = f"s{train_cfg.generator.train.steps}-crn-"  # crn: common random numbers (module.py)
 
-    def generator_without(removed: np.ndarray, label: str) -> Path:
-        name = tag + _removal_key(removed)
-        gdir = dirs.get("retrained", out / "generators") / name
-        if (out / "generators" / name / "generator.json").is_file():  # an older run's cache
-            return out / "generators" / name
-        if not (gdir / "generator.json").is_file():
-            echo(f"[counterfactual] {label}: retraining without {len(removed)} items -> {gdir}")
-            train_generator(train_cfg, dirs["world"], dirs["text"], gdir, progress,
-                            exclude=removed.tolist())
-        return gdir
 
-    ref_dir = dirs["generator"] if steps is None else generator_without(
-        np.zeros(0, dtype=np.int64), "reference")
-    base_unet, _ = load_unet(ref_dir)
-    uncond = TextTable.load(dirs["text"]).lookup(torch.tensor([0]))[0]
-    sc = cfg.queries.sampling
-    draws = cfg.teacher.query_draws
-
-    def measure(unet, q: int) -> tuple[float, torch.Tensor]:
-        z = torch.from_numpy(np.asarray(qs.latents[q])).float()
-        cond = torch.from_numpy(np.asarray(qs.text_embeddings[q])).float()
-        loss = query_loss(unet.eval(), alphas, z, cond, q, draws, cfg.seed + NOISE_SEED_OFFSET)
-        regen = sample(unet, build_scheduler(cfg.generator), cond[None], uncond,
-                       [1_000_000 + q], tuple(z.shape), seed=sc.seed, sampler=sc.sampler,
-                       steps=sc.steps, guidance=sc.guidance, progress=False)[0]
-        return loss, regen
-
-    rows = []
+def _check_ranked(ranks: dict, methods: list[str], queries: list[int], which: str,
+                  split: str) -> None:
+    """Every method has a ranking of every query asked for, or one line saying what to run."""
     for m in methods:
         missing = [q for q in queries if ranks[m][q, 0] < 0]
         if missing and m == "teacher-gn":
@@ -206,27 +161,94 @@ def run_counterfactual(cfg, dirs: Dirs, out: Path, methods: list[str], queries: 
                               + (" (its val split scores the validation-concept training "
                                  "queries and the first ordinary ones; --queries N for more)"
                                  if split == "val" else ""))
+
+
+class Retrainer:
+    """Generators retrained without a set of items (cached by the set), and what a query
+    measures on one: its denoising loss under fresh noise and its regenerated image."""
+
+    def __init__(self, cfg, dirs: Dirs, out: Path, qs: QuerySet, steps: int | None,
+                 progress: bool, echo):
+        self.cfg, self.dirs, self.out, self.qs = cfg, dirs, out, qs
+        self.progress, self.echo = progress, echo
+        self.train_cfg = cfg if steps is None else derive(
+            cfg, {"generator": {"train": {"steps": steps}}})
+        self.tag = f"s{self.train_cfg.generator.train.steps}-crn-"  # common random numbers
+        self.alphas = build_scheduler(cfg.generator).alphas_cumprod
+        self.uncond = TextTable.load(dirs["text"]).lookup(torch.tensor([0]))[0]
+
+    def without(self, removed: np.ndarray, label: str) -> Path:
+        name = self.tag + _removal_key(removed)
+        gdir = self.dirs.get("retrained", self.out / "generators") / name
+        if (self.out / "generators" / name / "generator.json").is_file():  # an older cache
+            return self.out / "generators" / name
+        if not (gdir / "generator.json").is_file():
+            self.echo(f"[counterfactual] {label}: retraining without {len(removed)} items "
+                      f"-> {gdir}")
+            train_generator(self.train_cfg, self.dirs["world"], self.dirs["text"], gdir,
+                            self.progress, exclude=removed.tolist())
+        return gdir
+
+    def measure(self, unet, q: int) -> tuple[float, torch.Tensor]:
+        cfg, sc = self.cfg, self.cfg.queries.sampling
+        z = torch.from_numpy(np.asarray(self.qs.latents[q])).float()
+        cond = torch.from_numpy(np.asarray(self.qs.text_embeddings[q])).float()
+        loss = query_loss(unet.eval(), self.alphas, z, cond, q, cfg.teacher.query_draws,
+                          cfg.seed + NOISE_SEED_OFFSET)
+        regen = sample(unet, build_scheduler(cfg.generator), cond[None], self.uncond,
+                       [1_000_000 + q], tuple(z.shape), seed=sc.seed, sampler=sc.sampler,
+                       steps=sc.steps, guidance=sc.guidance, progress=False)[0]
+        return loss, regen
+
+
+def _row(m: str, q: int, removed: np.ndarray, loss: float, base_loss: float, regen, base_img,
+         known: dict) -> dict:
+    row = {"method": m, "query": q, "removed": removed.tolist(),
+           "delta_loss": loss - base_loss,
+           "image_distance": float((regen - base_img).pow(2).mean())}
+    if known:  # a query that prompts a planted concept: how many sources went
+        gone = set(removed.tolist())
+        row["known"] = {c: [len(ids & gone), len(ids)] for c, ids in known.items()}
+        every = set().union(*known.values())
+        row["known_sources"], row["known_removed"] = len(every), len(every & gone)
+    return row
+
+
+def run_counterfactual(cfg, dirs: Dirs, out: Path, methods: list[str], queries: list[int],
+                       k: int, progress: bool = True, echo=print,
+                       steps: int | None = None, split: str = "test") -> Path:
+    """Retrain without each method's top-``k`` for each query of ``split``; write
+    ``result_file`` (per method: mean ΔLoss and image distance with standard errors over
+    queries, per-query rows) in ``out``; return it.  ``dirs``: the finished world, text,
+    generator, queries, features, teacher, student and baselines folders (and ``steps``, the
+    step study's, for ``teacher@…`` and the val split).
+
+    ``steps``: retrain on a shorter schedule (cheaper); the reference is then the generator
+    retrained on that same schedule with nothing removed, not the pipeline's generator."""
+    which = query_split(split)
+    ranks = method_ranks(cfg, dirs, methods, split)
+    _check_queries(queries, next(iter(ranks.values())).shape[0], which)
+    _check_ranked(ranks, methods, queries, which, split)
+    out.mkdir(parents=True, exist_ok=True)
+    qs = QuerySet(dirs["queries"] / f"query_{which}", need_embeddings=True)
+    known = _known(cfg, dirs["world"], qs)
+    rt = Retrainer(cfg, dirs, out, qs, steps, progress, echo)
+    ref_dir = dirs["generator"] if steps is None else rt.without(
+        np.zeros(0, dtype=np.int64), "reference")
+    base_unet, _ = load_unet(ref_dir)
+    rows = []
     for q in queries:  # query-major: a run cut short still covers every method on its queries
-        base_loss, base_img = measure(base_unet, q)
+        base_loss, base_img = rt.measure(base_unet, q)
         for m in methods:
             removed = ranks[m][q, :k]
-            unet, _ = load_unet(generator_without(removed, f"{m} q{q}"))
-            loss, regen = measure(unet, q)
-            row = {"method": m, "query": q, "removed": removed.tolist(),
-                   "delta_loss": loss - base_loss,
-                   "image_distance": float((regen - base_img).pow(2).mean())}
-            if known[q]:  # a query that prompts a planted concept: how many sources went
-                gone = set(removed.tolist())
-                row["known"] = {c: [len(ids & gone), len(ids)] for c, ids in known[q].items()}
-                every = set().union(*known[q].values())
-                row["known_sources"], row["known_removed"] = len(every), len(every & gone)
-            rows.append(row)
+            loss, regen = rt.measure(load_unet(rt.without(removed, f"{m} q{q}"))[0], q)
+            rows.append(_row(m, q, removed, loss, base_loss, regen, base_img, known[q]))
         done = queries[:queries.index(q) + 1]
         result = {"k": k, "split": split, "queries": done, "queries_asked": queries,
                   "complete": q == queries[-1],
-                  "steps": train_cfg.generator.train.steps, "reference": str(ref_dir),
+                  "steps": rt.train_cfg.generator.train.steps, "reference": str(ref_dir),
                   "noise": f"fresh: seed + {NOISE_SEED_OFFSET}",
                   "methods": summarize(rows, methods), "rows": rows}
-        atomic_write_bytes(result_file(cfg, out, steps, split),
+        atomic_write_bytes(result_file(cfg, out, steps, split, k),
                            json.dumps(result, indent=2).encode())
     return out

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -76,15 +78,26 @@ def resume_checkpoint(ckpt_dir: Path) -> Path | None:
             problems.append(f"{path} ({err.__class__.__name__}: {str(err).splitlines()[0]})"
                             if str(err) else f"{path} ({err.__class__.__name__})")
             continue
-        if problems:
-            log.warning("passed over unreadable checkpoint %s; resuming from %s",
-                        problems[0], path)
+        if problems:  # recovery says what it did: one line naming the file and the action
+            print(f"note: passed over the unreadable checkpoint {problems[0]}; resuming from "
+                  f"{path}", file=sys.stderr)
         return path
     if problems:
         raise DataFileError("No readable training checkpoint to resume from: "
                             + "; ".join(problems) + f". Delete {ckpt_dir} to restart this "
                             "stage from scratch.")
     return None
+
+
+def logged_loss(log_dir: Path) -> float:
+    """The last ``train/loss`` the CSV logs of earlier attempts recorded (NaN when none)."""
+    last = (-1, float("nan"))
+    for path in Path(log_dir).glob("version_*/metrics.csv"):
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get("train/loss") and row.get("step", "").isdigit():
+                    last = max(last, (int(row["step"]), float(row["train/loss"])))
+    return last[1]
 
 
 def train_generator(cfg, world_dir: Path, text_dir: Path, out_dir: Path,
@@ -141,6 +154,8 @@ def train_generator(cfg, world_dir: Path, text_dir: Path, out_dir: Path,
     trainer.fit(module, loader, ckpt_path=str(resume) if resume else None, weights_only=True)
     seconds = time.time() - start
     final_loss = float(trainer.callback_metrics.get("train/loss", torch.tensor(float("nan"))))
+    if final_loss != final_loss and resume:  # resumed at the end: no step logged this time
+        final_loss = logged_loss(out_dir / "logs")
     meta = {"config": to_dict(gcfg), "world": manifest["sha256"], "text_source": table.source,
             "steps": int(trainer.global_step), "ema": tcfg.ema_decay > 0,
             "image_size": manifest["image_size"], "excluded": sorted(exclude or [])}

@@ -108,12 +108,12 @@ def test_counterfactual_leave_k_out_on_smoke(smoke_run):
 
     pipe = Pipeline(smoke_run.cfg, progress=False, echo=lambda s: None)
     out = pipe.run_counterfactual(["teacher"], [0], 0, progress=False, echo=lambda s: None)
-    none = json.loads((out / "counterfactual.json").read_text())
+    none = json.loads((out / "counterfactual_k0.json").read_text())  # each k its own file
     assert abs(none["rows"][0]["delta_loss"]) < 1e-5
     assert none["rows"][0]["image_distance"] < 1e-8
     out = pipe.run_counterfactual(["teacher", "random"], [0, 1], 3, progress=False,
                              echo=lambda s: None)
-    res = json.loads((out / "counterfactual.json").read_text())
+    res = json.loads((out / "counterfactual_k3.json").read_text())
     with np.load(pipe.dir("teacher") / "teacher_test.npz") as merged:
         top = merged["rank"][0, :3]
     row = next(r for r in res["rows"] if r["method"] == "teacher" and r["query"] == 0)
@@ -135,7 +135,7 @@ def test_counterfactual_leave_k_out_on_smoke(smoke_run):
     assert other.counterfactual_dir() != out and other.retrained_dir() == pipe.retrained_dir()
     said = []
     other.run_counterfactual(["teacher", "random"], [0], 3, progress=False, echo=said.append)
-    again = json.loads((other.counterfactual_dir() / "counterfactual.json").read_text())
+    again = json.loads((other.counterfactual_dir() / "counterfactual_k3.json").read_text())
     assert not [s for s in said if "retraining" in s]
     assert again["rows"] == [r for r in res["rows"] if r["query"] == 0]
     assert set(res["methods"]) == {"teacher", "random"}
@@ -145,12 +145,12 @@ def test_counterfactual_leave_k_out_on_smoke(smoke_run):
     # a shorter schedule compares against a reference retrained on that schedule
     out = pipe.run_counterfactual(["random"], [0], 0, progress=False, echo=lambda s: None,
                              steps=10)
-    short = json.loads((out / "counterfactual_s10.json").read_text())
+    short = json.loads((out / "counterfactual_s10_k0.json").read_text())
     assert short["steps"] == 10 and abs(short["rows"][0]["delta_loss"]) < 1e-5
     ref = json.loads((Path(short["reference"]) / "generator.json").read_text())
     assert ref["steps"] == 10 and ref["excluded"] == []
     # the full schedule's result is still there beside it (each schedule its own file)
-    assert json.loads((out / "counterfactual.json").read_text()) == res
+    assert json.loads((out / "counterfactual_k3.json").read_text()) == res
 
 
 def test_abu_diagonal_baseline_runs_a_second_teacher(smoke_run):

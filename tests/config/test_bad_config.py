@@ -129,6 +129,21 @@ CONFIG_CASES = [
     (["student.epocs=3"], "student.epochs"),  # unknown key: names the close match
     (["seed"], "key=value"),
     (["=5"], "key=value"),
+    (["student.k_eval=[1,"], "student.k_eval=[1,"),  # a broken list: yaml's parser error
+    (["name=${name}"], "name"),  # an override that refers to itself
+    (["seed=18446744073709551616"], "seed"),  # 2**64
+    (["world.n_items=99999999999999999999999"], "world.n_items"),
+    (["student.k_val=30"], "student.k_val"),  # more than half of K = 50
+    (["student.val_scope=everything"], "student.val_scope"),
+    (["student.select=first"], "student.select"),
+    (["student.select=last", "student.patience=2"], "student.patience"),
+    (["teacher.gain_scale=N3"], "teacher.gain_scale"),
+    (["teacher.fisher_items=0"], "teacher.fisher_items"),
+    (["teacher.timeout_hours=0"], "teacher.timeout_hours"),
+    (["features.weights.dino=[1,2]"], "features.weights.dino"),
+    (["second_teacher.enabled=true", "second_teacher.preset=nope"], "nope"),
+    (["second_teacher.enabled=true", "second_teacher.teacher={estimater: ascent}"],
+     "teacher.estimater"),
 ]
 
 
@@ -176,6 +191,28 @@ def test_bad_config_file(capsys, tmp_path, text, named):
     assert_clear(code, err, named)
 
 
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "\n\n"])
+def test_a_config_file_with_no_keys_is_an_error(capsys, tmp_path, text):
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    code, _, err = run_cli(capsys, "config", path)
+    assert_clear(code, err, "No keys", str(path))
+
+
+def test_output_root_that_is_a_file_or_sizes_that_do_not_fit(capsys, tmp_path):
+    """An output root under a file, and a world far larger than this machine's memory, are
+    refused before any work with the path or the figures."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for root in (afile, afile / "sub"):
+        code, _, err = run_cli(capsys, "world", SMOKE, f"output_root={root}", "--no-progress")
+        assert_clear(code, err, "output_root", str(afile))
+    code, _, err = run_cli(capsys, "world", SMOKE, f"output_root={tmp_path / 'runs'}",
+                           "world.n_items=1000000000000", "--no-progress")
+    assert_clear(code, err, "world stage", "available")
+    assert not (tmp_path / "runs" / "toy_smoke").exists()
+
+
 def test_missing_config_file(capsys, tmp_path):
     code, _, err = run_cli(capsys, "run", tmp_path / "nope.yaml")
     assert_clear(code, err, "nope.yaml")
@@ -208,3 +245,23 @@ def test_sweep_without_command(capsys, tmp_path):
     sweep = _write(tmp_path / "s.yaml", SWEEP_HEAD + "parameters:\n  seed: {values: [1]}\n")
     code, _, err = run_cli(capsys, "sweep", sweep)
     assert_clear(code, err, "command")
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["counterfactual", SMOKE, "-k", "0"], "-k"),
+    (["counterfactual", SMOKE, "-k", "-5"], "-k"),
+    (["counterfactual", SMOKE, "--queries", "-1"], "--queries"),
+    (["counterfactual", SMOKE, "--steps", "0"], "--steps"),
+    (["teacher", "steps", SMOKE, "--path", "-1"], "--path"),
+    (["teacher", "steps", SMOKE, "--factors", "0"], "--factors"),
+    (["teacher", "steps", SMOKE, "--factors", "nan"], "--factors"),
+    (["teacher", "steps", SMOKE, "--queries", "0"], "--queries"),
+    (["plan", SMOKE, "--forwards-per-second", "0"], "--forwards-per-second"),
+    (["plan", SMOKE, "--items", "x"], "--items"),
+    (["sweep", "sweeps/loss.yaml", "--seeds", "-2"], "--seeds"),
+    (["no-such-command"], "invalid choice"),
+], ids=lambda v: " ".join(map(str, v)) if isinstance(v, list) else v)
+def test_numeric_flags_are_checked_before_any_work(capsys, tmp_path, argv, named):
+    code, _, err = run_cli(capsys, *argv)
+    assert_clear(code, err, named)
+    assert len(err.strip().splitlines()) == 1

@@ -103,3 +103,91 @@ def test_configuration_reference_is_current():
     for key in ("teacher.gain", "student.val_queries", "generator.unet.block_out_channels",
                 "world.planted[i].value", "abc.fixed_temperatures"):
         assert f"`{key}`" in page, key
+
+
+# ------------------------------------------------------------------------------ presets
+def test_presets_compose_with_experiment_files(tmp_path):
+    """``_base_`` takes a list: an experiment file over the toy smoke file and the published
+    AbU+ step (``preset:abu_plus_step``), this file's own keys last."""
+    from attribution.config import preset_names, read_preset
+
+    assert {"abu_plus_step", "abu_plus", "abu", "paper_student"} <= set(preset_names())
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(f"_base_: [{SMOKE}, 'preset:abu_plus_step']\nteacher:\n  eta: 0.02\n")
+    cfg = load_config(exp)
+    assert cfg.name == "toy_smoke" and cfg.world.n_items == 200  # from the first base
+    t = cfg.teacher
+    assert (t.fisher, t.gain, t.gain_scale, t.damping, t.estimator) == (
+        "ekfac", None, "N2", 0.1, "ascent")
+    assert t.eta == 0.02  # the file itself wins
+    full = read_preset("abu_plus")["teacher"]  # its own _base_ chain resolved
+    assert full["gain_scale"] == "N2" and full["captions"] == 5 and full["flips"] is True
+    assert len(full["timesteps"]) == 20 and full["query_draws"] == 50000
+    assert read_preset("abu")["teacher"]["fisher"] == "diagonal"
+    assert read_preset("abu")["teacher"]["gain_scale"] == "N"
+    student = read_preset("paper_student")["student"]
+    assert (student["head"], student["hidden"], student["loss"], student["select"]) == (
+        "mlp", [768] * 4, "ce", "last")
+
+
+def test_bad_bases_are_clear(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("_base_: b.yaml\n")
+    b.write_text("_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match="its own _base_"):
+        load_config(a)
+    a.write_text("_base_: 'preset:abu_pluss'\n")
+    with pytest.raises(ConfigError, match="No preset 'abu_pluss'.*abu_plus"):
+        load_config(a)
+    a.write_text("_base_: [3]\n")
+    with pytest.raises(ConfigError, match="_base_ must be"):
+        load_config(a)
+
+
+def test_the_published_gain_is_n_squared(tmp_path):
+    """Known answer: the preset's step is the formula's — gain N² for AbU+ (N for AbU)."""
+    from attribution.teacher.run import teacher_gain
+
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(f"_base_: [{SMOKE}, 'preset:abu_plus_step']\n")
+    assert teacher_gain(load_config(exp).teacher, 1200) == 1200.0 ** 2
+    assert teacher_gain(load_config(SMOKE).teacher, 1200) == 1200.0
+    assert teacher_gain(load_config(SMOKE, ["teacher.gain=7"]).teacher, 1200) == 7.0
+
+
+def test_free_mappings_take_any_name_but_only_strings():
+    """``features.weights`` / ``features.arch`` map extractor names to files / model names
+    (docs/scale.md's ``features.weights.dino=...``)."""
+    cfg = load_config(None, ["features.weights.dino=/models/dino.pth",
+                             "features.arch={clip: ViT-B-32}"])
+    assert cfg.features.weights == {"dino": "/models/dino.pth"}
+    assert cfg.features.arch == {"clip": "ViT-B-32"}
+    with pytest.raises(ConfigError, match="features.weights.dino"):
+        load_config(None, ["features.weights.dino=[1,2]"])
+
+
+def test_k_val_is_checked_against_k_or_derived_from_it():
+    from attribution.config import validation_k
+
+    assert validation_k(None, [500, 1000], 1000) == 100  # K / 10 below the smallest k_eval
+    assert validation_k(None, [500, 1000], 10000) == 500
+    assert validation_k(None, [10, 50], 200) == 10
+    assert validation_k(40, [10], 100) == 40
+    with pytest.raises(ConfigError, match="more than half"):
+        validation_k(501, [500], 1000)
+    with pytest.raises(ConfigError, match="student.k_val"):  # toy configs: at load
+        load_config(SMOKE, ["student.k_val=30"])  # K = teacher.k = 50
+
+
+def test_second_teacher_settings_are_checked_at_load():
+    from attribution.config import second_teacher_config
+
+    cfg = load_config(SMOKE, ["second_teacher.enabled=true"])
+    second = second_teacher_config(cfg)
+    assert second.teacher.gain_scale == "N2" and second.teacher.estimator == "ascent"
+    assert second.teacher.timesteps == cfg.teacher.timesteps  # the world's measurement kept
+    with pytest.raises(ConfigError, match="second_teacher.*captions"):  # 5 captions > 3
+        load_config(SMOKE, ["second_teacher.enabled=true", "second_teacher.preset=abu_plus"])
+    with pytest.raises(ConfigError, match="second_teacher.*teacher.estimater"):
+        load_config(SMOKE, ["second_teacher.enabled=true",
+                            "second_teacher.teacher={estimater: quadratic}"])

@@ -44,7 +44,8 @@ def _train_rank(root: Path) -> np.ndarray:
 
 @pytest.mark.parametrize("case", ["exploit", "exploit-nested", "ragged", "float-fraction",
                                   "strings", "not-a-dict", "no-random", "truncated", "empty",
-                                  "text", "1-d", "out-of-range", "repeated-id", "no-rows"])
+                                  "text", "1-d", "out-of-range", "repeated-id", "no-rows",
+                                  "nan-scores"])
 def test_bad_released_rankings(capsys, tmp_path, released, case):
     path = released / "influence_train.pkl"
     marker = tmp_path / "pwned"
@@ -61,6 +62,8 @@ def test_bad_released_rankings(capsys, tmp_path, released, case):
         "out-of-range": {"random": {"rank": rank + 1000}},
         "repeated-id": {"random": {"rank": np.zeros_like(rank)}},
         "no-rows": {"random": {"rank": rank[:0]}},
+        "nan-scores": {"random": {"rank": rank, "influence_subset": np.where(
+            np.arange(rank.size).reshape(rank.shape) == 7, np.nan, 1.0)}},
     }
     if case in payloads:
         _pickle(path, payloads[case])
