@@ -8,7 +8,6 @@ prompt fidelity, the paper's reference values beside ours (docs/method.md §5) a
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import time
@@ -30,6 +29,8 @@ from attribution.counterfactual.results import (
     schedule_pairs,
 )
 from attribution.fidelity import format_fidelity
+from attribution.report_html import write_report_html
+from attribution.report_lead import methods_table, reading
 from attribution.sweep_spec import run_dotlist
 from attribution.teacher.evaluate import format_known_answers
 from attribution.teacher.steps import summary_name
@@ -81,29 +82,25 @@ def write_report(pipe, sweeps_dir: str | Path = "sweeps") -> Path:
     if Path(sweeps_dir).is_dir():
         sweep_figs = figures.sweep_figures(sweeps_dir, Path(cfg.output_root) / "sweeps", figdir,
                                            echo=lambda s: None, experiment=cfg.name)
-    L = [f"# Attribution run `{cfg.name}`", "",
-         f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} on {platform.machine()} "
-         f"({os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
-         f"CUDA {'yes' if torch.cuda.is_available() else 'no'}), torch {torch.__version__}.", "",
-         "## Stages", "", *_stage_rows(pipe), "",
-         "## Headline figures", "",
-         "| metric | value |", "|---|---:|"]
-    L += [f"| {k} | {_f(v, 4)} |" for k, v in metrics.items()
-          if not k.startswith("baseline.") or k.startswith(f"baseline.{feature}.mAP")]
-    L += ["", "Every method's figures (`baseline.<method>.*`) are in `metrics.json` and the "
-          "methods table below."]
     base = [metrics.get(f"baseline.{feature}.mAP@{k}") for k in ks]
     stud = [metrics.get(f"student.mAP@{k}") for k in ks]
     verdict = ("tuned > untuned at every k" if all(s > b for s, b in zip(stud, base))
                else "tuned does NOT beat untuned at every k")
-    L += ["", f"![tuned vs untuned](figures/{tuned.name})", "",
-          f"Student on `{feature}`: {verdict} "
-          f"({', '.join(f'mAP@{k} {b:.3f} -> {s:.3f}' for k, b, s in zip(ks, base, stud))}).",
-          "", f"![quality vs throughput](figures/{qvt.name})", "",
+    L = [f"# Attribution run `{cfg.name}`", "",
+         f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} on {platform.machine()} "
+         f"({os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
+         f"CUDA {'yes' if torch.cuda.is_available() else 'no'}), torch {torch.__version__}. "
+         "Every test query's top items per method, to look at: [report.html](report.html).",
+         "", reading(metrics, feature, k0), ""]
+    L += methods_table(metrics, k0)
+    L += [f"![quality vs throughput](figures/{qvt.name})", "",
           "Quality here is mAP against the teacher's own ranking (the teacher sits at 1 by "
           "construction); the counterfactual y-axis of the paper's Figure 1 (retraining without each "
-          "method's top items) is the Counterfactual section below.", ""]
-    L += _methods_table(metrics, k0)
+          "method's top items) is the Counterfactual section below.", "",
+          f"![tuned vs untuned](figures/{tuned.name})", "",
+          f"Student on `{feature}`: {verdict} "
+          f"({', '.join(f'mAP@{k} {b:.3f} -> {s:.3f}' for k, b, s in zip(ks, base, stud))}).",
+          ""]
     L += _reference_table(metrics, feature, ks)
     L += _claims(cfg, k0)
     if sweep_figs:
@@ -118,66 +115,18 @@ def write_report(pipe, sweeps_dir: str | Path = "sweeps") -> Path:
         L += _counterfactual(pipe, metrics, figdir)
         L += _abc(pipe, figdir)
     L += _known_answers(pipe) + _steps(pipe, figdir) + _curation(pipe) + _fidelity(pipe)
-    L += ["## Config", "", "```yaml", OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))).rstrip(),
-          "```", ""]
+    L += ["## Appendix: stages and every figure of metrics.json", "", *_stage_rows(pipe), "",
+          "| metric | value |", "|---|---:|"]
+    L += [f"| {k} | {_f(v, 4)} |" for k, v in metrics.items()
+          if not k.startswith("baseline.") or k.startswith(f"baseline.{feature}.mAP")]
+    L += ["", "Every method's figures (`baseline.<method>.*`) are in `metrics.json`.", "",
+          "## Config", "", "```yaml",
+          OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))).rstrip(), "```", ""]
     path = root / "report.md"
     atomic_write_bytes(path, "\n".join(L).encode())
+    if not pipe.released and pipe.cfg.world.kind != "encoded":  # (no images to show)
+        write_report_html(pipe, metrics, k0)
     return path
-
-
-def _methods_table(metrics: dict, k: int) -> list[str]:
-    planted = sorted({key.split(".")[-1] for key in metrics
-                      if key.startswith("baseline.") and key.endswith("_recall@10")})
-    types = [t for t in ("ordinary", "planted") if f"student.{t}.mAP@{k}" in metrics]
-    L = ["## Methods on the same test queries", "",
-         f"| method | mAP@{k} (s.e.) | " + "".join(f"{t} mAP@{k} | " for t in types)
-         + "queries/s | storage | "
-         + " | ".join(p.replace("_recall@10", " recall@10") for p in planted) + " |",
-         "|---|---|" + "---|" * len(types) + "---:|---:|" + "---:|" * len(planted)]
-    for m in sorted(figures.methods_of_run(metrics, k), key=lambda m: -m["quality"]):
-        prefix = {"student": "student", "teacher": "teacher",
-                  "teacher_replicate": "teacher.self"}.get(m["key"], f"baseline.{m['key']}")
-        rec = [metrics.get(f"{prefix}.{p}") for p in planted]
-        by_type = "".join(
-            "— | " if metrics.get(f"{prefix}.{t}.mAP@{k}") is None else
-            f"{metrics[f'{prefix}.{t}.mAP@{k}']:.3f} ({metrics[f'{prefix}.{t}.mAP@{k}_stderr']:.3f}) | "
-            for t in types)
-        L.append(f"| {m['method']} | {m['quality']:.3f} ({m['stderr']:.3f}) | {by_type}"
-                 f"{m['qps']:.4g} | {figures._human(m['storage'])} | "
-                 + " | ".join(_recall_cell(r, metrics.get(f"{prefix}.{p}_stderr"))
-                              for r, p in zip(rec, planted)) + " |")
-    ceiling = metrics.get(f"teacher.self_mAP@{k}")
-    if ceiling is not None:
-        se = metrics.get(f"teacher.self_mAP@{k}_stderr", 0.0)
-        near = [m["method"] for m in figures.methods_of_run(metrics, k)
-                if m["key"] not in ("teacher", "teacher_replicate")
-                and m["quality"] + 2 * math.hypot(m["stderr"], se) >= ceiling]
-        L += ["", f"**Ceiling.** The teacher rescored on "
-              f"{metrics.get('teacher.self_queries', '?')} test queries with fresh noise (new "
-              f"query draws and item noise) agrees with itself at mAP@{k} {ceiling:.3f} "
-              f"(s.e. {se:.3f}): no method can be expected above it. "
-              + "".join(f"On {t} queries alone: {metrics[f'teacher.self.{t}.mAP@{k}']:.3f} "
-                        f"(s.e. {metrics[f'teacher.self.{t}.mAP@{k}_stderr']:.3f}). "
-                        for t in types if f"teacher.self.{t}.mAP@{k}" in metrics)
-              + (f"Within two standard errors of it: {', '.join(near)}." if near else
-                 "No method is within two standard errors of it.")]
-    recall = metrics.get("teacher.curation_recall@10")
-    if recall is not None:
-        L += ["", f"**Curation.** Of the teacher's full-set top 10 for "
-              f"{metrics.get('teacher.curation_queries', '?')} training queries scored over every "
-              f"item, {recall:.2f} (s.e. {metrics.get('teacher.curation_recall@10_stderr', 0):.2f})"
-              f" lies inside their stage-1 K-sets (`teacher.curation_recall@10`)."]
-    return L + ["", "Known-answer recall@10 (s.e. over the concept's queries): the share of the "
-                "planted items found in the top 10 "
-                "by the test queries that prompt the planted concept (chance = 10/N). "
-                "*ordinary* / *planted*: the same mAP over the test queries whose prompt names "
-                "no planted concept / a planted concept.", ""]
-
-
-def _recall_cell(recall: float | None, stderr: float | None) -> str:
-    if recall is None:
-        return ""
-    return f"{recall:.2f}" if stderr is None else f"{recall:.2f} ({stderr:.2f})"
 
 
 def _reference_table(metrics: dict, feature: str, ks: list[int]) -> list[str]:
@@ -221,7 +170,10 @@ def _claims(cfg, k: int) -> list[str]:
     """The paper's qualitative claims, checked on this experiment's sweeps (when they ran)."""
     metric = f"student.mAP@{k}"
     root = Path(cfg.output_root) / "sweeps"
-    rows = format_claims(check_claims(root, cfg.name, metric), metric)
+    claims = check_claims(root, cfg.name, metric)
+    second = check_claims(root, cfg.name, f"second.{metric}") if cfg.second_teacher.enabled \
+        else []
+    rows = format_claims(claims, metric, second, cfg.second_teacher.name)
     stale = stale_runs(root, cfg.name, lambda run: _current_key(cfg, run)) if rows else {}
     warning = [f"**Stale:** {len(runs)} row(s) of `{sweep}` ({', '.join(runs[:3])}"
                f"{', ...' if len(runs) > 3 else ''}) ran under another configuration than this "

@@ -100,7 +100,7 @@ def test_methods_of_run_places_teacher_student_and_baseline():
 
 
 def test_report_of_smoke_run(smoke_run):
-    """The main job's last step: metrics.json keys, figures and report.md (issue 5)."""
+    """The main job's last step: metrics.json keys, figures and report.md."""
     from attribution.pipeline import Pipeline
 
     pipe = Pipeline(smoke_run.cfg, progress=False, echo=lambda s: None)

@@ -1,6 +1,7 @@
 """Every figure the project draws, from finished artifacts only: a run's own (``run.py``) and the
 sweeps' (``sweeps.py``)."""
 
+from attribution.figures.base import METHOD_NAMES
 from attribution.figures.run import (
     _human,
     abc_figure,
@@ -20,6 +21,6 @@ from attribution.figures.sweeps import (
     varied_keys,
 )
 
-__all__ = ["_human", "abc_figure", "aggregate", "counterfactual_figure", "methods_of_run",
+__all__ = ["METHOD_NAMES", "_human", "abc_figure", "aggregate", "counterfactual_figure", "methods_of_run",
            "quality_vs_throughput", "read_rows", "report_metric", "rows_from_wandb",
            "step_figure", "sweep_figure", "sweep_figures", "tuned_vs_untuned", "varied_keys"]

@@ -11,7 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 SEED_KEY = "student.seed"
-METHOD_NAMES = {"dtrak": "D-TRAK", "abu_diagonal": "AbU (diagonal Fisher)"}
+METHOD_NAMES = {"dtrak": "D-TRAK", "abu_diagonal": "AbU (diagonal Fisher)",
+                "whitened": "whitened input (the head's start)"}
 LABELS = {
     "student.loss": "learning-to-rank loss",
     "student.feature": "feature space",

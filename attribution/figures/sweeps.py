@@ -179,7 +179,7 @@ def sweep_figures(sweeps_dir: str | Path, results_root: str | Path, out: str | P
     keeps only the local rows of that experiment (a run's report shows its own sweeps)."""
     made = {}
     for f in sorted(Path(sweeps_dir).glob("*.yaml")):
-        sweep = load_sweep(f)
+        sweep = load_sweep(f, check_runs_too=False)  # its rows are finished runs
         if wandb_sweeps and f.stem in wandb_sweeps:
             rows = rows_from_wandb(wandb_sweeps[f.stem])
         else:
