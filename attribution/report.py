@@ -103,30 +103,39 @@ def write_report(pipe, sweeps_dir: str | Path = "sweeps") -> Path:
           ""]
     L += _reference_table(metrics, feature, ks)
     L += _claims(cfg, k0)
-    if sweep_figs:
-        L += ["", "## Sweeps", ""]
-        for name, path in sweep_figs.items():
-            L += [f"### {name}", "", f"![{name}](figures/{path.name})", ""]
-    else:
-        L += ["", "## Sweeps", "", f"No sweep of experiment `{cfg.name}` has results yet: "
-              "`attribution sweep sweeps/<name>.yaml` (the toy sweeps run on `toy_evidence`) "
-              "then rerunning this command adds their figures here.", ""]
+    L += _sweeps_section(cfg.name, sweep_figs)
     if not pipe.released:
         L += _counterfactual(pipe, metrics, figdir)
         L += _abc(pipe, figdir)
     L += _known_answers(pipe) + _steps(pipe, figdir) + _curation(pipe) + _fidelity(pipe)
-    L += ["## Appendix: stages and every figure of metrics.json", "", *_stage_rows(pipe), "",
-          "| metric | value |", "|---|---:|"]
-    L += [f"| {k} | {_f(v, 4)} |" for k, v in metrics.items()
-          if not k.startswith("baseline.") or k.startswith(f"baseline.{feature}.mAP")]
-    L += ["", "Every method's figures (`baseline.<method>.*`) are in `metrics.json`.", "",
-          "## Config", "", "```yaml",
-          OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))).rstrip(), "```", ""]
+    L += _appendix(pipe, metrics, feature)
     path = root / "report.md"
     atomic_write_bytes(path, "\n".join(L).encode())
     if not pipe.released and pipe.cfg.world.kind != "encoded":  # (no images to show)
         write_report_html(pipe, metrics, k0)
     return path
+
+
+def _sweeps_section(name: str, sweep_figs: dict) -> list[str]:
+    if not sweep_figs:
+        return ["", "## Sweeps", "", f"No sweep of experiment `{name}` has results yet: "
+                "`attribution sweep sweeps/<name>.yaml` (the toy sweeps run on `toy_evidence`) "
+                "then rerunning this command adds their figures here.", ""]
+    L = ["", "## Sweeps", ""]
+    for sweep, path in sweep_figs.items():
+        L += [f"### {sweep}", "", f"![{sweep}](figures/{path.name})", ""]
+    return L
+
+
+def _appendix(pipe, metrics: dict, feature: str) -> list[str]:
+    """The stages, every figure of metrics.json (other methods' in the file) and the config."""
+    L = ["## Appendix: stages and every figure of metrics.json", "", *_stage_rows(pipe), "",
+         "| metric | value |", "|---|---:|"]
+    L += [f"| {k} | {_f(v, 4)} |" for k, v in metrics.items()
+          if not k.startswith("baseline.") or k.startswith(f"baseline.{feature}.mAP")]
+    return L + ["", "Every method's figures (`baseline.<method>.*`) are in `metrics.json`.", "",
+                "## Config", "", "```yaml",
+                OmegaConf.to_yaml(OmegaConf.create(to_dict(pipe.cfg))).rstrip(), "```", ""]
 
 
 def _reference_table(metrics: dict, feature: str, ks: list[int]) -> list[str]:

@@ -79,6 +79,23 @@ def test_check_claims_reads_only_the_experiments_rows(tmp_path):
     assert table[0].startswith("| claim") and "MSE trains worst" in table[2]
 
 
+def test_claims_are_judged_against_each_teacher_side_by_side(tmp_path):
+    """Known answer: MSE trains worst against the run's teacher and best against the second
+    one; the table gives each teacher's figure and verdict on the same row."""
+    d = tmp_path / "loss"
+    d.mkdir()
+    (d / "results.csv").write_text(
+        f"run,experiment,student.loss,{M},{M}_stderr,second.{M},second.{M}_stderr\n"
+        f"a,mine,ce,0.4,0.01,0.2,0.01\nb,mine,mse,0.2,0.01,0.4,0.01\n")
+    first, second = check_claims(tmp_path, "mine", M), check_claims(tmp_path, "mine", "second." + M)
+    assert [c["verdict"] for c in first] == [HOLDS]
+    assert [c["verdict"] for c in second] == [FAILS]
+    table = format_claims(first, M, second, "published AbU+")
+    assert "against published AbU+" in table[0]
+    row = table[2].split(" | ")
+    assert row[3] == HOLDS and row[5].rstrip(" |") == FAILS
+
+
 def test_paired_differences_separate_what_unpaired_ones_cannot(tmp_path):
     """Two losses 0.02 apart on every one of 50 very different queries: unpaired, their
     standard errors (~0.04 each) hide it; paired over queries it is exact."""

@@ -100,6 +100,16 @@ def logged_loss(log_dir: Path) -> float:
     return last[1]
 
 
+def _check_text(table: TextTable, n_items: int, width: int, text_dir: Path) -> None:
+    """The text cache has a row per item and token states the UNet's cross-attention takes."""
+    if table.rows.shape[0] != n_items:
+        raise DataFileError(f"text cache {text_dir} has {table.rows.shape[0]} items, "
+                            f"world has {n_items}")
+    if table.embeddings.shape[-1] != width:
+        raise ValueError(f"generator.unet.cross_attention_dim={width} but the text encoder "
+                         f"gives {table.embeddings.shape[-1]}-d token states")
+
+
 def train_generator(cfg, world_dir: Path, text_dir: Path, out_dir: Path,
                     progress: bool = True, exclude: list[int] | None = None) -> dict:
     """Train (or resume) the generator; write ``out_dir/unet`` + ``generator.json``.
@@ -116,12 +126,7 @@ def train_generator(cfg, world_dir: Path, text_dir: Path, out_dir: Path,
     manifest = read_manifest(world_dir)
     table = TextTable.load(text_dir)
     n_items = manifest["n_items"]
-    if table.rows.shape[0] != n_items:
-        raise DataFileError(f"text cache {text_dir} has {table.rows.shape[0]} items, "
-                            f"world has {n_items}")
-    if table.embeddings.shape[-1] != gcfg.unet.cross_attention_dim:
-        raise ValueError(f"generator.unet.cross_attention_dim={gcfg.unet.cross_attention_dim} but "
-                         f"the text encoder gives {table.embeddings.shape[-1]}-d token states")
+    _check_text(table, n_items, gcfg.unet.cross_attention_dim, text_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     codec = build_codec(gcfg, manifest["image_size"])
     unet = build_unet(gcfg, codec)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -258,11 +259,8 @@ def train_student(cfg, features_dir: Path, teacher_dir: Path, out: Path,
                                sc.val_outside, cfg.seed) if len(val_rows) else None
     gpu_index = faiss_on_gpu(cfg.device)  # an error now, not after training, if it cannot
     thr = ThroughputCallback(feats["items"], feats["query_test"], gpu=gpu_index)
-    ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="best",
-                           monitor=f"val/mAP@{k_val}" if valcb else None, mode="max",
-                           save_last=True, auto_insert_metric_name=False,
-                           enable_version_counter=False)
-    trainer = _trainer(cfg, out, [*([valcb] if valcb else []), thr, ckpt], progress)
+    trainer = _trainer(cfg, out, [*([valcb] if valcb else []), thr,
+                                  _checkpoint(out, k_val if valcb else None)], progress)
     start = time.time()
     trainer.fit(module, datamodule=dm)
     seconds, epochs_run = time.time() - start, int(trainer.current_epoch)
@@ -285,20 +283,31 @@ def train_student(cfg, features_dir: Path, teacher_dir: Path, out: Path,
     metrics.update(_test_metrics(sc, module, feats, ranks.test))
     metrics.update(_whitened_baseline(sc, module, feats, ranks.test, out))
     atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())
-    if trainer.logger:  # the flat names the sweep files optimize (student.val_mAP, ...)
-        trainer.logger.log_metrics({k: v for k, v in metrics.items()
-                                    if isinstance(v, float | int) and not isinstance(v, bool)})
-        if gallery is not None:
-            gallery(trainer.logger, module.embed, feats, ranks.test)
-        _close_wandb(trainer.logger)
+    if trainer.logger:
+        _log_run(trainer.logger, metrics,
+                 gallery and functools.partial(gallery, embed=module.embed, feats=feats,
+                                               test_rank=ranks.test))
     return metrics
 
 
-def _close_wandb(logger) -> None:
-    """End this student's W&B run: Lightning's WandbLogger reuses a run still open in the
-    process, so a second student trained in the same process would log into the first's."""
+def _checkpoint(out: Path, k_val: int | None) -> ModelCheckpoint:
+    """``best`` (by validation mAP@k_val when there is validation) and ``last``."""
+    return ModelCheckpoint(dirpath=out / "checkpoints", filename="best",
+                           monitor=f"val/mAP@{k_val}" if k_val is not None else None,
+                           mode="max", save_last=True, auto_insert_metric_name=False,
+                           enable_version_counter=False)
+
+
+def _log_run(logger, metrics: dict, gallery) -> None:
+    """Log the flat names the sweep files optimize (student.val_mAP, ...) and the gallery,
+    then end a W&B run: Lightning's WandbLogger reuses a run still open in the process, so a
+    second student trained in the same process would log into the first's."""
     from lightning.pytorch.loggers import WandbLogger
 
+    logger.log_metrics({k: v for k, v in metrics.items()
+                        if isinstance(v, float | int) and not isinstance(v, bool)})
+    if gallery:
+        gallery(logger)
     if isinstance(logger, WandbLogger):
         import wandb
 

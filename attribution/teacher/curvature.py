@@ -1,5 +1,5 @@
 """A step-free teacher variant: the Gauss–Newton curvature of each item's loss along the query's
-unlearning direction (``attribution teacher curvature CONFIG``; docs/results.md, ninth session).
+unlearning direction (``attribution teacher curvature CONFIG``; docs/results.md "The teacher").
 
 The even part of AbU's loss change (``teacher/steps.py``, ``--even``) is
 ½η²·dᵀ∇²L_j·d + O(η⁴), with d = P⁻¹g_q the natural-gradient direction.  Its Gauss–Newton part is

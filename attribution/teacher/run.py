@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from attribution.common.devices import accelerator_for
+from attribution.common.devices import accelerator_for, torch_device
 from attribution.common.files import DataFileError, atomic_save_npy, atomic_write_bytes, load_npy
 from attribution.common.seeds import seeded_generator
 from attribution.config import to_dict
@@ -72,7 +72,9 @@ def fit_fisher(cfg, world_dir: Path, text_dir: Path, gen_dir: Path, out: Path,
     start = time.time()
     if tc.fisher == "diagonal":
         names = list(select_parameters(unet, tc.params))
-        tensors = diagonal_fisher(unet, names, alphas, draws, tc.fisher_batch_size, progress)
+        device = torch_device(cfg.device)  # the configured device (a GPU where asked for)
+        tensors = diagonal_fisher(unet.to(device), names, alphas, draws, tc.fisher_batch_size,
+                                  progress, device=device)
     else:
         tensors = ekfac_factors(unet, list(select_modules(unet, tc.params)), alphas, draws,
                                 tc.fisher_batch_size, progress, workdir=out)
