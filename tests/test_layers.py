@@ -2,6 +2,7 @@
 lower layer import a higher one, a library module import the orchestration, or two sibling
 modules import each other in a circle fails here."""
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -47,8 +48,6 @@ ORCHESTRATION = {"pipeline.py", "stage_table.py", "sweeps.py", "cli.py", "report
 def test_no_library_function_takes_the_pipeline():
     """Stages and library functions receive the config and stage folders, never the scheduler:
     no function outside the orchestration has a ``pipe``/``pipeline`` parameter."""
-    import ast
-
     offenders = []
     for path in sorted((ROOT / "attribution").rglob("*.py")):
         if path.parent.name == "attribution" and path.name in ORCHESTRATION:
@@ -66,4 +65,15 @@ def test_no_file_is_over_350_lines():
                                                    *ROOT.glob("tests/**/*.py"),
                                                    *ROOT.glob("benchmarks/*.py")]
             if (n := len(p.read_text().splitlines())) > 360}
+    assert not long, long
+
+
+def test_no_library_function_is_over_60_lines():
+    """A function a reader must hold in mind at once stays short (docstring included)."""
+    long = []
+    for path in ROOT.glob("attribution/**/*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and \
+                    (n := node.end_lineno - node.lineno + 1) > 60:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({n})")
     assert not long, long
