@@ -154,6 +154,10 @@ def test_a_device_the_machine_lacks_is_an_error_before_any_work(tmp_path, capsys
         with pytest.raises(devices.DeviceError, match=r"gpu extra"):
             devices.faiss_on_gpu("cuda")
         assert devices.faiss_on_gpu("auto") is False
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU: two is refused
+    with pytest.raises(devices.DeviceError, match=r"teacher.devices=2, but this machine has 1"):
+        devices.check_device_counts("cuda", {"student.devices": 1, "teacher.devices": 2})
+    devices.check_device_counts("cpu", {"teacher.devices": 2})  # CPU processes: allowed
 
 
 def test_one_writer_per_run_folder_with_two_real_processes(tmp_path):

@@ -18,6 +18,18 @@ def check_device(device: str) -> None:
                           "device=auto to run on the CPU where there is none (or device=cpu)")
 
 
+def check_device_counts(device: str, counts: dict[str, int]) -> None:
+    """Refuse ``<stage>.devices`` (per node) above the GPUs this machine has, where the work
+    goes on GPUs (``cuda``, or ``auto`` with a GPU); on the CPU several devices are processes."""
+    if device == "cpu" or not torch.cuda.is_available():
+        return
+    have = torch.cuda.device_count()
+    for key, n in counts.items():
+        if n > have:
+            raise DeviceError(f"{key}={n}, but this machine has {have} CUDA GPU(s): ask for at "
+                              f"most {have} per node (several nodes: the *.num_nodes keys)")
+
+
 def torch_device(device: str) -> str:
     """``"cuda"`` when asked for (or ``auto``) and a GPU exists, else ``"cpu"``."""
     return "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
