@@ -116,32 +116,6 @@ def _counterfactual(args, pipe) -> int:
     return 0
 
 
-def _teacher_steps(args, pipe) -> int:
-    from attribution.figures import step_figure
-    from attribution.teacher.steps import study_dir, summary_name
-    from attribution.teacher.steps_table import format_steps
-
-    summary = pipe.run_step_study(args.factors, args.queries, progress=not args.no_progress,
-                                  dampings=args.dampings, split=args.split, path=args.path,
-                                  even=args.even)
-    print(format_steps(summary))
-    name = summary_name(args.split, args.even).replace(".json", ".png")
-    print(f"figure: {step_figure(summary, study_dir(pipe.step_study_dir(), args.path) / name)}")
-    return 0
-
-
-def _teacher_curvature(args, pipe) -> int:
-    summary = pipe.run_curvature(args.split, args.queries, progress=not args.no_progress)
-    recall = ", ".join(f"{k} {v:.2f}" for k, v in summary.items() if "recall" in k)
-    speed = summary["seconds_per_query"]
-    print(f"curvature (Gauss–Newton, difference factor {summary['difference_factor']:g}) on "
-          f"{len(summary['rows_scored'])} {args.split} queries"
-          + (f", {speed:.1f} s a query" if speed else ", all cached")
-          + (f"; {recall}" if recall else "")
-          + f"; ranked as teacher-gn -> {pipe.step_study_dir() / 'gn'}")
-    return 0
-
-
 def _teacher_merge(args, pipe) -> int:
     from attribution.teacher.run import merge_outputs
 
@@ -152,11 +126,19 @@ def _teacher_merge(args, pipe) -> int:
 
 
 def _teacher(args, pipe) -> int:
-    action = {"steps": _teacher_steps, "curvature": _teacher_curvature,
-              "merge": _teacher_merge}.get(args.action)
-    if action is not None:
-        return action(args, pipe)
+    if args.action == "merge":
+        return _teacher_merge(args, pipe)
     return _stages(args, pipe, {"fisher": "fisher", "score": "teacher"}[args.action])
+
+
+def _study(args, pipe) -> int:
+    """``attribution study NAME``: a study (``attribution/studies/``) on this run's finished
+    teacher, in the folder tied to the teacher's key; only the front door imports the studies."""
+    from attribution.studies.commands import STUDIES
+
+    with pipe.lock():
+        pipe.run(["teacher"])
+        return STUDIES[args.study](args, pipe.cfg, pipe.dirs(), pipe.step_study_dir())
 
 
 def _stages(args, pipe, stage: str | None = None) -> int:
@@ -187,7 +169,7 @@ def _stages(args, pipe, stage: str | None = None) -> int:
 # The command table: what each command's handler receives.
 NO_CONFIG = {"sweep": _sweep, "coco-encode": _coco_encode, "figures": _figures}
 WITH_CONFIG = {"plan": _plan, "config": _config, "attribute": _attribute}
-WITH_PIPELINE = {"counterfactual": _counterfactual, "teacher": _teacher}  # others: _stages
+WITH_PIPELINE = {"counterfactual": _counterfactual, "teacher": _teacher, "study": _study}  # others: _stages
 
 
 def _dispatch(args) -> int:

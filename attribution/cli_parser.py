@@ -62,29 +62,41 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_teacher(sub) -> None:
-    p = sub.add_parser("teacher", help="the AbU teacher on its own: fisher | score | merge | "
-                                       "steps (the step-size study) | curvature (its "
-                                       "step-free Gauss-Newton limit, ranked as teacher-gn)")
-    p.add_argument("action", choices=["fisher", "score", "merge", "steps", "curvature"])
+    p = sub.add_parser("teacher", help="the AbU teacher on its own: fisher | score | merge")
+    p.add_argument("action", choices=["fisher", "score", "merge"])
     _add_config_args(p)
-    p.add_argument("--factors", type=POSITIVE, nargs="+", default=None,
-                   help="steps: multiples of the configured step η/gain (default 1e-4 ... 10)")
+
+
+STUDIES = {"teacher-steps": "the step-size study: the test (or, for choosing, training) "
+                            "queries rescored at multiples of the configured step",
+           "teacher-curvature": "the step study's queries ranked by the step-free "
+                                "Gauss-Newton curvature (counterfactual: teacher-gn)"}
+
+
+def _add_study(sub) -> None:
+    p = sub.add_parser("study", help="research studies beside the main job: "
+                                     + "; ".join(f"{k} ({v})" for k, v in STUDIES.items()))
+    p.add_argument("study", choices=list(STUDIES))
+    _add_config_args(p)
     p.add_argument("--queries", type=POSITIVE_INT, default=None,
-                   help="steps: the first N test queries (default all); with --split val, N "
+                   help="the first N test queries (default all); with --split val, N "
                         "training queries in all (default 12 + the validation-concept ones)")
-    p.add_argument("--dampings", type=POSITIVE, nargs="+", default=None,
-                   help="steps: the same factors at these dampings too (teacher.damping's "
-                        "meaning; the configured one is always in)")
     p.add_argument("--split", choices=STUDY_SPLITS, default="test",
-                   help="steps: test queries (reporting) or training queries with the "
-                        "validation concepts (choosing a step without the test set)")
+                   help="test queries (reporting) or training queries with the validation "
+                        "concepts (choosing a step without the test set)")
+    p.add_argument("--factors", type=POSITIVE, nargs="+", default=None,
+                   help="teacher-steps: multiples of the configured step η/gain (default "
+                        "1e-4 ... 10)")
+    p.add_argument("--dampings", type=POSITIVE, nargs="+", default=None,
+                   help="teacher-steps: the same factors at these dampings too "
+                        "(teacher.damping's meaning; the configured one is always in)")
     p.add_argument("--path", type=COUNT, default=0, metavar="M",
-                   help="steps: unlearn along a path of M natural-gradient steps per decade "
-                        "(the query gradient recomputed at each) instead of one step")
+                   help="teacher-steps: unlearn along a path of M natural-gradient steps per "
+                        "decade (the query gradient recomputed at each) instead of one step")
     p.add_argument("--even", action="store_true",
-                   help="steps: score each factor both ways (ascent and descent) and rank by "
-                        "the even part of the loss change, ½[ΔL(+η) + ΔL(−η)]: the curvature "
-                        "along the step, its first-order term cancelled")
+                   help="teacher-steps: score each factor both ways (ascent and descent) and "
+                        "rank by the even part of the loss change, ½[ΔL(+η) + ΔL(−η)]: the "
+                        "curvature along the step, its first-order term cancelled")
 
 
 def _add_attribute(sub) -> None:
@@ -128,7 +140,7 @@ def _add_counterfactual(sub) -> None:
                    help="retrain on this shorter schedule (reference retrained the same way)")
     p.add_argument("--split", choices=STUDY_SPLITS, default="test",
                    help="test queries (reporting) or the step study's training queries "
-                        "(--split val there first): judging the teacher's step without the "
+                        "(`study teacher-steps --split val` first): judging the teacher's step without the "
                         "test set; val has teacher, teacher@<factor> and random")
 
 
@@ -190,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in STAGE_COMMANDS.items():
         _add_config_args(sub.add_parser(name, help=text))
     _add_teacher(sub)
+    _add_study(sub)
     _add_attribute(sub)
     _add_sweep(sub)
     _add_counterfactual(sub)

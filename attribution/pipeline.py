@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +30,14 @@ from attribution.common.files import (
     record_files,
     verify_files,
 )
-from attribution.config import FORMAT_VERSION, ConfigError, config_hash, derive, save_config
+from attribution.config import (
+    FORMAT_VERSION,
+    ConfigError,
+    config_hash,
+    derive,
+    load_config,
+    save_config,
+)
 from attribution.stage_table import (
     COMMAND,
     DEPENDS,
@@ -313,29 +321,6 @@ class Pipeline:
         """Where this run's teacher step-size study lives (tied to its teacher)."""
         return self.root / f"steps-{config_hash('steps', self.key('teacher'))}"
 
-    def run_step_study(self, factors: list[float] | None = None, n_queries: int | None = None,
-                       progress: bool = True, dampings: list[float] | None = None,
-                       split: str = "test", path: int = 0, even: bool = False) -> dict:
-        """The teacher step-size study (``teacher/steps.py``) on this run's finished teacher."""
-        from attribution.teacher.steps import run_step_study
-
-        with self.lock():
-            self.run(["teacher"])
-            return run_step_study(self.cfg, self.dirs(), self.step_study_dir(), factors,
-                                  n_queries, progress=progress, dampings=dampings, split=split,
-                                  path=path, even=even)
-
-    def run_curvature(self, split: str = "test", n_queries: int | None = None,
-                      progress: bool = True) -> dict:
-        """The step-free Gauss–Newton ranking (``teacher/curvature.py``) of the step study's
-        queries, stored beside its files."""
-        from attribution.teacher.curvature import run_curvature
-
-        with self.lock():
-            self.run(["teacher"])
-            return run_curvature(self.cfg, self.dirs(), self.step_study_dir(), split, n_queries,
-                                 progress)
-
     def run_counterfactual(self, methods: list[str], queries: list[int], k: int,
                            progress: bool = True, echo=print, steps: int | None = None,
                            split: str = "test") -> Path:
@@ -353,3 +338,15 @@ class Pipeline:
                     "retrained": self.retrained_dir()}
             return run_counterfactual(self.cfg, dirs, self.counterfactual_dir(), methods,
                                       queries, k, progress, echo, steps, split)
+
+
+def script_pipeline(ap) -> tuple:
+    """For benchmark and study scripts: parse CONFIG (default: the smoke config, fast from a
+    fresh clone) + overrides + the script's own options of ``ap`` (an ArgumentParser)
+    -> (args, cfg, a quiet Pipeline)."""
+    ap.add_argument("config", nargs="?", default="configs/experiment/toy_smoke.yaml")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cfg = load_config(args.config, args.overrides)
+    return args, cfg, Pipeline(cfg, progress=False, echo=lambda s: None)

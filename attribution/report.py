@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -33,8 +34,6 @@ from attribution.report_html import write_report_html
 from attribution.report_lead import methods_table, reading
 from attribution.sweep_spec import run_dotlist
 from attribution.teacher.evaluate import format_known_answers
-from attribution.teacher.steps import summary_name
-from attribution.teacher.steps_table import format_steps
 
 # The paper's MSCOCO numbers (docs/method.md §5) that have a counterpart in every run.
 PAPER_FEATURE_TUNING = {  # mAP@1000 before -> after tuning (Fig. 3 left)
@@ -107,7 +106,7 @@ def write_report(pipe, sweeps_dir: str | Path = "sweeps") -> Path:
     if not pipe.released:
         L += _counterfactual(pipe, metrics, figdir)
         L += _abc(pipe, figdir)
-    L += _known_answers(pipe) + _steps(pipe, figdir) + _curation(pipe) + _fidelity(pipe)
+    L += _known_answers(pipe) + _studies(pipe) + _curation(pipe) + _fidelity(pipe)
     L += _appendix(pipe, metrics, feature)
     path = root / "report.md"
     atomic_write_bytes(path, "\n".join(L).encode())
@@ -250,23 +249,17 @@ def _known_answers(pipe) -> list[str]:
                          "Teacher known answers (planted concepts)", format_known_answers)
 
 
-def _steps(pipe, figdir: Path) -> list[str]:
-    """The teacher step-size study, when `attribution teacher steps` has run for this teacher."""
-    if pipe.released:
+def _studies(pipe) -> list[str]:
+    """The teacher studies run on this teacher (``attribution study teacher-steps``): each
+    leaves ``*.report.md`` fragments in the study folder, included here as text with their
+    image links made relative to the report (the report never imports the studies)."""
+    folder = pipe.step_study_dir()
+    if pipe.released or not folder.is_dir():
         return []
-    L = []
-    studies = [(pipe.step_study_dir(), "teacher_steps")] + [
-        (d, f"teacher_steps_{d.name}") for d in sorted(pipe.step_study_dir().glob("path*"))
-        if d.is_dir()]  # the one-step study, then each unlearning-path one
-    names = [summary_name(split, even) for split in ("test", "val") for even in (False, True)]
-    files = [(folder / name, f"{stem}{name.removeprefix('steps').removesuffix('.json')}.png")
-             for folder, stem in studies for name in names]
-    for path, png in files:
-        if path.is_file():  # the test split reports; the val split (training queries) chooses
-            summary = json.loads(path.read_text())
-            fig = figures.step_figure(summary, figdir / png)
-            L += ["```", format_steps(summary), "```", "",
-                  f"![teacher step size](figures/{fig.name})", ""]
+    L = []  # the one-step study's fragments first, then each unlearning path's
+    for frag in sorted(folder.rglob("*.report.md"), key=lambda f: (len(f.parts), f)):
+        rel = frag.parent.relative_to(pipe.root).as_posix()
+        L += [re.sub(r"!\[([^\]]*)\]\(([^)/:]+)\)", rf"![\1]({rel}/\2)", frag.read_text()), ""]
     return ["## Teacher step size", "", *L] if L else []
 
 

@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def noise_check() -> bool:
+    from attribution.teacher.candidates import loss_plan
     from attribution.teacher.noise import item_noise
-    from attribution.teacher.scoring import loss_plan
 
     keys = loss_plan(torch.arange(50), 2, [0, 500, 999], flips=True)
     cpu = item_noise(keys, (4, 16, 16), seed=3)

@@ -27,8 +27,8 @@ from _common import machine_line, pipeline_args
 from attribution.config import derive, load_config
 from attribution.data.text_cache import TextTable
 from attribution.generator.model import add_noise, build_scheduler, build_unet
+from attribution.teacher.candidates import CandidateSet, candidate_losses, loss_plan, plan_inputs
 from attribution.teacher.run import teacher_scorer
-from attribution.teacher.scoring import CandidateSet, candidate_losses, loss_plan, plan_inputs
 
 
 @torch.no_grad()

@@ -38,10 +38,10 @@ from attribution.data.text_cache import TextTable
 from attribution.generator.model import build_codec, build_scheduler, load_unet
 from attribution.generator.train import encode_world
 from attribution.student.deploy import load_head
+from attribution.teacher.candidates import CandidateSet, candidate_losses
 from attribution.teacher.params import select_parameters
 from attribution.teacher.run import load_preconditioner
 from attribution.teacher.scorer import AbUScorer, Query
-from attribution.teacher.scoring import CandidateSet, candidate_losses
 
 
 def run_abc_teacher(cfg, inputs: Dirs, out: Path, progress: bool = True) -> dict:

@@ -12,16 +12,16 @@ training items (same seed, same schedule; every random choice of a step is a fun
 
 A bigger rise means the removed items mattered more.  ``random`` (K items drawn uniformly) is the
 control.  ``teacher@<factor>[:<damping>]`` is the teacher at a multiple of its step (and another damping), from the step-size study
-(``teacher/steps.py``; run ``attribution teacher steps`` first); ``teacher-even@…`` ranks by the
+(``attribution study teacher-steps`` first; its files: ``study_files.py``); ``teacher-even@…`` ranks by the
 even part of the loss change at that step (the study's ``--even``); ``teacher-gn`` by its
-step-free Gauss–Newton limit (``teacher/curvature.py``).  Retrained generators are cached by
+step-free Gauss–Newton limit (``attribution study teacher-curvature``).  Retrained generators are cached by
 the set of removed items in a folder keyed by the generator alone (``dirs["retrained"]``), so two
 methods that pick the same items share one retraining — also across teachers, students and
 baselines of one generator — and a killed run resumes.
 
 Two splits.  ``test`` (the default) reports.  ``val`` measures on TRAINING queries — the ones the
-step study's choosing split scored over the whole set (``attribution teacher steps CONFIG
---split val``): the queries that prompt a validation concept, whose planted items are known
+step study's choosing split scored over the whole set (``attribution study teacher-steps
+CONFIG --split val``): the queries that prompt a validation concept, whose planted items are known
 answers, and ordinary ones — so that retraining can judge the teacher's step without reading
 the test set.  On ``val`` the methods are the teacher (the study's factor 1), ``teacher@…`` and
 ``random``: the student was trained on these queries and the baselines rank test queries only.
@@ -39,6 +39,7 @@ import torch
 from attribution.common.files import Dirs, atomic_write_bytes
 from attribution.config import ConfigError, derive, to_dict
 from attribution.counterfactual.results import query_split, result_file, summarize
+from attribution.counterfactual.study_files import gn_ranks, query_file, ranks_from_rows
 from attribution.data.dataset import CaptionedImageSet
 from attribution.data.queries import QuerySet
 from attribution.data.text_cache import TextTable
@@ -46,10 +47,8 @@ from attribution.generator.model import build_scheduler, load_unet
 from attribution.generator.sampling import sample
 from attribution.generator.train import train_generator
 from attribution.student.deploy import student_test_ranks
-from attribution.teacher.curvature import gn_ranks
 from attribution.teacher.evaluate import known_sources
 from attribution.teacher.scorer import query_loss
-from attribution.teacher.steps import query_file, ranks_from_rows
 
 METHODS_HELP = ("teacher | teacher@<step factor>[:<damping>] | teacher-even@<step factor>[:<damping>] "
                 "| teacher-gn | student | random | dtrak | abu_diagonal | any "
@@ -84,7 +83,7 @@ def method_ranks(cfg, dirs: Dirs, methods: list[str], split: str = "test"
                                for i in range(q)])
         elif m.startswith(STEP_METHODS):
             out[m] = _step_ranks(dirs, m, q, n, damping, split)
-        elif m == "teacher-gn":  # the step-free curvature (``attribution teacher curvature``)
+        elif m == "teacher-gn":  # the step-free curvature (``attribution study teacher-curvature``)
             out[m] = gn_ranks(dirs.get("steps", ""), q, n, split)
         elif split != "test":
             raise ConfigError(f"method {m!r} on the val split: it has {VAL_METHODS} (the "
@@ -149,12 +148,12 @@ def _check_ranked(ranks: dict, methods: list[str], queries: list[int], which: st
         missing = [q for q in queries if ranks[m][q, 0] < 0]
         if missing and m == "teacher-gn":
             raise ConfigError(f"{m}: no curvature scores for {which} queries {missing}; run "
-                              "`attribution teacher curvature CONFIG"
+                              "`attribution study teacher-curvature CONFIG"
                               + (" --split val`" if split == "val" else "`"))
         if missing:
             spec = m.split("@")[1] if "@" in m else "1"
             raise ConfigError(f"{m}: the step study has not scored {which} queries {missing}; "
-                              f"run `attribution teacher steps CONFIG --factors "
+                              f"run `attribution study teacher-steps CONFIG --factors "
                               f"{spec.replace(':', ' --dampings ')}"
                               + (" --even" if m.startswith("teacher-even@") else "")
                               + (" --split val`" if split == "val" else "`")

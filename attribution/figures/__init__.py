@@ -8,7 +8,6 @@ from attribution.figures.run import (
     counterfactual_figure,
     methods_of_run,
     quality_vs_throughput,
-    step_figure,
     tuned_vs_untuned,
 )
 from attribution.figures.sweeps import (
@@ -23,4 +22,4 @@ from attribution.figures.sweeps import (
 
 __all__ = ["METHOD_NAMES", "_human", "abc_figure", "aggregate", "counterfactual_figure", "methods_of_run",
            "quality_vs_throughput", "read_rows", "report_metric", "rows_from_wandb",
-           "step_figure", "sweep_figure", "sweep_figures", "tuned_vs_untuned", "varied_keys"]
+           "sweep_figure", "sweep_figures", "tuned_vs_untuned", "varied_keys"]

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from attribution.common.files import DataFileError, atomic_write_bytes
 from attribution.common.seeds import seeded_generator
 from attribution.generator.model import add_noise, denoising_loss
-from attribution.teacher.scoring import CandidateSet
+from attribution.teacher.candidates import CandidateSet
 
 
 class FisherMismatchError(DataFileError):

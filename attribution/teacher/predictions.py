@@ -13,7 +13,7 @@ p(θ0 ± sη·d), two forward sweeps, p(θ0) as the mean of the two sides (off b
 forward, p(θ0 + sη·d) against θ0's predictions computed once for every item (one sweep a query;
 a is off by ½sη·b, so s is smaller: ``FORWARD_FACTOR``).  Used by the teacher's ``quadratic``
 estimator (``teacher.estimator``, ``teacher.difference``) and the step-free ranking
-(``teacher/curvature.py``, central).
+(``studies/curvature.py``, central).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from attribution.generator.model import add_noise
+from attribution.teacher.candidates import CandidateSet, loss_plan, plan_inputs
 from attribution.teacher.params import ParamSnapshot
-from attribution.teacher.scoring import CandidateSet, loss_plan, plan_inputs
 from attribution.teacher.unlearn import apply_step
 
 DIFFERENCE_FACTOR = 1e-3  # s: J·d matches the exact product to ~1e-3 here (1e-2: a few %)

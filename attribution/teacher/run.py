@@ -22,6 +22,7 @@ from attribution.data.text_cache import TextTable
 from attribution.generator.model import build_codec, build_scheduler, load_unet
 from attribution.generator.train import world_latents
 from attribution.teacher import curation
+from attribution.teacher.candidates import CandidateSet, candidate_losses
 from attribution.teacher.fisher import (
     FisherDraws,
     diagonal_fisher,
@@ -32,7 +33,6 @@ from attribution.teacher.fisher import (
 from attribution.teacher.module import QueryDataset, ShardWriter, TeacherModule, collate_one
 from attribution.teacher.params import select_modules, select_parameters
 from attribution.teacher.scorer import AbUScorer, Query
-from attribution.teacher.scoring import CandidateSet, candidate_losses
 from attribution.teacher.shards import ShardStore, write_merged
 from attribution.teacher.unlearn import DiagonalPreconditioner, EKFACPreconditioner
 

@@ -1,5 +1,5 @@
-"""AbU for one query: gradient, one natural-gradient step, candidate losses, restore θ0
-(or, for the step study, a path of many small steps: :meth:`AbUScorer.score_path`)."""
+"""AbU for one query: gradient, one natural-gradient step, candidate losses, restore θ0.
+(Several steps from one gradient, and unlearning paths, are studies: ``attribution/studies/``.)"""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torch import nn
 
 from attribution.config import ConfigError, TeacherConfig
 from attribution.generator.model import denoising_loss
+from attribution.teacher.candidates import CandidateSet, candidate_losses, influence_from_losses
 from attribution.teacher.noise import query_draws
 from attribution.teacher.params import ParamSnapshot
 from attribution.teacher.predictions import (
@@ -21,7 +22,6 @@ from attribution.teacher.predictions import (
     quadratic_influence,
     quadratic_terms,
 )
-from attribution.teacher.scoring import CandidateSet, candidate_losses, influence_from_losses
 from attribution.teacher.unlearn import apply_step, query_gradient
 
 BASE_PREDICTIONS_BYTES = 4 * 2**30  # the most teacher.difference: forward holds in memory
@@ -91,11 +91,12 @@ class AbUScorer:
     def alphas(self) -> torch.Tensor:
         return self._alphas.to(self.device)
 
-    def _query_loss(self, q: Query) -> float:
+    def own_loss(self, q: Query) -> float:
+        """The query's own loss at the current parameters (its fixed (t, ε) draws)."""
         return query_loss(self.unet, self.alphas, q.z.to(self.device), q.cond.to(self.device),
                           q.query_id, self.tc.query_draws, self.seed, self.tc.query_batch_size)
 
-    def _gradient(self, q: Query, where: str = "") -> tuple[dict[str, torch.Tensor], float]:
+    def gradient(self, q: Query, where: str = "") -> tuple[dict[str, torch.Tensor], float]:
         """The query's gradient and loss at the current parameters (its own (t, ε) draws)."""
         with torch.enable_grad():
             grads, loss = query_gradient(self.unet, self.params, self.alphas,
@@ -110,10 +111,10 @@ class AbUScorer:
     def direction(self, q: Query, precondition=None) -> tuple[dict[str, torch.Tensor], float]:
         """The query's natural-gradient unlearning direction d = P⁻¹g_q (the step is η·d) and
         its loss at θ0."""
-        grads, loss = self._gradient(q)
+        grads, loss = self.gradient(q)
         return (precondition or self.precondition)(grads), loss
 
-    def _influence(self, q: Query, where: str) -> torch.Tensor:
+    def influence(self, q: Query, where: str) -> torch.Tensor:
         """Candidate loss changes (K,) at the current parameters against θ0's base losses."""
         after = candidate_losses(self.unet, self.alphas, self.cands, q.candidates,
                                  list(self.tc.timesteps), self.tc.captions, self.tc.flips,
@@ -127,22 +128,27 @@ class AbUScorer:
     def score(self, q: Query) -> dict:
         """Returns {"influence": float (K,), "query_loss_before", "query_loss_after", "seconds"}:
         the candidates' loss change after the step as ``teacher.estimator`` takes it."""
-        return self.score_at(q, [self.tc.eta])[0]
+        if len(q.candidates) == 0:
+            raise ValueError(f"query {q.split}/{q.query_id} has an empty candidate set")
+        if self.tc.estimator == "quadratic":
+            return self.score_quadratic(q, [self.tc.eta])[0]
+        start = time.time()
+        d, before = self.direction(q)
+        r = self.step_result(q, d, before, self.tc.eta, f"step η={self.tc.eta:g}")
+        return {**r, "seconds": time.time() - start}
 
-    def score_at(self, q: Query, etas: list[float], preconditioners: list | None = None
-                 ) -> list[dict]:
-        """:meth:`score` at several step sizes η (and preconditioners, one per η) by the
-        configured estimator: :meth:`score_steps` or :meth:`score_quadratic` (the step study)."""
-        if self.tc.estimator != "quadratic":
-            return self.score_steps(q, etas, preconditioners)
-        preconditioners, directions, before, grad_seconds = self._directions(
-            q, etas, preconditioners)
-        found: dict[int, dict] = {}
-        for key, d in directions.items():  # every step of one direction from its terms
-            at = [i for i, p in enumerate(preconditioners) if id(p) == key]
-            for i, r in zip(at, self.score_quadratic(q, [etas[i] for i in at], (d, before))):
-                found[i] = {**r, "seconds": grad_seconds + r["seconds"]}
-        return [found[i] for i in range(len(etas))]
+    def step_result(self, q: Query, d: dict[str, torch.Tensor], before: float, eta: float,
+                    where: str) -> dict:
+        """Take the step θ0 + η·d, measure the query's own loss and the candidates' loss
+        changes there, restore θ0 -> {"influence", "query_loss_before", "query_loss_after"}."""
+        apply_step(self.params, d, eta)
+        try:
+            after_q = self.own_loss(q)
+            influence = self.influence(q, where)
+        finally:
+            self.snapshot.restore()
+        return {"influence": influence, "query_loss_before": before,
+                "query_loss_after": after_q}
 
     def score_quadratic(self, q: Query, etas: list[float], direction=None) -> list[dict]:
         """:meth:`score` with the loss change under its second-order model
@@ -159,7 +165,7 @@ class AbUScorer:
         for eta in etas:
             apply_step(self.params, d, eta)
             try:
-                after_q = self._query_loss(q)
+                after_q = self.own_loss(q)
             finally:
                 self.snapshot.restore()
             out.append({"influence": quadratic_influence(slope, curve, eta),
@@ -215,85 +221,3 @@ class AbUScorer:
                 self.cands, self.alphas, torch.arange(n), self.tc, self.seed, self.device)]
             self._base_predictions = torch.cat(table).view(n, per_item, *self.cands.shape)
         return self._base_predictions[items].flatten(0, 1)
-
-    def score_steps(self, q: Query, etas: list[float], preconditioners: list | None = None
-                    ) -> list[dict]:
-        """:meth:`score` for several step sizes η from ONE query gradient (the step study):
-        θ0 is restored between steps, so each result equals a separate ``score`` with that η.
-        ``preconditioners`` (one per η; default the scorer's own): the same gradient
-        preconditioned another way, e.g. with another damping (``with_damping``)."""
-        preconditioners, directions, before, grad_seconds = self._directions(
-            q, etas, preconditioners)
-        out = []
-        for eta, p in zip(etas, preconditioners):
-            t0 = time.time()
-            apply_step(self.params, directions[id(p)], eta)
-            try:
-                after_q = self._query_loss(q)
-                influence = self._influence(q, f"step η={eta:g}")
-            finally:
-                self.snapshot.restore()
-            out.append({"influence": influence, "query_loss_before": before,
-                        "query_loss_after": after_q,
-                        "seconds": grad_seconds + time.time() - t0})
-        return out
-
-    def _directions(self, q: Query, etas: list[float], preconditioners: list | None
-                    ) -> tuple[list, dict[int, dict[str, torch.Tensor]], float, float]:
-        """Several steps' shared start: ONE query gradient, preconditioned once by each distinct
-        preconditioner (one per η; default the scorer's own) -> (preconditioners,
-        {id(preconditioner): d}, the query's loss at θ0, seconds taken)."""
-        preconditioners = preconditioners or [self.precondition] * len(etas)
-        if len(preconditioners) != len(etas):
-            raise ValueError(f"{len(etas)} step sizes but {len(preconditioners)} preconditioners")
-        if len(q.candidates) == 0:
-            raise ValueError(f"query {q.split}/{q.query_id} has an empty candidate set")
-        start = time.time()
-        grads, before = self._gradient(q)
-        directions: dict[int, dict[str, torch.Tensor]] = {}
-        for p in preconditioners:
-            if id(p) not in directions:
-                directions[id(p)] = p(grads)
-        return preconditioners, directions, before, time.time() - start
-
-    def score_path(self, q: Query, etas: list[float], per_decade: int,
-                   precondition=None) -> list[dict]:
-        """Unlearning along a PATH instead of one step (the step study's ``--path``): the
-        natural-gradient ascent is taken in small steps, the query gradient recomputed at each
-        point with the same (t, ε) draws (the preconditioner stays the Fisher at θ0), and the
-        candidates are scored where the accumulated step reaches each η of ``etas``.  The
-        accumulated step grows geometrically, ``per_decade`` steps per factor of 10, from η_min/10
-        (one plain step, in the first-order regime); ``path_steps`` (len(etas) results) counts
-        the gradients each result took.  One step per decade or fewer approaches :meth:`score`
-        only at the first η; as ``per_decade`` grows the path tends to the natural-gradient flow.
-        """
-        if per_decade < 1:
-            raise ValueError(f"a path needs at least 1 step per decade, got {per_decade}")
-        etas = sorted(float(e) for e in etas)
-        if not etas or etas[0] <= 0:
-            raise ValueError(f"path step sizes must be positive, got {etas}")
-        if len(q.candidates) == 0:
-            raise ValueError(f"query {q.split}/{q.query_id} has an empty candidate set")
-        precondition = precondition or self.precondition
-        ratio = 10.0 ** (1.0 / per_decade)
-        points, c = [], etas[0] / 10
-        while c < etas[-1] * (1 - 1e-9):
-            points.append(c)
-            c *= ratio
-        near = [c for c in points if any(abs(c - e) <= 1e-6 * e for e in etas)]
-        points = sorted((set(points) - set(near)) | set(etas))
-        start, out, done, before = time.time(), [], 0.0, None
-        try:
-            for i, c in enumerate(points):
-                grads, loss = self._gradient(q, f" on the unlearning path (η={c:g})")
-                before = loss if before is None else before
-                apply_step(self.params, precondition(grads), c - done)
-                done = c
-                if c in etas:
-                    influence = self._influence(q, f"path η={c:g}")
-                    out.append({"influence": influence, "query_loss_before": before,
-                                "query_loss_after": self._query_loss(q), "path_steps": i + 1,
-                                "seconds": time.time() - start})
-        finally:
-            self.snapshot.restore()
-        return out

@@ -13,23 +13,23 @@ from attribution.common.files import Dirs, atomic_write_bytes
 from attribution.config import planted_for, to_dict
 from attribution.data.dataset import CaptionedImageSet
 from attribution.data.queries import QuerySet
-from attribution.teacher import run as scoring
 from attribution.teacher.ceiling import run_ceiling as ceiling_run
 from attribution.teacher.evaluate import planted_known_answers, planted_mask
+from attribution.teacher.run import fit_fisher
+from attribution.teacher.run import run_teacher as score_queries
 from attribution.teacher.second import run_second_teacher as second_run
 
 
 def run_fisher(cfg, inputs: Dirs, out: Path, progress: bool = True) -> dict:
     """Fit the configured Fisher on the world's items under the trained generator."""
-    return scoring.fit_fisher(cfg, inputs["world"], inputs["text"], inputs["generator"], out,
-                              progress)
+    return fit_fisher(cfg, inputs["world"], inputs["text"], inputs["generator"], out, progress)
 
 
 def run_teacher(cfg, inputs: Dirs, out: Path, progress: bool = True) -> dict:
     """Score every query (training queries over their stage-1 K-set, test queries over the whole
     set), merge into the released layout, and check the planted concepts' known answers."""
-    summary = scoring.run_teacher(cfg, inputs["world"], inputs["text"], inputs["generator"],
-                                  inputs["queries"], inputs["fisher"], out, progress)
+    summary = score_queries(cfg, inputs["world"], inputs["text"], inputs["generator"],
+                            inputs["queries"], inputs["fisher"], out, progress)
     if cfg.world.kind == "encoded":  # no attributes, so no planted known answers
         return summary
     test = QuerySet(inputs["queries"] / "query_test")

@@ -103,8 +103,8 @@ def test_flipped_view_is_the_stored_latent_of_the_mirrored_image(encoded):
     equal a hand computation with the same (item, flip, caption, t) noise."""
     from attribution.data.encoded import EncodedWorld
     from attribution.generator.model import build_scheduler, denoising_loss
+    from attribution.teacher.candidates import CandidateSet, candidate_losses, loss_plan
     from attribution.teacher.noise import item_noise
-    from attribution.teacher.scoring import CandidateSet, candidate_losses, loss_plan
 
     enc_dir, sd = encoded
     world = EncodedWorld(enc_dir)

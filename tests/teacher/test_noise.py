@@ -5,8 +5,8 @@ import numpy as np
 import torch
 from scipy import stats
 
+from attribution.teacher.candidates import loss_plan
 from attribution.teacher.noise import counter_normal, item_noise
-from attribution.teacher.scoring import loss_plan
 
 
 def test_noise_is_a_function_of_the_key_alone():

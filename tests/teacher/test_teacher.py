@@ -10,6 +10,7 @@ from attribution.common.files import DataFileError
 from attribution.generator.model import build_codec, build_scheduler, build_unet
 from attribution.pipeline import Pipeline
 from attribution.teacher import scorer as scorer_mod
+from attribution.teacher.candidates import candidate_losses
 from attribution.teacher.fisher import (
     FisherDraws,
     FisherMismatchError,
@@ -19,7 +20,6 @@ from attribution.teacher.fisher import (
 )
 from attribution.teacher.params import ParamSnapshot, select_modules, select_parameters
 from attribution.teacher.run import build_scorer, make_queries, run_teacher
-from attribution.teacher.scoring import candidate_losses
 from attribution.teacher.unlearn import DiagonalPreconditioner, EKFACPreconditioner
 from tests.conftest import smoke_config
 

@@ -1,7 +1,7 @@
 """The published AbU+ step (gain N²) on a finished toy run: exact ascent against its quadratic
 model, and both against the run's own teacher.
 
-Usage:  python benchmarks/teacher_published_step.py [CONFIG] [key=value ...] [--queries 10]
+Usage:  python -m attribution.studies.scripts.teacher_published_step [CONFIG] [key=value ...] [--queries 10]
         [--split train|test]
 
 The published recipe (``preset:abu_plus_step``) scales the Fisher by N², a step N times
@@ -22,11 +22,12 @@ import argparse
 import time
 
 import numpy as np
-from _common import machine_line, pipeline_args
 from scipy.stats import spearmanr
 
 from attribution.callbacks import map_at_ks
+from attribution.common.machine import machine_line
 from attribution.config import derive
+from attribution.pipeline import script_pipeline as pipeline_args
 from attribution.teacher.run import teacher_scorer
 
 OWN = "run's teacher"

@@ -1,7 +1,7 @@
 """A step-free teacher variant: the Gauss–Newton curvature of each item's loss along the query's
-unlearning direction (``attribution teacher curvature CONFIG``; docs/results.md "The teacher").
+unlearning direction (``attribution study teacher-curvature CONFIG``; docs/results.md "The teacher").
 
-The even part of AbU's loss change (``teacher/steps.py``, ``--even``) is
+The even part of AbU's loss change (``studies/teacher_steps.py``, ``--even``) is
 ½η²·dᵀ∇²L_j·d + O(η⁴), with d = P⁻¹g_q the natural-gradient direction.  Its Gauss–Newton part is
 how far item j's noise predictions move along d:
 
@@ -30,13 +30,14 @@ from tqdm.auto import tqdm
 
 from attribution.common.files import Dirs, atomic_save_npy, atomic_write_bytes
 from attribution.config import planted_for, to_dict
+from attribution.counterfactual.study_files import gn_file, gn_ranks
 from attribution.data.dataset import CaptionedImageSet
 from attribution.data.queries import QuerySet, study_query_set
+from attribution.studies.teacher_steps import study_rows
 from attribution.teacher.evaluate import planted_known_answers
 from attribution.teacher.predictions import DIFFERENCE_FACTOR, Batch, iter_samples
 from attribution.teacher.run import teacher_scorer
 from attribution.teacher.scorer import AbUScorer, Query
-from attribution.teacher.steps import ranks_from_rows, study_rows
 
 
 def exact_prediction_jvp(unet: nn.Module, params: dict[str, nn.Parameter],
@@ -70,14 +71,8 @@ def gauss_newton(scorer: AbUScorer, q: Query, factor: float = DIFFERENCE_FACTOR,
     return curve.max(1).values
 
 
-def gn_file(study: Path, qid: int, split: str = "test") -> Path:
-    """Where query ``qid``'s Gauss–Newton scores live, beside the step study's files."""
-    return Path(study) / "gn" / f"{split}_{qid}.npy"
 
 
-def gn_ranks(study: Path, q: int, n: int, split: str = "test") -> np.ndarray:
-    """(q, n) rankings by GN, largest first; rows of queries not scored are -1."""
-    return ranks_from_rows(lambda i: [gn_file(study, i, split)], q, n)
 
 
 def run_curvature(cfg, dirs: Dirs, study: Path, split: str = "test",

@@ -1,5 +1,5 @@
 """The teacher's loss change from predictions along the unlearning direction (teacher/
-predictions.py): the step-free Gauss–Newton ranking (teacher/curvature.py) and the quadratic
+predictions.py): the step-free Gauss–Newton ranking (studies/curvature.py) and the quadratic
 estimator (teacher.estimator), on the smoke run."""
 
 import numpy as np
@@ -8,13 +8,15 @@ import torch
 
 from attribution.config import ConfigError
 from attribution.counterfactual.run import method_ranks
+from attribution.counterfactual.study_files import gn_file, load_row
 from attribution.pipeline import Pipeline
 from attribution.stage_table import key_sections
-from attribution.teacher.curvature import exact_prediction_jvp, gauss_newton, gn_file
+from attribution.studies.curvature import exact_prediction_jvp, gauss_newton
+from attribution.studies.scoring import score_at, score_steps
 from attribution.teacher.predictions import DIFFERENCE_FACTOR, central_jd, per_item, sample_inputs
 from attribution.teacher.run import teacher_scorer
-from attribution.teacher.steps import load_row
 from tests.conftest import run_cli, smoke_config
+from tests.studies.helpers import curvature_study, step_study
 
 
 def test_central_difference_is_the_forward_mode_product_and_gn_its_mean_square(smoke_run):
@@ -44,16 +46,16 @@ def test_central_difference_is_the_forward_mode_product_and_gn_its_mean_square(s
 
 
 def test_curvature_scores_are_cached_and_ranked_as_teacher_gn(smoke_run, capsys):
-    """``attribution teacher curvature`` scores the step study's queries once (a rerun
+    """``attribution study teacher-curvature`` scores the step study's queries once (a rerun
     rescored nothing), and the counterfactual's ``teacher-gn`` ranks by exactly those scores;
     a query without scores is refused with the command that makes them."""
     pipe = smoke_run
-    summary = pipe.run_curvature("test", 2, progress=False)
+    summary = curvature_study(pipe, "test", 2, progress=False)
     assert summary["rows_scored"] == [0, 1] and summary["split"] == "test"
     study = pipe.step_study_dir()
     path = gn_file(study, 0, "test")
     stamp = path.stat().st_mtime_ns
-    code, text, err = run_cli(capsys, "teacher", "curvature", "configs/experiment/toy_smoke.yaml",
+    code, text, err = run_cli(capsys, "study", "teacher-curvature", "configs/experiment/toy_smoke.yaml",
                               f"output_root={pipe.cfg.output_root}", "--queries", "2",
                               "--no-progress")
     assert code == 0, err
@@ -66,7 +68,7 @@ def test_curvature_scores_are_cached_and_ranked_as_teacher_gn(smoke_run, capsys)
         scores = load_row(gn_file(study, qid, "test"), n)[0]
         np.testing.assert_array_equal(ranks[qid], np.argsort(-scores, kind="stable"))
     assert (ranks[2:] == -1).all()
-    with pytest.raises(ConfigError, match="teacher curvature"):
+    with pytest.raises(ConfigError, match="study teacher-curvature"):
         pipe.run_counterfactual(["teacher-gn"], [2], 2, progress=False, echo=lambda s: None)
 
 
@@ -74,7 +76,7 @@ def test_val_curvature_scores_every_item_with_shared_inputs(smoke_run):
     """On the choosing split each training query is scored over every item, the sample inputs
     built once for all of them: every stored row equals that query's GN with its own inputs."""
     pipe = smoke_run
-    summary = pipe.run_curvature("val", 2, progress=False)
+    summary = curvature_study(pipe, "val", 2, progress=False)
     rows = summary["rows_scored"]
     assert summary["split"] == "val" and len(rows) >= 2
     scorer, _, found = teacher_scorer(pipe.cfg, pipe.dirs(), "train")
@@ -102,7 +104,7 @@ def test_quadratic_estimator_is_the_ascent_to_second_order(smoke_run):
     scorer, _, queries = teacher_scorer(cfg, pipe.dirs(), "test")
     q, eta = queries[0], scorer.tc.eta
     etas = [eta * 1e-3, eta * 1e-2]
-    exact = [r["influence"] for r in scorer.score_steps(q, etas)]
+    exact = [r["influence"] for r in score_steps(scorer, q, etas)]
     model = [r["influence"] for r in scorer.score_quadratic(q, etas)]
     err = [float((m - e).norm() / e.norm()) for m, e in zip(model, exact)]
     assert err[0] < 0.05 and err[0] < err[1] / 3, err
@@ -167,15 +169,15 @@ def test_a_quadratic_teachers_step_study_scores_by_its_model(smoke_run):
     cfg = smoke_config(smoke_run.cfg.output_root, "teacher.estimator=quadratic",
                        "teacher.difference=forward")
     pipe = Pipeline(cfg, progress=False)
-    summary = pipe.run_step_study([0.1, 1.0, 10.0], n_queries=2, progress=False)
+    summary = step_study(pipe, [0.1, 1.0, 10.0], n_queries=2, progress=False)
     assert summary["factor_1_reproduces_teacher"] is True
-    from attribution.teacher.steps_table import format_steps
+    from attribution.studies.steps_table import format_steps
 
     assert "under its quadratic model" in format_steps(summary).splitlines()[0]
     scorer, _, queries = teacher_scorer(cfg, pipe.dirs(), "test")
     other = scorer.precondition.with_damping(0.01)
     eta = scorer.tc.eta
-    got = scorer.score_at(queries[0], [eta, 10 * eta, eta], [scorer.precondition] * 2 + [other])
+    got = score_at(scorer, queries[0], [eta, 10 * eta, eta], [scorer.precondition] * 2 + [other])
     want = scorer.score_quadratic(queries[0], [eta, 10 * eta])
     want.append(scorer.score_quadratic(queries[0], [eta],
                                        scorer.direction(queries[0], other))[0])
@@ -183,12 +185,12 @@ def test_a_quadratic_teachers_step_study_scores_by_its_model(smoke_run):
         torch.testing.assert_close(g["influence"], w["influence"])
     assert not torch.allclose(got[0]["influence"], got[2]["influence"])
     with pytest.raises(ValueError, match="teacher.estimator=ascent"):
-        pipe.run_step_study([1.0], n_queries=1, progress=False, path=2)
+        step_study(pipe, [1.0], n_queries=1, progress=False, path=2)
 
 
 def test_rankings_sum_a_querys_rows_and_leave_unscored_queries_at_minus_one(tmp_path):
     from attribution.common.files import DataFileError
-    from attribution.teacher.steps import ranks_from_rows
+    from attribution.counterfactual.study_files import ranks_from_rows
 
     def put(name, row):
         np.save(tmp_path / f"{name}.npy", np.asarray(row, dtype=np.float32))

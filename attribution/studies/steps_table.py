@@ -1,4 +1,4 @@
-"""The step-size study's summary (``teacher/steps.py``) as a fixed-width table: what the CLI
+"""The step-size study's summary (``studies/teacher_steps.py``) as a fixed-width table: what the CLI
 prints and the report shows, for the one-step, path and even-part studies alike."""
 
 from __future__ import annotations

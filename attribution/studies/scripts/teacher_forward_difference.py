@@ -9,9 +9,9 @@ queries, each over every item; no test query is read), the forward ranking at ea
 compared with the central ranking at s = ``DIFFERENCE_FACTOR``: mAP@10 agreement, relative L2
 of the loss changes, top-10 items shared.  And seconds per query of each.
 
-Usage:  python benchmarks/teacher_forward_difference.py [CONFIG] [key=value ...] [--queries N]
+Usage:  python -m attribution.studies.scripts.teacher_forward_difference [CONFIG] [key=value ...] [--queries N]
                 [--kind ordinary|concept|all] [--steps 1e-3 3e-4 1e-4]
-e.g.    python benchmarks/teacher_forward_difference.py configs/experiment/toy_evidence.yaml \\
+e.g.    python -m attribution.studies.scripts.teacher_forward_difference configs/experiment/toy_evidence.yaml \\
             --queries 12 --kind ordinary
 
 Needs the generator, Fisher and queries stages (builds them if needed); reads the teacher
@@ -26,16 +26,17 @@ import time
 
 import numpy as np
 import torch
-from _common import machine_line, pipeline_args
 
 from attribution.callbacks import ap_at_k
+from attribution.common.machine import machine_line
 from attribution.config import val_concept_rows
 from attribution.data.queries import study_query_set
+from attribution.pipeline import script_pipeline as pipeline_args
+from attribution.studies.teacher_steps import study_rows
 from attribution.teacher.predictions import DIFFERENCE_FACTOR, FORWARD_FACTOR, iter_samples
 from attribution.teacher.predictions import quadratic_influence as influence
 from attribution.teacher.run import teacher_scorer
 from attribution.teacher.scorer import Query
-from attribution.teacher.steps import study_rows
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ the whole training set is scored with the teacher's own item noise.  Per factor:
 
 Each factor is scored by the teacher's own estimator: the exact ascent, or with
 ``teacher.estimator: quadratic`` its second-order model (every factor from one set of
-predictions, ``AbUScorer.score_at``).  Factor 1 reproduces the stored teacher ranking exactly
+predictions, ``studies.scoring.score_at``).  Factor 1 reproduces the stored teacher ranking exactly
 (same draws, same noise), a check the summary reports.  One file per (factor, query): a killed
 study resumes.
 
@@ -29,7 +29,7 @@ ordinary ones — scored over the whole set, so a step can be chosen without rea
 set; the test split then reports it.
 
 And a third: ``path`` (M > 0) unlearns along a path of M small natural-gradient steps per decade
-of accumulated step, the query gradient recomputed at each point (``AbUScorer.score_path``),
+of accumulated step, the query gradient recomputed at each point (``studies.scoring.score_path``),
 instead of one step; each factor is where the path's accumulated step reaches it.  The
 question it answers: is the rankings' dependence on the step a property of unlearning the query
 that far, or of taking one large linear step there?  Its files and summary live in
@@ -61,53 +61,27 @@ import torch
 from tqdm.auto import tqdm
 
 from attribution.callbacks import map_at_ks, map_by_type
-from attribution.common.files import (
-    DataFileError,
-    Dirs,
-    atomic_save_npy,
-    atomic_write_bytes,
-    load_npy,
-)
+from attribution.common.files import Dirs, atomic_save_npy, atomic_write_bytes
 from attribution.common.plain import to_dict
 from attribution.config import planted_for, val_concept_rows
+from attribution.counterfactual.study_files import load_row, query_file, study_dir, summary_name
 from attribution.data.dataset import CaptionedImageSet
 from attribution.data.queries import QuerySet, study_query_set
 from attribution.metrics import standard_error
+from attribution.studies.scoring import score_at, score_path
+from attribution.studies.steps_figure import step_figure
+from attribution.studies.steps_table import format_steps
 from attribution.teacher.evaluate import planted_known_answers, planted_mask
 from attribution.teacher.run import build_scorer, make_queries
 from attribution.teacher.scorer import Query
 
 FACTORS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
-PARTIAL = "delete it; rerunning the study recomputes only this query"
 
 
-def query_file(out: Path, factor: float, qid: int, damping: float | None = None,
-               split: str = "test") -> Path:
-    """Where the study keeps query ``qid``'s influences at ``factor`` (+ a .json beside);
-    ``damping``: None for the configured one, else the damping axis's folder."""
-    sub = f"f{factor:g}" if damping is None else f"f{factor:g}-d{damping:g}"
-    return Path(out) / sub / f"{split}_{qid}.npy"
 
 
-def load_row(path: Path, n_items: int) -> tuple[np.ndarray, dict]:
-    """One (factor, query) file: float (n_items,) finite influences and its loss record."""
-    row = load_npy(path, "A step-study query's influences", rebuild=PARTIAL)
-    meta_path = path.with_suffix(".json")
-    if row.shape != (n_items,) or not np.isfinite(row).all() or not meta_path.is_file():
-        raise DataFileError(f"{path} holds {row.dtype} {row.shape} (or its .json is missing), "
-                            f"expected {n_items} finite influences: {PARTIAL}")
-    return row, json.loads(meta_path.read_text())
 
 
-def ranks_from_rows(paths_of, q: int, n: int) -> np.ndarray:
-    """(q, n) rankings, largest first, by the sum of query i's ``paths_of(i)`` rows
-    (``load_row``: verified when read) where all of them exist; other rows -1."""
-    out = np.full((q, n), -1, dtype=np.int64)
-    for i in range(q):
-        paths = paths_of(i)
-        if all(p.is_file() for p in paths):
-            out[i] = np.argsort(-sum(load_row(p, n)[0] for p in paths), kind="stable")
-    return out
 
 
 def study_rows(cfg, dirs: Dirs, split: str, n_queries: int | None) -> list[int]:
@@ -162,12 +136,12 @@ def score_factors(cfg, dirs: Dirs, out: Path, settings: list[Setting], rows: lis
                 walked: dict[Setting, dict] = {}
                 for d in dict.fromkeys(d for _, d in todo):
                     group = sorted(f for f, e in todo if e == d)
-                    along = scorer.score_path(q, [cfg.teacher.eta * f for f in group], path,
+                    along = score_path(scorer, q, [cfg.teacher.eta * f for f in group], path,
                                               preconds[d])
                     walked.update({(f, d): r for f, r in zip(group, along)})
                 found = [walked[s] for s in todo]
             else:
-                found = scorer.score_at(q, [cfg.teacher.eta * f for f, _ in todo],
+                found = score_at(scorer, q, [cfg.teacher.eta * f for f, _ in todo],
                                         [preconds[d] for _, d in todo])
             for s, r in zip(todo, found):
                 paths[s].parent.mkdir(parents=True, exist_ok=True)
@@ -285,10 +259,6 @@ def _add_one_step_agreement(summary: dict, scored: dict, one_step: Path, rows: l
                 row[f"{key}.mAP@{k}_stderr"] = agree[f"mAP@{k}_stderr"]
 
 
-def summary_name(split: str, even: bool = False) -> str:
-    """``steps[_<split>][_even].json``: the test split's name carries no split."""
-    return ("steps" + ("" if split == "test" else f"_{split}") + ("_even" if even else "")
-            + ".json")
 
 
 def even_part(scored: dict) -> dict:
@@ -301,9 +271,6 @@ def even_part(scored: dict) -> dict:
     return out
 
 
-def study_dir(out: Path, path: int = 0) -> Path:
-    """The one-step study's folder, or the ``path``-step one's inside it."""
-    return Path(out) / f"path{path}" if path else Path(out)
 
 
 def run_step_study(cfg, dirs: Dirs, out: Path, factors: list[float] | None = None,
@@ -343,4 +310,24 @@ def run_step_study(cfg, dirs: Dirs, out: Path, factors: list[float] | None = Non
         _add_one_step_agreement(summary, ranked, study_dir(out.parent) if path else out, rows,
                                 split, k)
     atomic_write_bytes(out / summary_name(split, even), json.dumps(summary, indent=2).encode())
+    write_fragment(summary, out / summary_name(split, even))
     return summary
+
+
+def fragment_of(out: Path, split: str = "test", even: bool = False, path: int = 0) -> Path:
+    """The report fragment (``<summary stem>.report.md``, its figure ``.png`` beside) a study
+    with these settings writes in ``out`` (the study folder of :func:`run_step_study`)."""
+    return study_dir(out, path) / summary_name(split, even).replace(".json", ".report.md")
+
+
+def write_fragment(summary: dict, path: Path) -> Path:
+    """The study's figure and table as a report fragment beside its summary ``path``
+    (``<stem>.png``, ``<stem>.report.md``): the run's report includes every fragment under its
+    study folder as text, so the core never imports the studies."""
+    stem = path.with_suffix("")
+    png = step_figure(summary, stem.with_suffix(".png"))
+    text = "\n".join(["```", format_steps(summary), "```", "",
+                      f"![teacher step size]({png.name})", ""])
+    fragment = stem.with_suffix(".report.md")
+    atomic_write_bytes(fragment, text.encode())
+    return fragment

@@ -1,6 +1,6 @@
 """The even part's step-free limit: does ½·dᵀ∇²L_j·d rank like the even part at a finite step?
 
-The even part of the loss change (``attribution teacher steps CONFIG --even``) is
+The even part of the loss change (``attribution study teacher-steps CONFIG --even``) is
 E_j(η) = ½η²·dᵀ∇²L_j·d + O(η⁴); read from two losses it sinks into their float32 rounding at
 small η.  Here the curvature along the unlearning direction d is taken from the generator's
 PREDICTIONS instead of its losses, which removes that cancellation: with p(θ) the noise
@@ -23,9 +23,9 @@ rankings and the one-step teacher's, and the planted concepts' recall@10.
 ΔL_j(η) ≈ 2η·mean(r0·a) + η²·mean(a²), ranked at each step factor — a teacher with a step
 again, whose stability to a 10× change can be asked — against the study's exact ascent.
 
-Usage:  python benchmarks/teacher_curvature_limit.py [CONFIG] [key=value ...] [--split val]
+Usage:  python -m attribution.studies.scripts.teacher_curvature_limit [CONFIG] [key=value ...] [--split val]
                 [--queries N] [--steps 0.001 0.01] [--quadratic [FACTOR ...]]
-e.g.    python benchmarks/teacher_curvature_limit.py configs/experiment/toy_evidence.yaml \
+e.g.    python -m attribution.studies.scripts.teacher_curvature_limit configs/experiment/toy_evidence.yaml \
             teacher.estimator=ascent --split val
 
 Needs the generator, Fisher, queries and teacher stages and a finished ``--even`` step study
@@ -39,17 +39,21 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
-from _common import machine_line, pipeline_args
 
 from attribution.callbacks import ap_at_k
+from attribution.common.machine import machine_line
 from attribution.config import planted_for, to_dict
+from attribution.counterfactual.study_files import load_row, query_file, summary_name
 from attribution.data.dataset import CaptionedImageSet
 from attribution.data.queries import QuerySet, study_query_set
 from attribution.metrics import standard_error
-from attribution.teacher.curvature import exact_prediction_jvp
+from attribution.pipeline import script_pipeline as pipeline_args
+from attribution.studies.curvature import exact_prediction_jvp
+from attribution.studies.teacher_steps import even_part
 from attribution.teacher.evaluate import planted_known_answers, planted_mask
 from attribution.teacher.predictions import (
     by_view,
@@ -62,7 +66,6 @@ from attribution.teacher.predictions import (
 )
 from attribution.teacher.run import teacher_scorer
 from attribution.teacher.scorer import Query
-from attribution.teacher.steps import even_part, load_row, query_file, summary_name
 
 
 def exact_jvp_error(scorer, d: dict, batch: tuple, steps: list[float]) -> dict[float, float]:
@@ -118,20 +121,33 @@ def main() -> None:
                     help="also rank by the Gauss–Newton quadratic model of the ascent's loss "
                          "change at these step factors (default: the study's, and 100)")
     args, cfg, pipe = pipeline_args(ap)
+    study = pipe.step_study_dir()
+    summary = even_study(args, cfg, study)
+    qids = summary["rows_scored"][: args.queries]
+    factors = sorted({r["factor"] for r in summary["rows"]})
+    m = measure(args, cfg, pipe.dirs(), study, qids, factors)
+    print_limits(args, cfg, pipe.dirs(), qids, factors, m)
+
+
+def even_study(args, cfg, study: Path) -> dict:
+    """The summary of the finished even study in ``study`` this probe reads, or exit saying
+    what to run."""
     if cfg.teacher.estimator != "ascent":
         raise SystemExit("this probe compares with the exact ascent's step study: add "
                          "teacher.estimator=ascent (the toy configs' teacher is the quadratic "
                          "model)")
-    study = pipe.step_study_dir()
     found = study / summary_name(args.split, even=True)
     if not found.is_file():
-        raise SystemExit(f"no even study at {found}: run `attribution teacher steps CONFIG "
+        raise SystemExit(f"no even study at {found}: run `attribution study teacher-steps CONFIG "
                          f"--even --factors {' '.join(f'{s:g}' for s in args.steps)} 0.1 1 10"
                          + (" --split val`" if args.split == "val" else "`") + " first")
-    summary = json.loads(found.read_text())
-    qids = summary["rows_scored"][: args.queries]
-    factors = sorted({r["factor"] for r in summary["rows"]})
-    dirs = pipe.dirs()
+    return json.loads(found.read_text())
+
+
+def measure(args, cfg, dirs, study: Path, qids: list[int], factors: list[float]) -> dict:
+    """Per query and central-difference step: the GN and full curvature limits, the quadratic
+    model's terms, and the known-answer errors (J·d against forward mode, the even part
+    rebuilt from predictions against the study's files)."""
     tc = cfg.teacher
     scorer, cands, found = teacher_scorer(cfg, dirs, study_query_set(args.split))
     queries = {q.query_id: q for q in found}
@@ -181,6 +197,15 @@ def main() -> None:
                 rebuilt_err.setdefault(s, []).append(
                     float(np.linalg.norm(got - want) / np.linalg.norm(want)))
         seconds.append(time.time() - start)
+    return {"limits": limits, "slope": slope, "curve": curve, "rebuilt_err": rebuilt_err,
+            "seconds": seconds, "jvp_err": jvp_err, "samples": len(inputs[0][1]),
+            "stored": stored}
+
+
+def print_limits(args, cfg, dirs, qids: list[int], factors: list[float], m: dict) -> None:
+    """The tables: every limit against the others and against the study's rankings."""
+    limits, stored, seconds = m["limits"], m["stored"], m["seconds"]
+    tc = cfg.teacher
     ranks = {name: np.argsort(-np.stack(v), axis=1, kind="stable") for name, v in limits.items()}
     even = even_part({(sign * f, None): (np.stack([stored(sign * f, q) for q in qids]), [])
                       for f in factors for sign in (1.0, -1.0)})
@@ -199,9 +224,9 @@ def main() -> None:
     print(f"{args.split} split, {len(qids)} queries ({int(planted.sum())} planted), "
           f"{np.mean(seconds):.1f} s a query for {len(args.steps)} steps")
     print(f"known answer: the central difference's J·d against the exact forward-mode one "
-          f"(query {qids[0]}, its first {len(inputs[0][1])} samples), relative L2 error: "
-          + ", ".join(f"s = {s:g}: {e:.1e}" for s, e in jvp_err.items()))
-    for s, err in rebuilt_err.items():  # ~0 where the even part stands clear of float32's
+          f"(query {qids[0]}, its first {m['samples']} samples), relative L2 error: "
+          + ", ".join(f"s = {s:g}: {e:.1e}" for s, e in m['jvp_err'].items()))
+    for s, err in m['rebuilt_err'].items():  # ~0 where the even part stands clear of float32's
         print(f"known answer at factor {s:g}: the even part rebuilt from predictions vs the "
               f"study's files, relative L2 error per query: median {np.median(err):.1e}, "
               f"worst {max(err):.1e}")  # rounding (docs/results.md: not at 1e-3 everywhere)
@@ -224,7 +249,7 @@ def main() -> None:
             print(f"   vs {ref:<20}{c.mean():.3f} ± {standard_error(c):.3f} ({kinds})")
     if args.quadratic is not None:
         print()
-        report_quadratic(slope, curve, tc.eta,
+        report_quadratic(m['slope'], m['curve'], tc.eta,
                          sorted(set(args.quadratic or [*factors, 100.0])), factors,
                          lambda f: np.stack([stored(f, q) for q in qids]),
                          ranks[f"gn@{args.steps[0]:g}"],  # the model's large-step limit

@@ -1,4 +1,4 @@
-"""The teacher step-size study (attribution/teacher/steps.py) on the smoke run."""
+"""The teacher step-size study (attribution/studies/teacher_steps.py) on the smoke run."""
 
 import json
 
@@ -8,9 +8,11 @@ import torch
 
 from attribution.config import derive
 from attribution.pipeline import Pipeline
+from attribution.studies.scoring import score_at, score_path, score_steps
+from attribution.studies.steps_table import format_steps
 from attribution.teacher.run import teacher_scorer
-from attribution.teacher.steps_table import format_steps
 from tests.conftest import run_cli
+from tests.studies.helpers import step_study
 
 FACTORS = [0.01, 1.0, 100.0]
 
@@ -22,7 +24,7 @@ def ascent(pipe: Pipeline) -> Pipeline:
 
 @pytest.fixture(scope="module")
 def study(smoke_run):
-    summary = smoke_run.run_step_study(FACTORS, progress=False)
+    summary = step_study(smoke_run, FACTORS, progress=False)
     return smoke_run, summary
 
 
@@ -63,7 +65,7 @@ def test_several_steps_from_one_gradient_equal_separate_scores(study):
         scorer, _, queries = teacher_scorer(cfg, pipe.dirs(), "test")
         q = queries[0]
         factors = (0.1, 1, 10)
-        several = scorer.score_at(q, [eta * f for f in factors])
+        several = score_at(scorer, q, [eta * f for f in factors])
         for r, f in zip(several, factors):
             scorer.tc = derive(cfg, {"teacher": {"eta": eta * f}}).teacher
             one = scorer.score(q)
@@ -84,7 +86,7 @@ def test_study_resumes_per_query_and_the_cli_draws_it(study, capsys):
     victim = out / "f100" / "test_0.npy"
     before = np.load(victim)
     victim.unlink()
-    code, text, err = run_cli(capsys, "teacher", "steps", "configs/experiment/toy_smoke.yaml",
+    code, text, err = run_cli(capsys, "study", "teacher-steps", "configs/experiment/toy_smoke.yaml",
                               f"output_root={pipe.cfg.output_root}", "--factors",
                               *map(str, FACTORS), "--no-progress")
     assert code == 0, err
@@ -94,7 +96,8 @@ def test_study_resumes_per_query_and_the_cli_draws_it(study, capsys):
     assert "teacher step study" in text and (out / "steps.png").is_file()
     pipe.run(["student"])  # writes metrics.json and the report
     report = (pipe.root / "report.md").read_text()
-    assert "## Teacher step size" in report and "figures/teacher_steps.png" in report
+    assert "## Teacher step size" in report and f"]({out.name}/steps.png)" in report
+    assert "teacher step study" in report  # the study's table, from its fragment
 
 
 def test_counterfactual_reads_the_study_as_teacher_at_a_factor(study):
@@ -108,7 +111,7 @@ def test_counterfactual_reads_the_study_as_teacher_at_a_factor(study):
     ranks = method_ranks(pipe.cfg, dirs, ["teacher", "teacher@1", "teacher@0.01"])
     np.testing.assert_array_equal(ranks["teacher@1"], ranks["teacher"])
     assert not np.array_equal(ranks["teacher@0.01"], ranks["teacher"])
-    with pytest.raises(ConfigError, match="attribution teacher steps"):
+    with pytest.raises(ConfigError, match="attribution study teacher-steps"):
         pipe.run_counterfactual(["teacher@0.5"], [0], 3, progress=False, echo=lambda s: None)
 
 
@@ -121,16 +124,16 @@ def test_a_damping_axis_preconditions_the_same_gradient_as_a_teacher_with_that_d
     q, eta = queries[0], pipe.cfg.teacher.eta
     same = scorer.precondition.with_damping(pipe.cfg.teacher.damping)
     low = scorer.precondition.with_damping(pipe.cfg.teacher.damping / 100)
-    rows = scorer.score_steps(q, [eta * 0.1, eta * 0.1, eta * 0.1],
+    rows = score_steps(scorer, q, [eta * 0.1, eta * 0.1, eta * 0.1],
                               [scorer.precondition, same, low])
     torch.testing.assert_close(rows[0]["influence"], rows[1]["influence"])
     other = derive(pipe.cfg, {"teacher": {"damping": pipe.cfg.teacher.damping / 100}})
     built, _, _ = teacher_scorer(other, pipe.dirs(), "test")
     torch.testing.assert_close(rows[2]["influence"],
-                               built.score_steps(q, [eta * 0.1])[0]["influence"])
+                               score_steps(built, q, [eta * 0.1])[0]["influence"])
     assert not torch.allclose(rows[0]["influence"], rows[2]["influence"])
     with pytest.raises(ValueError, match="preconditioners"):
-        scorer.score_steps(q, [eta], [scorer.precondition, low])
+        score_steps(scorer, q, [eta], [scorer.precondition, low])
 
 
 def test_study_with_dampings_and_on_validation_concepts(study):
@@ -142,7 +145,7 @@ def test_study_with_dampings_and_on_validation_concepts(study):
 
     pipe, s = study
     d0 = pipe.cfg.teacher.damping
-    both = pipe.run_step_study(FACTORS, progress=False, dampings=[d0 / 100])
+    both = step_study(pipe, FACTORS, progress=False, dampings=[d0 / 100])
     configured = [r for r in both["rows"] if r["damping"] == d0]
     assert configured == s["rows"]  # the configured files are reused, not rescored
     low = {r["factor"]: r for r in both["rows"] if r["damping"] == d0 / 100}
@@ -153,7 +156,7 @@ def test_study_with_dampings_and_on_validation_concepts(study):
     np.testing.assert_array_equal(ranks[f"teacher@1:{d0:g}"], ranks["teacher"])
     assert (ranks[f"teacher@1:{d0 / 100:g}"] >= 0).all()
 
-    val = pipe.run_step_study([1.0], n_queries=3, progress=False, split="val")
+    val = step_study(pipe, [1.0], n_queries=3, progress=False, split="val")
     held = val_concept_rows(pipe.cfg)
     assert held and set(held) <= set(val["rows_scored"]) and len(val["rows_scored"]) == 3
     (row,) = val["rows"]
@@ -171,10 +174,10 @@ def test_counterfactual_on_the_choosing_split_reads_the_val_study(study, capsys)
     from attribution.config import ConfigError, val_concept_rows
     from attribution.counterfactual.results import result_files
     from attribution.counterfactual.run import method_ranks
-    from attribution.teacher.steps import load_row, query_file
+    from attribution.counterfactual.study_files import load_row, query_file
 
     pipe, _ = study
-    val = pipe.run_step_study([1.0], n_queries=3, progress=False, split="val")
+    val = step_study(pipe, [1.0], n_queries=3, progress=False, split="val")
     rows = val["rows_scored"]
     dirs = {**pipe.dirs(), "steps": pipe.step_study_dir()}
     ranks = method_ranks(pipe.cfg, dirs, ["teacher", "random"], split="val")
@@ -234,22 +237,22 @@ def test_an_unlearning_path_is_first_order_equal_to_one_step_and_restores_theta(
     before = scorer.score(q)["influence"]
 
     def gap(factor):
-        (one,) = scorer.score_steps(q, [eta * factor])
-        (walk,) = scorer.score_path(q, [eta * factor], per_decade=4)
+        (one,) = score_steps(scorer, q, [eta * factor])
+        (walk,) = score_path(scorer, q, [eta * factor], per_decade=4)
         assert walk["path_steps"] == 5  # η/10 and 3 points between, then η itself
         return float((walk["influence"] - one["influence"]).abs().max()
                      / one["influence"].abs().max())
 
     small, larger = gap(1e-3), gap(1e-2)
     assert small <= 0.05 and small < larger / 3, (small, larger)
-    small, big = scorer.score_path(q, [eta, eta * 0.01], per_decade=2)  # any order in
+    small, big = score_path(scorer, q, [eta, eta * 0.01], per_decade=2)  # any order in
     assert (small["path_steps"], big["path_steps"]) == (3, 7)  # 1e-3 .. 1e-2, then .. 1
     assert big["query_loss_after"] > small["query_loss_after"] > small["query_loss_before"]
-    (jump,) = scorer.score_steps(q, [eta])
+    (jump,) = score_steps(scorer, q, [eta])
     assert not torch.allclose(big["influence"], jump["influence"], rtol=1e-3, atol=1e-6)
     torch.testing.assert_close(scorer.score(q)["influence"], before)
     with pytest.raises(ValueError, match="at least 1 step"):
-        scorer.score_path(q, [eta], per_decade=0)
+        score_path(scorer, q, [eta], per_decade=0)
 
 
 def test_path_study_lives_beside_the_one_step_study_and_compares_with_it(study, capsys):
@@ -257,8 +260,8 @@ def test_path_study_lives_beside_the_one_step_study_and_compares_with_it(study, 
     ranking agrees with the one-step teacher at the same factor; the CLI prints it.  (A path
     walks the exact ascent: the study of an ascent teacher.)"""
     pipe = ascent(study[0])
-    one = pipe.run_step_study([0.01, 1.0], n_queries=2, progress=False)
-    s = pipe.run_step_study([0.01, 1.0], n_queries=2, progress=False, path=2)
+    one = step_study(pipe, [0.01, 1.0], n_queries=2, progress=False)
+    s = step_study(pipe, [0.01, 1.0], n_queries=2, progress=False, path=2)
     folder = pipe.step_study_dir() / "path2"
     assert (folder / "steps.json").is_file() and (folder / "f1" / "test_0.npy").is_file()
     assert s["path"] == 2 and not s["factor_1_reproduces_teacher"]
@@ -266,8 +269,8 @@ def test_path_study_lives_beside_the_one_step_study_and_compares_with_it(study, 
         assert 0 <= r["vs_one_step.mAP@10"] <= 1
     # on val, "vs teacher" is the ONE-step configured teacher (its factor-1 files), not the
     # path's own factor 1
-    pipe.run_step_study([1.0], n_queries=3, progress=False, split="val")
-    val = pipe.run_step_study([1.0], n_queries=3, progress=False, split="val", path=2)
+    step_study(pipe, [1.0], n_queries=3, progress=False, split="val")
+    val = step_study(pipe, [1.0], n_queries=3, progress=False, split="val", path=2)
     (row,) = val["rows"]
     assert row["vs_teacher.mAP@10"] == row["vs_one_step.mAP@10"] < 1
     meta = json.loads((folder / "f1" / "test_0.json").read_text())
@@ -275,14 +278,16 @@ def test_path_study_lives_beside_the_one_step_study_and_compares_with_it(study, 
     assert "along an unlearning path (2 steps per decade)" in format_steps(s)
     assert one["path"] == 0 and not (pipe.step_study_dir() / "f1" / "test_0.json").read_text() \
         .count("path_steps")
-    code, text, err = run_cli(capsys, "teacher", "steps", "configs/experiment/toy_smoke.yaml",
+    code, text, err = run_cli(capsys, "study", "teacher-steps", "configs/experiment/toy_smoke.yaml",
                               f"output_root={pipe.cfg.output_root}",
                               "teacher.estimator=ascent", "--factors", "0.01", "1",
                               "--queries", "2", "--path", "2", "--no-progress")
     assert code == 0, err
     assert "vs 1-step" in text and (folder / "steps.png").is_file()
     pipe.run(["student"])  # the report shows the path study beside the one-step one
-    assert "figures/teacher_steps_path2.png" in (pipe.root / "report.md").read_text()
+    report = (pipe.root / "report.md").read_text()
+    assert f"]({pipe.step_study_dir().name}/path2/steps.png)" in report
+    assert report.index("/steps.png)") < report.index("/path2/steps.png)")  # one step first
 
 
 def test_the_even_part_of_the_loss_change_is_second_order_and_free_of_the_gradient_term(study):
@@ -292,13 +297,13 @@ def test_the_even_part_of_the_loss_change_is_second_order_and_free_of_the_gradie
     the study writes the descents beside the one-step study's ascents, reuses those, and ranks
     by exactly the even part of the two files."""
     from attribution.callbacks import map_at_ks
-    from attribution.teacher.steps import load_row, query_file
+    from attribution.counterfactual.study_files import load_row, query_file
 
     pipe, _ = study
     scorer, _, queries = teacher_scorer(pipe.cfg, pipe.dirs(), "test")
     q, eta = queries[0], pipe.cfg.teacher.eta
     with torch.no_grad():
-        r = [x["influence"] for x in scorer.score_steps(q, [eta * f for f in
+        r = [x["influence"] for x in score_steps(scorer, q, [eta * f for f in
                                                             (0.05, -0.05, 0.1, -0.1)])]
     even = [float((0.5 * (a + b)).abs().mean()) for a, b in (r[:2], r[2:])]
     odd = [float((0.5 * (a - b)).abs().mean()) for a, b in (r[:2], r[2:])]
@@ -307,7 +312,7 @@ def test_the_even_part_of_the_loss_change_is_second_order_and_free_of_the_gradie
 
     ascent = query_file(pipe.step_study_dir(), 1.0, 0)
     stamp = ascent.stat().st_mtime_ns
-    s = pipe.run_step_study([1.0, 100.0], n_queries=2, progress=False, even=True)
+    s = step_study(pipe, [1.0, 100.0], n_queries=2, progress=False, even=True)
     assert ascent.stat().st_mtime_ns == stamp  # the one-step study's ascent, not rescored
     n = r[0].numel()
     up, down = ([load_row(query_file(pipe.step_study_dir(), f, qid), n)[0] for qid in (0, 1)]
@@ -325,7 +330,7 @@ def test_the_even_part_of_the_loss_change_is_second_order_and_free_of_the_gradie
     one = s["rows"][0]
     assert one["vs_one_step.mAP@10"] == pytest.approx(one["vs_teacher.mAP@10"])
     assert one["vs_one_step.mAP@10"] < 1  # the even part ranks otherwise than the ascent
-    val = pipe.run_step_study([1.0], n_queries=3, progress=False, split="val", even=True)
+    val = step_study(pipe, [1.0], n_queries=3, progress=False, split="val", even=True)
     (row,) = val["rows"]  # val: "vs teacher" is the one-step factor 1, not the even part's
     assert row["vs_teacher.mAP@10"] == row["vs_one_step.mAP@10"] < 1
     assert (pipe.step_study_dir() / "steps_val_even.json").is_file()
@@ -343,5 +348,5 @@ def test_the_even_part_of_the_loss_change_is_second_order_and_free_of_the_gradie
         pipe.run_counterfactual(["teacher-even@0.01"], [0], 3, progress=False,
                                 echo=lambda s: None)
     with pytest.raises(ValueError, match="not of a path"):
-        pipe.run_step_study([1.0], n_queries=1, progress=False, even=True, path=2)
+        step_study(pipe, [1.0], n_queries=1, progress=False, even=True, path=2)
 

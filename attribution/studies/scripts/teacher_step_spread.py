@@ -1,11 +1,11 @@
 """How far a step change moves the teacher's top 10, by query kind: for each pair of neighbouring
-factors of a finished step study (``attribution teacher steps CONFIG``), the share of the smaller
+factors of a finished step study (``attribution study teacher-steps CONFIG``), the share of the smaller
 step's top 10 that lies inside the larger step's top m (m = 10, 20, 50, 100), on the queries that
 prompt a planted concept and on the ordinary ones (mean ± s.e. over queries).  mAP@10 agreement
 says *whether* the top 10 moved; this says how far.
 
-Usage:  python benchmarks/teacher_step_spread.py [CONFIG] [key=value ...] [--split test|val]
-e.g.    python benchmarks/teacher_step_spread.py configs/experiment/toy.yaml
+Usage:  python -m attribution.studies.scripts.teacher_step_spread [CONFIG] [key=value ...] [--split test|val]
+e.g.    python -m attribution.studies.scripts.teacher_step_spread configs/experiment/toy.yaml
 
 Reads the study's files only (run the study first); writes nothing.
 """
@@ -16,14 +16,15 @@ import argparse
 import json
 
 import numpy as np
-from _common import machine_line, pipeline_args
 
+from attribution.common.machine import machine_line
 from attribution.config import planted_for, to_dict
+from attribution.counterfactual.study_files import load_row, query_file, summary_name
 from attribution.data.dataset import CaptionedImageSet
 from attribution.data.queries import QuerySet, study_query_set
 from attribution.metrics import standard_error
+from attribution.pipeline import script_pipeline as pipeline_args
 from attribution.teacher.evaluate import planted_mask
-from attribution.teacher.steps import load_row, query_file, summary_name
 
 CUTS = (10, 20, 50, 100)
 
@@ -41,10 +42,14 @@ def main() -> None:
     ap.add_argument("--split", choices=("test", "val"), default="test")
     args, cfg, pipe = pipeline_args(ap)
     study = pipe.step_study_dir()
-    summary = json.loads((study / summary_name(args.split)).read_text())
+    found = study / summary_name(args.split)
+    if not found.is_file():
+        raise SystemExit(f"no one-step study at {found}: run `attribution study teacher-steps "
+                         "CONFIG" + (" --split val`" if args.split == "val" else "`") + " first")
+    summary = json.loads(found.read_text())
     if summary.get("path"):
         raise SystemExit(f"{study}: the last study of this split was a path study; rerun the "
-                         "one-step study (`attribution teacher steps CONFIG`) first")
+                         "one-step study (`attribution study teacher-steps CONFIG`) first")
     factors = sorted(r["factor"] for r in summary["rows"]
                      if r.get("damping", cfg.teacher.damping) == cfg.teacher.damping)
     qids = summary["rows_scored"]

@@ -1,12 +1,12 @@
 """Is the even part of the loss change more stable to a 10× step than the ascent?  Paired over
-the queries of a finished ``--even`` step study (``attribution teacher steps CONFIG --even``):
+the queries of a finished ``--even`` step study (``attribution study teacher-steps CONFIG --even``):
 per query, the mAP@10 agreement of the even ranking at factor E with the even ranking at 10·E,
 minus the agreement of the ascent (the one-step teacher) at factor A with the ascent at 10·A;
 mean ± s.e. overall, on the queries that prompt a planted concept and on the ordinary ones.
 
-Usage:  python benchmarks/teacher_even_stability.py [CONFIG] [key=value ...] [--split test|val]
+Usage:  python -m attribution.studies.scripts.teacher_even_stability [CONFIG] [key=value ...] [--split test|val]
                 [--even E] [--ascent A]
-e.g.    python benchmarks/teacher_even_stability.py configs/experiment/toy_evidence.yaml
+e.g.    python -m attribution.studies.scripts.teacher_even_stability configs/experiment/toy_evidence.yaml
             --split val --even 0.01 --ascent 1
 
 Reads the study's files only (score E, 10·E, A and 10·A with --even first); writes nothing.
@@ -18,15 +18,16 @@ import argparse
 import json
 
 import numpy as np
-from _common import machine_line, pipeline_args
 
 from attribution.callbacks import ap_at_k
+from attribution.common.machine import machine_line
 from attribution.config import planted_for, to_dict
 from attribution.counterfactual.run import method_ranks
+from attribution.counterfactual.study_files import summary_name
 from attribution.data.queries import QuerySet, study_query_set
 from attribution.metrics import standard_error
+from attribution.pipeline import script_pipeline as pipeline_args
 from attribution.teacher.evaluate import planted_mask
-from attribution.teacher.steps import summary_name
 
 
 def main() -> None:
@@ -44,7 +45,7 @@ def main() -> None:
     missing = [m for m, r in ranks.items() if (r[qids] < 0).any()]
     if missing:
         raise SystemExit(f"the study has not scored {missing} on every query of its "
-                         f"{args.split} split: run `attribution teacher steps CONFIG --even "
+                         f"{args.split} split: run `attribution study teacher-steps CONFIG --even "
                          f"--factors {args.even:g} {10 * args.even:g} {args.ascent:g} "
                          f"{10 * args.ascent:g}" + (" --split val`" if args.split == "val" else "`"))
     agree = {kind: ap_at_k(ranks[a][qids], ranks[b][qids], 10) for kind, (a, b) in pairs.items()}
