@@ -35,6 +35,7 @@ def _coco_encode(args) -> int:
     from attribution.generator.text_encoder import load_text_encoder
 
     ds = CocoCaptions(args.images, args.captions, args.size, args.captions_per_image)
+    ds.check_images()  # every image decodes, before the models load
     device = torch_device(args.device)
     vae = AutoencoderKL.from_pretrained(args.vae).eval().to(device)
     scale = args.scale if args.scale is not None else vae.config.scaling_factor

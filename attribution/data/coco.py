@@ -1,6 +1,7 @@
 """MSCOCO train2017 as a captioned-image set, and its pre-encoding into memory-mapped arrays.
 
-Dataset: the images of ``captions_train2017.json`` (sorted by image id), each center-cropped to a
+Dataset: the images of ``captions_train2017.json`` (sorted by image id), each as a viewer shows it
+(EXIF orientation applied, converted to RGB from grayscale or CMYK), center-cropped to a
 square, resized to ``image_size`` (128 for the paper's generator, bicubic) and scaled to [-1, 1],
 with its first ``n_captions`` (5) captions; a horizontal flip is an extra view of the item.
 
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -38,44 +39,100 @@ from attribution.common.seeds import seeded_generator
 from attribution.data.images import center_crop_resize
 
 
+def read_coco_captions(captions_json: Path, images_dir: Path, n_captions: int
+                       ) -> tuple[list[int], list[str], list[list[str]]]:
+    """(ids sorted, their file names, their first ``n_captions`` captions, whitespace tidied)
+    from a COCO captions file, every problem one ``DataFileError`` before any image is read:
+    unreadable JSON, a missing key, duplicate image ids, an annotation for an image the file
+    does not list, an image with too few captions, a listed file missing on disk.  Ids need not
+    be contiguous or sorted, annotations may come in any order (kept in annotation-id order)."""
+    if not captions_json.is_file():
+        raise DataFileError(f"COCO captions file not found: {captions_json}")
+    if not images_dir.is_dir():
+        raise DataFileError(f"COCO images folder not found: {images_dir}")
+    try:
+        data = json.loads(captions_json.read_text(encoding="utf-8"))
+        listed = [(int(im["id"]), str(im["file_name"])) for im in data["images"]]
+        anns = sorted(((int(a.get("id", 0)), int(a["image_id"]), str(a["caption"]))
+                       for a in data["annotations"]), key=lambda a: a[0])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
+        raise DataFileError(f"{captions_json} is not a COCO captions file: {err!r}") from err
+    files = dict(listed)
+    if len(files) != len(listed):
+        seen: set[int] = set()
+        dup = next(i for i, _ in listed if i in seen or seen.add(i))
+        raise DataFileError(f"{captions_json}: image id {dup} is listed more than once")
+    caps: dict[int, list[str]] = {i: [] for i in files}
+    for ann_id, image_id, text in anns:
+        if image_id not in caps:
+            raise DataFileError(f"{captions_json}: annotation {ann_id} is for image id "
+                                f"{image_id}, which the file's images do not list")
+        if " ".join(text.split()):
+            caps[image_id].append(" ".join(text.split()))
+    short = [i for i in sorted(files) if len(caps[i]) < n_captions]
+    if short:
+        raise DataFileError(f"{captions_json}: {len(short)} image(s) have fewer than "
+                            f"{n_captions} captions, e.g. image id {short[0]} has "
+                            f"{len(caps[short[0]])}")
+    missing = [files[i] for i in sorted(files) if not (images_dir / files[i]).is_file()]
+    if missing:
+        raise DataFileError(f"{len(missing)} image file(s) listed in {captions_json} are not in "
+                            f"{images_dir}, e.g. {missing[0]}")
+    ids = sorted(files)
+    return ids, [files[i] for i in ids], [caps[i][:n_captions] for i in ids]
+
+
+def open_image(path: Path) -> Image.Image:
+    """A COCO image as a viewer shows it: decoded, its EXIF orientation applied, RGB (grayscale,
+    CMYK and palette images converted); a file that does not decode is a ``DataFileError``."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return ImageOps.exif_transpose(img).convert("RGB")
+    except (OSError, ValueError, SyntaxError) as err:
+        raise DataFileError(f"COCO image unreadable: {path} ({err})") from err
+
+
 class CocoCaptions(Dataset):
     """COCO images + captions (see module docstring); item = {"image", "captions", "index",
-    "flip", "image_id"} like :class:`attribution.data.dataset.CaptionedImageSet`'s items."""
+    "flip", "image_id"} like :class:`attribution.data.dataset.CaptionedImageSet`'s items.
+    The captions file is checked whole on construction (:func:`read_coco_captions`);
+    :meth:`check_images` decodes every image once, before any model work."""
 
     def __init__(self, images_dir: str | Path, captions_json: str | Path, image_size: int = 128,
                  n_captions: int = 5):
         self.images_dir, self.size, self.n_captions = Path(images_dir), image_size, n_captions
-        path = Path(captions_json)
-        if not path.is_file():
-            raise DataFileError(f"COCO captions file not found: {path}")
-        if not self.images_dir.is_dir():
-            raise DataFileError(f"COCO images folder not found: {self.images_dir}")
-        try:
-            data = json.loads(path.read_text())
-            files = {im["id"]: im["file_name"] for im in data["images"]}
-            caps: dict[int, list[str]] = {}
-            for ann in sorted(data["annotations"], key=lambda a: a.get("id", 0)):
-                caps.setdefault(ann["image_id"], []).append(" ".join(ann["caption"].split()))
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise DataFileError(f"{path} is not a COCO captions file: {err}") from err
-        short = [i for i in files if len(caps.get(i, [])) < n_captions]
-        if short:
-            raise DataFileError(f"{len(short)} COCO images have fewer than {n_captions} "
-                                f"captions, e.g. image id {short[0]}")
-        self.ids = sorted(files)
-        self.files = [files[i] for i in self.ids]
-        self.captions = [caps[i][:n_captions] for i in self.ids]
+        self.ids, self.files, self.captions = read_coco_captions(Path(captions_json),
+                                                                 self.images_dir, n_captions)
+
+    @classmethod
+    def from_root(cls, root: str | Path, image_size: int = 128, n_captions: int = 5
+                  ) -> CocoCaptions:
+        """The train split of an MSCOCO 2017 folder (``annotations/captions_train2017.json``,
+        ``train2017/``); a ``val2017`` split beside it is not read."""
+        root = Path(root).expanduser()
+        return cls(root / "train2017", root / "annotations" / "captions_train2017.json",
+                   image_size, n_captions)
+
+    def check_images(self, progress: bool = True) -> None:
+        """Decode every image (JPEG draft mode: a fraction of a full decode), so a file that
+        does not decode is one error naming it before any model work."""
+        for name in tqdm(self.files, desc="checking COCO images", disable=not progress,
+                         unit="img"):
+            path = self.images_dir / name
+            try:
+                with Image.open(path) as img:
+                    img.draft("RGB", (self.size, self.size))
+                    img.load()
+            except (OSError, ValueError, SyntaxError) as err:
+                raise DataFileError(f"COCO image unreadable: {path} ({err}); fix or remove "
+                                    "it (and its entries in the captions file)") from err
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def image_tensor(self, index: int, flip: bool = False) -> torch.Tensor:
-        path = self.images_dir / self.files[index]
-        try:
-            with Image.open(path) as img:
-                x = center_crop_resize(img, self.size)
-        except (OSError, ValueError) as err:
-            raise DataFileError(f"COCO image unreadable: {path} ({err})") from err
+        x = center_crop_resize(open_image(self.images_dir / self.files[index]), self.size)
         return torch.flip(x, dims=[-1]) if flip else x
 
     def __getitem__(self, index: int) -> dict:
