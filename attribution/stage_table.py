@@ -89,7 +89,7 @@ def key_sections(cfg, stage: str, released_root: Path | None = None) -> list:
     return {
         "world": [c.world, c.seed],
         "text": [c.text_encoder],
-        "generator": [c.generator, c.seed],
+        "generator": [_generator_section(c), c.seed],
         "queries": [c.queries, c.seed],
         "fidelity": [c.fidelity, c.queries.sampling, c.seed],
         "fisher": [{k: to_dict(c.teacher)[k] for k in ("fisher", "params", "fisher_epochs",
@@ -115,6 +115,15 @@ def key_sections(cfg, stage: str, released_root: Path | None = None) -> list:
                         NOISE_VERSION],
         "abc": [_abc_sections(c)[1], c.seed],
     }[stage]
+
+
+def _generator_section(c) -> dict:
+    """The generator's config as its key hashes it: training precision only when reduced
+    (fp32 is what every generator was trained in before the key existed)."""
+    g = to_dict(c.generator)
+    if g["train"].get("precision") == "fp32":
+        g["train"] = {k: v for k, v in g["train"].items() if k != "precision"}
+    return g
 
 
 def _second_teacher_sections(c) -> list:

@@ -7,9 +7,11 @@ Usage (on a machine with a CUDA GPU, after the README's install):
 2. Bare generator forward rows/s on the GPU at the teacher's batch, for the toy UNet and the
    MSCOCO config's UNet (random weights): the rate ``attribution plan --forwards-per-second``
    wants for this device.
-3. faiss on the GPU (when the ``gpu`` extra is installed): the flat index's top 10 equals the
+3. Generator training steps/s for the MSCOCO UNet in fp32 and under bf16 autocast
+   (``generator.train.precision``), with the loss of each on one batch.
+4. faiss on the GPU (when the ``gpu`` extra is installed): the flat index's top 10 equals the
    CPU's.
-4. The smoke pipeline end to end with ``device=cuda`` (every stage on the GPU), its metrics
+5. The smoke pipeline end to end with ``device=cuda`` (every stage on the GPU), its metrics
    printed beside a CPU run's (the two differ by float rounding only where results are
    recorded to the digit: they should agree to ~1e-3).
 Prints one line per check; exits non-zero if a check fails.  Nothing here runs in CI.
@@ -41,24 +43,54 @@ def noise_check() -> bool:
     return ok
 
 
-def forward_rate(config: str, overrides: list[str], batch: int, device: str = "cuda",
-                 seconds: float = 10.0) -> float:
-    """Bare forward rows/s of the config's UNet (random weights) at ``batch``."""
+def random_unet(config: str, overrides: list[str], batch: int, device: str):
+    """The config's UNet with random weights, and one random batch (x, t, c) for it."""
     from types import SimpleNamespace
 
     from attribution.config import load_config
     from attribution.generator.model import build_unet
 
+    torch.manual_seed(0)  # the same weights and batch at every call
     cfg = load_config(ROOT / config, overrides)
     g = cfg.generator
     size = cfg.world.image_size // (8 if g.codec == "vae" else 1)
     channels = 4 if g.codec == "vae" else 3
     # only the model-space shape is read from the codec to build the UNet
-    unet = build_unet(g, SimpleNamespace(size=size, channels=channels)).to(device).eval()
+    unet = build_unet(g, SimpleNamespace(size=size, channels=channels)).to(device)
     x = torch.randn(batch, channels, size, size, device=device)
     t = torch.randint(1000, (batch,), device=device)
     c = torch.randn(batch, cfg.text_encoder.max_length, g.unet.cross_attention_dim,
                     device=device)
+    return unet, (x, t, c)
+
+
+def train_rate(config: str, overrides: list[str], batch: int, dtype: torch.dtype | None,
+               device: str = "cuda", steps: int = 10) -> tuple[float, float]:
+    """(training steps/s, the first step's loss) of the config's UNet at ``batch``: forward,
+    backward and an AdamW step, under autocast to ``dtype`` (None: float32)."""
+    unet, (x, t, c) = random_unet(config, overrides, batch, device)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    losses = []
+    for i in range(steps + 2):  # two warm-up steps
+        if i == 2:
+            sync()
+            start = time.perf_counter()
+        with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = (unet(x, t, c).sample.float() - x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    sync()
+    return steps / (time.perf_counter() - start), losses[0]
+
+
+def forward_rate(config: str, overrides: list[str], batch: int, device: str = "cuda",
+                 seconds: float = 10.0) -> float:
+    """Bare forward rows/s of the config's UNet (random weights) at ``batch``."""
+    unet, (x, t, c) = random_unet(config, overrides, batch, device)
+    unet.eval()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     with torch.no_grad():
         for _ in range(3):
@@ -121,6 +153,12 @@ def main() -> None:
                         ["world.root=/unused", "generator.vae_path=/unused"], 256)
     print(f"bare forward rows/s: toy UNet {toy:,.0f}; MSCOCO UNet {coco:,.0f} "
           f"(attribution plan ... --forwards-per-second {coco:.0f})")
+    coco_args = ("configs/experiment/coco_generator.yaml",
+                 ["world.root=/unused", "generator.vae_path=/unused"], 64)
+    (f32, l32), (b16, lb16) = (train_rate(*coco_args, dtype) for dtype in (None, torch.bfloat16))
+    print(f"MSCOCO UNet training steps/s at batch 64: fp32 {f32:.2f}, bf16 {b16:.2f} "
+          f"({b16 / f32:.2f}x); first-step loss fp32 {l32:.4f}, bf16 {lb16:.4f} (same weights "
+          "and batch: they should agree to about 1 %)")
     ok = faiss_check() and ok
     if not args.skip_smoke:
         ok = smoke(args.out) and ok

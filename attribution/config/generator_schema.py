@@ -51,6 +51,8 @@ class GeneratorTrainConfig:
     lr_schedule: str = opt("cosine", choices=["constant", "cosine"])
     cfg_dropout: float = opt(0.1, ge=0, lt=1)  # probability of the empty caption (for CFG)
     ema_decay: float = opt(0.995, ge=0, lt=1)  # 0 disables EMA
+    # fp32 | bf16 (autocast, float32 master weights) | fp16 (autocast + loss scaling, CUDA only)
+    precision: str = opt("fp32", choices=["fp32", "bf16", "fp16"])
 
 
 @dataclass

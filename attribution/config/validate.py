@@ -152,6 +152,9 @@ def _validate_generator(cfg: DictConfig) -> None:
                 _fail(f"world.image_size={w.image_size} gives a {size}-pixel model input, which "
                       f"{n} UNet blocks cannot halve {n - 1} times: use a multiple of "
                       f"{2 ** (n - 1) * (8 if g.codec == 'vae' else 1)}")
+    if g.train.precision == "fp16" and cfg.device != "cuda":
+        _fail(f"generator.train.precision=fp16 needs device=cuda (its loss scaling is CUDA's), "
+              f"got device={cfg.device}: use bf16 on other devices")
     if g.beta_end <= g.beta_start:
         _fail(f"generator.beta_end={g.beta_end} must exceed generator.beta_start={g.beta_start}")
     if cfg.queries.sampling.steps > g.num_train_timesteps:

@@ -24,6 +24,10 @@ from attribution.generator.module import GeneratorModule, StepDataset
 
 log = logging.getLogger(__name__)
 
+# generator.train.precision -> Lightning's: autocast with float32 master weights (and, for
+# fp16, loss scaling); the saved weights are float32 whichever is used
+LIGHTNING_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
+
 
 def encode_world(codec, world: CaptionedImageSet, batch_size: int = 256) -> torch.Tensor:
     """Model-space tensors (N, C, h, w) of every item (pixels for the pixel codec)."""
@@ -150,6 +154,7 @@ def train_generator(cfg, world_dir: Path, text_dir: Path, out_dir: Path,
                                  enable_version_counter=False)
     trainer = L.Trainer(
         max_steps=tcfg.steps, accelerator=accelerator_for(cfg.device), devices=1,
+        precision=LIGHTNING_PRECISION[tcfg.precision],
         logger=CSVLogger(save_dir=out_dir, name="logs"), callbacks=[checkpoint],
         enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10,
         num_sanity_val_steps=0, deterministic=False,

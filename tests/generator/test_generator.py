@@ -123,3 +123,28 @@ def test_vae_codec_loads_by_path_and_trains_in_latent_space(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing-vae"):
         build_codec(smoke_config(tmp_path, "generator.codec=vae",
                                  f"generator.vae_path={tmp_path / 'missing-vae'}").generator, 16)
+
+
+def test_bf16_training_autocasts_and_keeps_float32_weights(smoke_run, tmp_path):
+    """generator.train.precision=bf16 trains under autocast: the steps see bf16 rounding (the
+    weights end near, not at, the float32 run's), the saved weights stay float32 and the loss
+    finite; the fp32 key is the one generators had before the setting existed."""
+    from attribution.config import ConfigError
+    from attribution.stage_table import key_sections
+
+    world, text = smoke_run.dir("world"), smoke_run.dir("text")
+    steps = ["generator.train.steps=6", "generator.train.steps_per_epoch=6"]
+    fp32 = smoke_config(tmp_path, *steps)
+    bf16 = smoke_config(tmp_path, *steps, "generator.train.precision=bf16")
+    a = train_generator(fp32, world, text, tmp_path / "fp32", progress=False)
+    b = train_generator(bf16, world, text, tmp_path / "bf16", progress=False)
+    assert torch.isfinite(torch.tensor([a["final_loss"], b["final_loss"]])).all()
+    wa, wb = _weights(tmp_path / "fp32"), _weights(tmp_path / "bf16")
+    assert all(v.dtype == torch.float32 for v in wb.values())
+    diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    scale = max(float(v.abs().max()) for v in wa.values())
+    assert 0 < diff < 0.1 * scale  # rounded differently, trained the same
+    assert "precision" not in key_sections(fp32, "generator")[0]["train"]
+    assert key_sections(bf16, "generator")[0]["train"]["precision"] == "bf16"
+    with pytest.raises(ConfigError, match="precision=fp16 needs device=cuda"):
+        smoke_config(tmp_path, "generator.train.precision=fp16")
