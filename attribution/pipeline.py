@@ -184,8 +184,10 @@ class Pipeline:
         for s in wanted:
             needed += [a for a in [*self.ancestors(s), s] if a not in needed]
         check_device(self.cfg.device)  # before any work, not when a stage reaches the GPU
-        check_device_counts(self.cfg.device, {"teacher.devices": self.cfg.teacher.devices,
-                                              "student.devices": self.cfg.student.devices})
+        check_device_counts(self.cfg.device, {
+            "generator.train.devices": self.cfg.generator.train.devices,
+            "teacher.devices": self.cfg.teacher.devices,
+            "student.devices": self.cfg.student.devices})
         self._check_fits([s for s in needed if self.finished(s) is None])  # before any folder
         with self.lock():
             self.check_format()

@@ -130,7 +130,7 @@ def plan(cfg, n: int | None = None) -> list[StagePlan]:
     out = [StagePlan("world", written=pixels if cfg.world.kind != "encoded" else 0,
                      peak=pixels if cfg.world.kind != "encoded" else n * elems * 8),
            StagePlan("text", written=n * cfg.world.captions_per_item * tokens * 2)]
-    gen = StagePlan("generator", devices=1)
+    gen = StagePlan("generator", devices=g.train.devices * g.train.num_nodes)
     if not (g.weights or g.pretrained):
         gen.fwd = gen.bwd = g.train.steps * g.train.batch_size
     out += [gen, StagePlan("queries", fwd=(q.n_train + q.n_test) * q.sampling.steps * guidance,

@@ -118,11 +118,13 @@ def key_sections(cfg, stage: str, released_root: Path | None = None) -> list:
 
 
 def _generator_section(c) -> dict:
-    """The generator's config as its key hashes it: training precision only when reduced
-    (fp32 is what every generator was trained in before the key existed)."""
+    """The generator's config as its key hashes it: without where it trains (devices, nodes,
+    strategy: any layout trains the same generator), and with the training precision only
+    when reduced (fp32 is what every generator was trained in before the key existed)."""
     g = to_dict(c.generator)
-    if g["train"].get("precision") == "fp32":
-        g["train"] = {k: v for k, v in g["train"].items() if k != "precision"}
+    drop = {"devices", "num_nodes", "strategy"} | (
+        {"precision"} if g["train"].get("precision") == "fp32" else set())
+    g["train"] = {k: v for k, v in g["train"].items() if k not in drop}
     return g
 
 

@@ -1,5 +1,6 @@
 """Scale-out on existing engines, checked with CPU processes (gloo): the teacher's queries split
-over two ranks, and the student's global batch split over two ranks, give the one-rank result."""
+over two ranks, the generator's and the student's global batches split over two ranks, give the
+one-rank result."""
 
 import pickle
 
@@ -107,3 +108,34 @@ def test_teacher_ranks_wait_for_each_other_as_long_as_configured(tmp_path):
     strategy = teacher_strategy(many)
     assert isinstance(strategy, DDPStrategy) and strategy._timeout == timedelta(hours=6)
     assert strategy._start_method == "spawn"
+
+
+def test_two_process_generator_equals_one_process(smoke_run, tmp_path):
+    """generator.train.devices=2: each rank trains on its half of the same global batch, so
+    the two-rank generator is the one-rank generator (to the rounding of a gradient averaged
+    over ranks), and its cache key is the same."""
+    import torch
+
+    from attribution.generator.model import load_unet
+    from attribution.generator.train import train_generator
+    from attribution.stage_table import key_sections
+
+    common = ["device=cpu", "generator.train.steps=4", "generator.train.steps_per_epoch=4"]
+    out = {}
+    for name, extra in (("one", []), ("two", ["generator.train.devices=2",
+                                              "generator.train.strategy=ddp_spawn"])):
+        cfg = smoke_config(smoke_run.cfg.output_root, *common, *extra)
+        out[name] = train_generator(cfg, smoke_run.dir("world"), smoke_run.dir("text"),
+                                    tmp_path / name, progress=False)
+        out[name + "_key"] = key_sections(cfg, "generator")
+    assert out["one_key"] == out["two_key"]
+    a, b = (load_unet(tmp_path / n)[0].state_dict() for n in ("one", "two"))
+    assert out["one"]["steps"] == out["two"]["steps"] == 4
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=5e-5, msg=k)
+    assert out["one"]["final_loss"] == pytest.approx(out["two"]["final_loss"], rel=1e-3)
+    with pytest.raises(ValueError, match="one device"):
+        train_generator(smoke_config(smoke_run.cfg.output_root, *common,
+                                     "generator.train.devices=2"),
+                        smoke_run.dir("world"), smoke_run.dir("text"), tmp_path / "x",
+                        progress=False, exclude=[0])

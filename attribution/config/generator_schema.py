@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from attribution.config.rules import opt
 
 POSITIVE = {"ge": 1}  # counts
+STRATEGIES = ("auto", "ddp", "ddp_spawn")  # Lightning strategies (schema.py re-exports)
 
 
 @dataclass
@@ -53,6 +54,12 @@ class GeneratorTrainConfig:
     ema_decay: float = opt(0.995, ge=0, lt=1)  # 0 disables EMA
     # fp32 | bf16 (autocast, float32 master weights) | fp16 (autocast + loss scaling, CUDA only)
     precision: str = opt("fp32", choices=["fp32", "bf16", "fp16"])
+    # data-parallel training: every rank draws the same global batch from (seed, step) and
+    # trains on its slice, so any device count trains the same generator (batch_size must
+    # divide evenly); auto | ddp (torchrun / SLURM: one process per device) | ddp_spawn
+    devices: int = opt(1, **POSITIVE)  # per node
+    num_nodes: int = opt(1, **POSITIVE)
+    strategy: str = opt("auto", choices=STRATEGIES)
 
 
 @dataclass

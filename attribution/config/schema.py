@@ -7,6 +7,7 @@ from typing import Any
 
 from attribution.config.generator_schema import (  # noqa: F401  (sections of the schema)
     DOWN_BLOCKS,
+    STRATEGIES,
     UP_BLOCKS,
     GeneratorConfig,
     GeneratorTrainConfig,
@@ -18,7 +19,6 @@ from attribution.config.rules import opt
 
 POSITIVE = {"ge": 1}  # counts
 PARAM_GROUPS = ("cross_attn_kv", "cross_attn", "attn", "all")  # teacher/params.py GROUPS
-STRATEGIES = ("auto", "ddp", "ddp_spawn")
 # The format of every cached stage and sweep row: part of each stage key (stage_table.py) and
 # of a sweep row's config hash (load.py run_hash).  Raised when a default or a stage's output
 # changes meaning; a run folder made under another format is refused with one line

@@ -152,6 +152,10 @@ def _validate_generator(cfg: DictConfig) -> None:
                 _fail(f"world.image_size={w.image_size} gives a {size}-pixel model input, which "
                       f"{n} UNet blocks cannot halve {n - 1} times: use a multiple of "
                       f"{2 ** (n - 1) * (8 if g.codec == 'vae' else 1)}")
+    ranks = g.train.devices * g.train.num_nodes
+    if g.train.batch_size % ranks:
+        _fail(f"generator.train.batch_size={g.train.batch_size} (the global batch) must be "
+              f"divisible by generator.train.devices x num_nodes = {ranks}")
     if g.train.precision == "fp16" and cfg.device != "cuda":
         _fail(f"generator.train.precision=fp16 needs device=cuda (its loss scaling is CUDA's), "
               f"got device={cfg.device}: use bf16 on other devices")

@@ -114,6 +114,34 @@ def _check_text(table: TextTable, n_items: int, width: int, text_dir: Path) -> N
                          f"gives {table.embeddings.shape[-1]}-d token states")
 
 
+def _trainer(cfg, out_dir: Path, ckpt_dir: Path, progress: bool) -> L.Trainer:
+    """The generator's Lightning trainer: its devices, precision, CSV logs and the one
+    checkpoint a killed run resumes from."""
+    tcfg = cfg.generator.train
+    # Lightning writes last.ckpt only next to a regular checkpoint: keep one (the newest).
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="latest", save_last=True,
+                                 save_top_k=1, every_n_epochs=1, auto_insert_metric_name=False,
+                                 enable_version_counter=False)
+    return L.Trainer(
+        max_steps=tcfg.steps, accelerator=accelerator_for(cfg.device), devices=tcfg.devices,
+        num_nodes=tcfg.num_nodes, strategy=tcfg.strategy, use_distributed_sampler=False,
+        precision=LIGHTNING_PRECISION[tcfg.precision],
+        logger=CSVLogger(save_dir=out_dir, name="logs"), callbacks=[checkpoint],
+        enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10,
+        num_sanity_val_steps=0, deterministic=False,
+    )
+
+
+def _steps_done(trainer: L.Trainer, ckpt_dir: Path) -> int:
+    """Optimizer steps taken: the trainer's, or with ddp_spawn (whose loops ran in the
+    workers) the last checkpoint's."""
+    steps = int(trainer.global_step)
+    if trainer.world_size > 1 and not steps:
+        last = resume_checkpoint(ckpt_dir)
+        steps = int(torch.load(last, map_location="cpu", weights_only=True)["global_step"])
+    return steps
+
+
 def train_generator(cfg, world_dir: Path, text_dir: Path, out_dir: Path,
                     progress: bool = True, exclude: list[int] | None = None) -> dict:
     """Train (or resume) the generator; write ``out_dir/unet`` + ``generator.json``.
@@ -137,6 +165,10 @@ def train_generator(cfg, world_dir: Path, text_dir: Path, out_dir: Path,
     scheduler = build_scheduler(gcfg)
     if exclude and not all(0 <= i < n_items for i in exclude):
         raise ValueError(f"exclude ids must lie in [0, {n_items})")
+    if exclude and tcfg.devices * tcfg.num_nodes > 1:
+        raise ValueError("leave-K-out retraining runs on one device (generator.train.devices=1"
+                         " num_nodes=1): a rank whose slice held only left-out items would "
+                         "skip a step the others take")
     latents, _ = world_latents(codec, world_dir)
     module = GeneratorModule(unet, table, latents, scheduler.alphas_cumprod,
                              batch_size=tcfg.batch_size, lr=tcfg.lr,
@@ -148,27 +180,20 @@ def train_generator(cfg, world_dir: Path, text_dir: Path, out_dir: Path,
     # items from (seed, global_step), so resuming cannot change what a step sees.
     loader = DataLoader(StepDataset(tcfg.steps_per_epoch), batch_size=1)
     ckpt_dir = out_dir / "checkpoints"
-    # Lightning writes last.ckpt only next to a regular checkpoint: keep one (the newest).
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="latest", save_last=True,
-                                 save_top_k=1, every_n_epochs=1, auto_insert_metric_name=False,
-                                 enable_version_counter=False)
-    trainer = L.Trainer(
-        max_steps=tcfg.steps, accelerator=accelerator_for(cfg.device), devices=1,
-        precision=LIGHTNING_PRECISION[tcfg.precision],
-        logger=CSVLogger(save_dir=out_dir, name="logs"), callbacks=[checkpoint],
-        enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10,
-        num_sanity_val_steps=0, deterministic=False,
-    )
+    trainer = _trainer(cfg, out_dir, ckpt_dir, progress)
     resume = resume_checkpoint(ckpt_dir)
     start = time.time()
     trainer.fit(module, loader, ckpt_path=str(resume) if resume else None, weights_only=True)
     seconds = time.time() - start
+    if trainer.world_size > 1 and trainer.global_rank != 0:  # a ddp worker (torchrun/SLURM)
+        sys.exit(0)  # rank 0 saves the generator and carries on
     final_loss = float(trainer.callback_metrics.get("train/loss", torch.tensor(float("nan"))))
     if final_loss != final_loss and resume:  # resumed at the end: no step logged this time
         final_loss = logged_loss(out_dir / "logs")
+    steps = _steps_done(trainer, ckpt_dir)
     meta = {"config": to_dict(gcfg), "world": manifest["sha256"], "text_source": table.source,
-            "steps": int(trainer.global_step), "ema": tcfg.ema_decay > 0,
+            "steps": steps, "ema": tcfg.ema_decay > 0,
             "image_size": manifest["image_size"], "excluded": sorted(exclude or [])}
     save_generator(out_dir, module.sampling_unet(), meta)
-    return {"final_loss": final_loss, "seconds": seconds, "steps": int(trainer.global_step),
+    return {"final_loss": final_loss, "seconds": seconds, "steps": steps,
             "params": sum(p.numel() for p in unet.parameters())}
