@@ -103,7 +103,7 @@ def ceiling_plan(cfg, n: int) -> StagePlan:
     cc, tc = cfg.ceiling, cfg.teacher
     rep = min(cc.test_queries or cfg.queries.n_test, cfg.queries.n_test)
     cur = min(cc.curation_queries, cfg.queries.n_train)
-    p = StagePlan("ceiling", devices=1)
+    p = StagePlan("ceiling", devices=tc.devices * tc.num_nodes)
     f, b = per_query(tc, n)
     table = n * samples_per_item(tc) if tc.estimator == "quadratic" and \
         tc.difference == "forward" else 0

@@ -139,3 +139,35 @@ def test_two_process_generator_equals_one_process(smoke_run, tmp_path):
                                      "generator.train.devices=2"),
                         smoke_run.dir("world"), smoke_run.dir("text"), tmp_path / "x",
                         progress=False, exclude=[0])
+
+
+def test_two_rank_ceiling_and_second_teacher_equal_one_rank(smoke_run, tmp_path):
+    """teacher.devices=2: the ceiling's replicate and curation sample, and the second teacher,
+    are spread over two ranks like the teacher; every rescored row equals the one-rank row."""
+    from attribution.teacher.ceiling import run_ceiling
+    from attribution.teacher.second import run_second_teacher
+
+    pipe = smoke_run
+    pipe.run(["teacher"])
+    d = pipe.dirs()
+    args = (d["world"], d["text"], d["generator"], d["queries"], d["fisher"])
+    common = ["device=cpu", "ceiling.test_queries=3", "ceiling.curation_queries=2",
+              "second_teacher.enabled=true"]
+    rows = {}
+    for name, extra in (("one", []), ("two", ["teacher.devices=2",
+                                              "teacher.strategy=ddp_spawn"])):
+        cfg = smoke_config(pipe.cfg.output_root, *common, *extra)
+        summary = run_ceiling(cfg, *args, d["teacher"], tmp_path / f"ceiling_{name}",
+                              progress=False)
+        second = run_second_teacher(cfg, *args, tmp_path / f"second_{name}", progress=False)
+        assert summary["self_queries"] == 3 and second["queries"] == pipe.cfg.queries.n_test
+        rows[name] = {p.name: np.load(p) for p in sorted(
+            [*(tmp_path / f"ceiling_{name}").glob("*_train_*.npy"),
+             *(tmp_path / f"ceiling_{name}").glob("replicate_test_*.npy"),
+             *(tmp_path / f"second_{name}").glob("test_*.npy")])}
+    assert rows["one"].keys() == rows["two"].keys() and len(rows["one"]) == 3 + 2 + \
+        pipe.cfg.queries.n_test
+    for key, row in rows["one"].items():
+        np.testing.assert_allclose(rows["two"][key], row, rtol=0, atol=1e-6, err_msg=key)
+    parts = sorted(p.name for p in (tmp_path / "ceiling_two").glob("base_losses.part*.npy"))
+    assert parts == ["base_losses.part0of2.npy", "base_losses.part1of2.npy"]  # split too

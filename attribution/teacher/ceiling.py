@@ -17,29 +17,48 @@ checked when read: a killed run resumes at the next query.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader
 
 from attribution.callbacks import map_at_ks, map_by_type
-from attribution.common.devices import torch_device
+from attribution.common.devices import accelerator_for, torch_device
 from attribution.common.files import DataFileError, atomic_save_npy, atomic_write_bytes, load_npy
 from attribution.config import derive
 from attribution.metrics import standard_error
 from attribution.teacher import curation
-from attribution.teacher.run import build_scorer, make_queries, test_queries
+from attribution.teacher.module import QueryDataset, TeacherModule, collate_one
+from attribution.teacher.run import (
+    build_scorer,
+    distributed,
+    make_queries,
+    scorer_base_losses,
+    teacher_strategy,
+    test_queries,
+)
 from attribution.teacher.scorer import Query
 
 PARTIAL = "delete it; rerunning recomputes only this query"
 
 
 def query_scores(scorer, queries: list[Query], out: Path, stem: str, n_items: int,
-                 progress: bool) -> tuple[np.ndarray, int]:
+                 progress: bool, cfg=None, base_dir: Path | None = None
+                 ) -> tuple[np.ndarray, int]:
     """(float (Q, N) influences, how many were scored now): one cached file per query
-    (``<stem>_<query id>.npy``, checked when read), so a killed run resumes at the next."""
-    rows, fresh = [], 0
+    (``<stem>_<query id>.npy``, checked when read), so a killed run resumes at the next.
+    With ``cfg`` whose teacher runs on several devices, the queries not yet scored are spread
+    over its ranks first (:func:`score_over_ranks`; base losses cached in ``base_dir``)."""
+    todo = [q for q in queries if not (out / f"{stem}_{q.query_id}.npy").is_file()]
+    spread = bool(todo) and cfg is not None and teacher_ranks(cfg) > 1
+    if spread:
+        score_over_ranks(cfg, scorer, todo, out, stem, base_dir or out)
+    rows, fresh = [], len(todo) if spread else 0
     for i, q in enumerate(queries):
         path = out / f"{stem}_{q.query_id}.npy"
         if path.is_file():
@@ -55,6 +74,50 @@ def query_scores(scorer, queries: list[Query], out: Path, stem: str, n_items: in
             print(f"  {out.name.split('-')[0]} {stem} {i + 1}/{len(queries)}", flush=True)
         rows.append(row)
     return (np.stack(rows) if rows else np.zeros((0, n_items), np.float32)), fresh
+
+
+def teacher_ranks(cfg) -> int:
+    return cfg.teacher.devices * cfg.teacher.num_nodes
+
+
+def rescoring_scorer(cfg, world_dir: Path, text_dir: Path, gen_dir: Path, fisher_dir: Path,
+                     base_dir: Path):
+    """(scorer, candidates) for a stage that rescores queries over every item: on
+    ``cfg.device`` with its base losses now for one process; over several ranks the base
+    losses wait for the ranks, which split them (cached in ``base_dir``)."""
+    one = teacher_ranks(cfg) == 1
+    return build_scorer(cfg, world_dir, text_dir, gen_dir, fisher_dir, base_dir,
+                        device=torch_device(cfg.device) if one else "cpu", eager_base=one)
+
+
+class RowWriter(BasePredictionWriter):
+    """Saves each rescored query's influences as ``<stem>_<query id>.npy`` as soon as done."""
+
+    def __init__(self, out: Path, stem: str):
+        super().__init__(write_interval="batch")
+        self.out, self.stem = out, stem
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch,
+                           batch_idx, dataloader_idx=0) -> None:
+        row = prediction["influence"].detach().cpu().numpy().astype(np.float32)
+        atomic_save_npy(self.out / f"{self.stem}_{batch.query_id}.npy", row)
+
+
+def score_over_ranks(cfg, scorer, queries: list[Query], out: Path, stem: str,
+                     base_dir: Path) -> None:
+    """Rescore ``queries`` over the teacher's devices as the teacher stage does (Lightning
+    predict, ``teacher.strategy`` with its process-group timeout), one file per query; the
+    scorer's base losses, when it has none, split over the ranks."""
+    tc = cfg.teacher
+    trainer = L.Trainer(accelerator=accelerator_for(cfg.device), devices=tc.devices,
+                        num_nodes=tc.num_nodes, strategy=teacher_strategy(tc), logger=False,
+                        enable_progress_bar=False, inference_mode=False,
+                        enable_model_summary=False, callbacks=[RowWriter(out, stem)])
+    loader = DataLoader(QueryDataset(queries), batch_size=1, collate_fn=collate_one)
+    module = TeacherModule(scorer, functools.partial(scorer_base_losses, cfg, base_dir))
+    trainer.predict(module, loader, return_predictions=False)
+    if trainer.world_size > 1 and distributed():  # torchrun / SLURM: every rank reads on
+        trainer.strategy.barrier(f"{stem} rows written")
 
 
 def stratified_rows(types: dict[str, np.ndarray] | None, n_queries: int, n_sample: int,
@@ -136,8 +199,6 @@ def run_ceiling(cfg, world_dir: Path, text_dir: Path, gen_dir: Path, queries_dir
     (``ceiling.test_queries``) is stratified by them (:func:`stratified_rows`)."""
     cc = cfg.ceiling
     out.mkdir(parents=True, exist_ok=True)
-    # one device (cfg.device): the rescoring is a handful of queries, not split over ranks
-    device = torch_device(cfg.device)
     with np.load(teacher_dir / "teacher_test.npz") as merged:
         teacher_rank = merged["rank"]
     n_items = teacher_rank.shape[1]
@@ -145,12 +206,11 @@ def run_ceiling(cfg, world_dir: Path, text_dir: Path, gen_dir: Path, queries_dir
     n_test = min(cc.test_queries or len(teacher_rank), len(teacher_rank))
     if n_test:
         fresh = derive(cfg, {"seed": cfg.seed + cc.seed_offset})  # new draws and item noise
-        scorer, cands = build_scorer(fresh, world_dir, text_dir, gen_dir, fisher_dir, out,
-                                     device=device)
+        scorer, cands = rescoring_scorer(fresh, world_dir, text_dir, gen_dir, fisher_dir, out)
         rows = stratified_rows(types, len(teacher_rank), n_test, cfg.seed)
         test = test_queries(queries_dir, cands)
         query_scores(scorer, [test[i] for i in rows], out, "replicate_test", n_items,
-                     progress)
+                     progress, fresh)
         summary["self_queries"] = n_test
         summary["self_rows"] = rows.tolist()
         summary.update(self_agreement(out, teacher_rank, [10], rows, types))
@@ -159,12 +219,13 @@ def run_ceiling(cfg, world_dir: Path, text_dir: Path, gen_dir: Path, queries_dir
     n_train = min(cc.curation_queries, len(ksets))
     if n_train:
         # the teacher's own noise and base losses (its cached base_losses.npy is reused)
-        scorer, cands = build_scorer(cfg, world_dir, text_dir, gen_dir, fisher_dir, teacher_dir,
-                                     device=device)
+        scorer, cands = rescoring_scorer(cfg, world_dir, text_dir, gen_dir, fisher_dir,
+                                         teacher_dir)
         train = [q for q in make_queries(cfg, queries_dir, cands, teacher_dir)
                  if q.split == "train"][:n_train]
         full = [Query(q.split, q.query_id, q.z, q.cond, torch.arange(len(cands))) for q in train]
-        scores = query_scores(scorer, full, out, "fullset_train", n_items, progress)[0]
+        scores = query_scores(scorer, full, out, "fullset_train", n_items, progress, cfg,
+                              teacher_dir)[0]
         summary.update(curation_recall(scores, ksets[:n_train],
                                        [k for k in (10, 50, 100) if k <= ksets.shape[1]]))
         summary["curation_queries"] = n_train

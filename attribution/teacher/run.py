@@ -120,7 +120,7 @@ def base_losses(cfg, unet, alphas, cands: CandidateSet, out: Path, rank: int = 0
     return losses
 
 
-def _scorer_base_losses(cfg, out: Path, scorer: AbUScorer, rank: int, world_size: int,
+def scorer_base_losses(cfg, out: Path, scorer: AbUScorer, rank: int, world_size: int,
                         barrier) -> torch.Tensor:
     """``base_losses`` for a scorer on its device (a picklable callable for spawned ranks)."""
     return base_losses(cfg, scorer.unet, scorer.alphas, scorer.cands, out, rank, world_size,
@@ -229,7 +229,7 @@ def run_teacher(cfg, world_dir: Path, text_dir: Path, gen_dir: Path, queries_dir
                             callbacks=[ShardWriter(store, len(queries), len(queries) - len(todo),
                                                    progress)])
         loader = DataLoader(QueryDataset(todo), batch_size=1, collate_fn=collate_one)
-        module = TeacherModule(scorer, functools.partial(_scorer_base_losses, cfg, out))
+        module = TeacherModule(scorer, functools.partial(scorer_base_losses, cfg, out))
         trainer.predict(module, loader, return_predictions=False)
         if _is_worker_rank(trainer):
             # torchrun / SLURM / ddp: every rank runs this function; rank 0 merges once all
@@ -237,14 +237,14 @@ def run_teacher(cfg, world_dir: Path, text_dir: Path, gen_dir: Path, queries_dir
             trainer.strategy.barrier("shards written")
             trainer.strategy.barrier("merged")
             return json.loads((out / "teacher.json").read_text())["summary"]
-        if trainer.world_size > 1 and _distributed():
+        if trainer.world_size > 1 and distributed():
             trainer.strategy.barrier("shards written")
     n = {s: sum(q.split == s for q in queries) for s in ("train", "test")}
     summary = {"queries_scored": len(todo), "seconds": time.time() - start}
     summary.update(merge_outputs(out, n, len(cands)))
     atomic_write_bytes(out / "teacher.json", json.dumps(
         {"config": to_dict(cfg.teacher), "summary": summary}, indent=2).encode())
-    if todo and trainer.world_size > 1 and _distributed():
+    if todo and trainer.world_size > 1 and distributed():
         trainer.strategy.barrier("merged")
     return summary
 
@@ -265,7 +265,7 @@ def teacher_strategy(tc):
     return DDPStrategy(timeout=timeout)
 
 
-def _distributed() -> bool:
+def distributed() -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized()
@@ -274,7 +274,7 @@ def _distributed() -> bool:
 def _is_worker_rank(trainer) -> bool:
     """A non-zero rank of a live process group (ddp launched per process); with ddp_spawn the
     calling process is the launcher and sees the group already torn down."""
-    return _distributed() and trainer.global_rank != 0
+    return distributed() and trainer.global_rank != 0
 
 
 def merge_outputs(out: Path, n_queries: dict[str, int], n_items: int) -> dict:

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from attribution.common.devices import torch_device
 from attribution.common.files import DataFileError, atomic_save_npz
 from attribution.config import second_teacher_config
-from attribution.teacher.ceiling import query_scores
-from attribution.teacher.run import build_scorer, fit_fisher, teacher_gain, test_queries
+from attribution.teacher.ceiling import query_scores, rescoring_scorer
+from attribution.teacher.run import fit_fisher, teacher_gain, test_queries
 
 FISHER_KEYS = ("fisher", "params", "fisher_epochs", "fisher_items")
 
@@ -38,12 +37,10 @@ def run_second_teacher(cfg, world_dir: Path, text_dir: Path, gen_dir: Path, quer
         fisher_dir = out / "fisher"
         if not (fisher_dir / "fisher.json").is_file():
             fit_fisher(second, world_dir, text_dir, gen_dir, fisher_dir, progress)
-    device = torch_device(cfg.device)
-    scorer, cands = build_scorer(second, world_dir, text_dir, gen_dir, fisher_dir, out,
-                                 device=device)
+    scorer, cands = rescoring_scorer(second, world_dir, text_dir, gen_dir, fisher_dir, out)
     queries = test_queries(queries_dir, cands)
     start = time.time()
-    scores, fresh = query_scores(scorer, queries, out, "test", len(cands), progress)
+    scores, fresh = query_scores(scorer, queries, out, "test", len(cands), progress, second)
     if not np.isfinite(scores).all():
         raise DataFileError(f"the second teacher's influences in {out} are not all finite")
     rank = np.argsort(-scores, axis=1, kind="stable").astype(np.int32)
