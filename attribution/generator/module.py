@@ -99,9 +99,10 @@ class GeneratorModule(L.LightningModule):
                 return None  # Lightning skips the optimizer step
             scale = len(kept) / b  # the full batch's denominator
             z, cond, t, noise = z[kept], cond[kept.to(cond.device)], t[kept], noise[kept]
-        elif self.trainer.world_size > 1:  # this rank's slice of the same global batch: the
-            # ranks' gradients average to the one-device step's (equal slices)
-            mine = torch.arange(self.trainer.global_rank, b, self.trainer.world_size)
+        elif self._world()[1] > 1:  # this rank's slice of the same global batch: the ranks'
+            # gradients average to the one-device step's (equal slices)
+            rank, ranks = self._world()
+            mine = torch.arange(rank, b, ranks)
             z, cond, t, noise = z[mine.to(z.device)], cond[mine.to(cond.device)], t[mine], \
                 noise[mine]
         loss = scale * denoising_loss(self.unet, self.alphas_cumprod, z, cond, t.to(z.device),
@@ -109,8 +110,13 @@ class GeneratorModule(L.LightningModule):
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite generator loss at step {self.global_step}")
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False,
-                 sync_dist=self.trainer.world_size > 1)  # the global batch's loss
+                 sync_dist=self._world()[1] > 1)  # the global batch's loss
         return loss
+
+    def _world(self) -> tuple[int, int]:
+        """(this rank, ranks): (0, 1) outside a Trainer or on one device."""
+        t = self._trainer
+        return (t.global_rank, t.world_size) if t is not None else (0, 1)
 
     @torch.no_grad()
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
