@@ -93,15 +93,15 @@ class GeneratorModule(L.LightningModule):
         row = rows[torch.arange(b), pick].masked_fill(drop, 0)
         cond = self.text_table.lookup(row).to(z.device)
         scale = 1.0
+        rank, ranks = self._world()
         if self.excluded is not None:  # drop the excluded draws, keep every other random number
             kept = torch.nonzero(~self.excluded[idx]).flatten()
             if len(kept) == 0:
                 return None  # Lightning skips the optimizer step
             scale = len(kept) / b  # the full batch's denominator
             z, cond, t, noise = z[kept], cond[kept.to(cond.device)], t[kept], noise[kept]
-        elif self._world()[1] > 1:  # this rank's slice of the same global batch: the ranks'
-            # gradients average to the one-device step's (equal slices)
-            rank, ranks = self._world()
+        elif ranks > 1:  # this rank's slice of the same global batch: the ranks' gradients
+            # average to the one-device step's (equal slices)
             mine = torch.arange(rank, b, ranks)
             z, cond, t, noise = z[mine.to(z.device)], cond[mine.to(cond.device)], t[mine], \
                 noise[mine]
@@ -110,7 +110,7 @@ class GeneratorModule(L.LightningModule):
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite generator loss at step {self.global_step}")
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False,
-                 sync_dist=self._world()[1] > 1)  # the global batch's loss
+                 sync_dist=ranks > 1)  # the global batch's loss
         return loss
 
     def _world(self) -> tuple[int, int]:
