@@ -45,6 +45,19 @@ def _coco_encode(args) -> int:
     return 0
 
 
+def _coco_sample(args) -> int:
+    from attribution.data.coco_sample import write_coco_sample
+
+    out = Path(args.out)
+    if (out / "annotations").exists() or (out / "train2017").exists():
+        print(f"error: {out} already holds a COCO layout: choose another folder or delete it",
+              file=sys.stderr)
+        return 2
+    write_coco_sample(out, args.images, args.seed)
+    print(f"wrote {args.images} train2017 images and their captions under {out}")
+    return 0
+
+
 def _figures(args) -> int:
     from attribution.figures import sweep_figures
 
@@ -168,7 +181,8 @@ def _stages(args, pipe, stage: str | None = None) -> int:
 
 
 # The command table: what each command's handler receives.
-NO_CONFIG = {"sweep": _sweep, "coco-encode": _coco_encode, "figures": _figures}
+NO_CONFIG = {"sweep": _sweep, "coco-encode": _coco_encode, "coco-sample": _coco_sample,
+             "figures": _figures}
 WITH_CONFIG = {"plan": _plan, "config": _config, "attribute": _attribute}
 WITH_PIPELINE = {"counterfactual": _counterfactual, "teacher": _teacher, "study": _study}  # others: _stages
 

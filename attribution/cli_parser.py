@@ -153,6 +153,14 @@ def _add_figures(sub) -> None:
                    help="read these sweeps from the W&B API instead of local tables")
 
 
+def _add_coco_sample(sub) -> None:
+    p = sub.add_parser("coco-sample", help="write the project's own small folder in the MSCOCO "
+                                           "2017 captions layout, with real COCO's quirks")
+    p.add_argument("out", help="the folder to write (annotations/, train2017/, val2017/)")
+    p.add_argument("--images", type=POSITIVE_INT, default=300, help="train2017 images")
+    p.add_argument("--seed", type=COUNT, default=0)
+
+
 def _add_coco_encode(sub) -> None:
     p = sub.add_parser("coco-encode", help="pre-encode MSCOCO: VAE latents (+ flips) and text "
                                           "token states into memory-mapped arrays (resumable)")
@@ -208,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_counterfactual(sub)
     _add_figures(sub)
     _add_coco_encode(sub)
+    _add_coco_sample(sub)
     _add_plan(sub)
     _add_config(sub)
     return parser

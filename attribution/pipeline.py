@@ -41,10 +41,10 @@ from attribution.config import (
 from attribution.stage_table import (
     COMMAND,
     DEPENDS,
-    NEEDS_IMAGES,
-    OPTIONAL,
     ORDER,
     STAGES,
+    check_images_needed,
+    default_stages,
     key_sections,
 )
 
@@ -96,7 +96,11 @@ class Pipeline:
         return self.cfg.data.source == "released"
 
     def depends(self, stage: str) -> list[str]:
-        return [] if self.released and stage == "student" else DEPENDS[stage]
+        if self.released and stage == "student":
+            return []
+        if stage == "text" and self.cfg.world.kind == "coco":  # reads the encoding's states
+            return ["encode"]
+        return DEPENDS[stage]
 
     def ancestors(self, stage: str) -> list[str]:
         """Every stage ``stage`` depends on, directly or not, in run order."""
@@ -158,23 +162,12 @@ class Pipeline:
 
     def run(self, stages: list[str] | None = None) -> dict[str, StageResult]:
         """Run ``stages`` (default: all) and what they depend on; return every stage's result."""
-        kind = self.cfg.world.kind
-        skip = {"toy": set(), "folder": {"fidelity"}, "encoded": NEEDS_IMAGES}[kind]
-        if not self.cfg.ceiling.enabled:
-            skip = skip | {"ceiling"}
-        if not self.cfg.second_teacher.enabled:
-            skip = skip | {"second_teacher"}
-        wanted = stages or [s for s in ORDER if (s not in OPTIONAL or self.cfg.abc.enabled)
-                            and s not in skip]
+        wanted = stages or default_stages(self.cfg)
         unknown = [s for s in wanted if s not in DEPENDS]
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}; stages are {ORDER}")
-        if kind == "encoded" and not self.released and set(wanted) & NEEDS_IMAGES:
-            raise ConfigError(
-                f"world.kind=encoded has latents and token states but no images, so it cannot "
-                f"run {sorted(set(wanted) & NEEDS_IMAGES)}; it runs world, text, generator, "
-                "queries, fisher and teacher. Train the student on the released features "
-                "(data.source=released) or use world.kind=folder over the images")
+        if not self.released:
+            check_images_needed(self.cfg, wanted)
         if self.released:
             if stages and set(stages) - {"student"}:
                 raise ConfigError(f"data.source=released runs only the student stage (features "

@@ -45,6 +45,12 @@ def n_items(cfg) -> int | None:
     manifest = Path(cfg.world.root or "") / "manifest.json"
     if cfg.world.kind == "encoded" and manifest.is_file():
         return int(json.loads(manifest.read_text())["n_items"])
+    captions = Path(cfg.world.root or "") / "annotations" / "captions_train2017.json"
+    if cfg.world.kind == "coco" and captions.is_file():
+        try:
+            return min(cfg.world.n_items, len(json.loads(captions.read_text("utf-8"))["images"]))
+        except (ValueError, KeyError, TypeError):
+            return None  # the world stage says what is wrong with it
     return None
 
 
@@ -129,7 +135,11 @@ def plan(cfg, n: int | None = None) -> list[StagePlan]:
     pixels = n * cfg.world.image_size ** 2 * 3  # the images, uint8, held while they are made
     out = [StagePlan("world", written=pixels if cfg.world.kind != "encoded" else 0,
                      peak=pixels if cfg.world.kind != "encoded" else n * elems * 8),
-           StagePlan("text", written=n * cfg.world.captions_per_item * tokens * 2)]
+           StagePlan("text", written=0 if cfg.world.kind == "coco" else
+                     n * cfg.world.captions_per_item * tokens * 2)]
+    if cfg.world.kind == "coco":  # two views of every item + every caption's token states
+        out.insert(1, StagePlan("encode", written=n * (2 * elems * 4 + cfg.world.captions_per_item
+                                                      * tokens * 2)))
     gen = StagePlan("generator", devices=g.train.devices * g.train.num_nodes)
     if not (g.weights or g.pretrained):
         gen.fwd = gen.bwd = g.train.steps * g.train.batch_size

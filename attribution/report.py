@@ -100,7 +100,7 @@ def write_report(pipe, sweeps_dir: str | Path = "sweeps") -> Path:
           f"Student on `{feature}`: {verdict} "
           f"({', '.join(f'mAP@{k} {b:.3f} -> {s:.3f}' for k, b, s in zip(ks, base, stud))}).",
           ""]
-    L += _reference_table(metrics, feature, ks)
+    L += _reference_table(metrics, feature, ks, cfg.world.kind)
     L += _claims(cfg, k0)
     L += _sweeps_section(cfg.name, sweep_figs)
     if not pipe.released:
@@ -137,9 +137,12 @@ def _appendix(pipe, metrics: dict, feature: str) -> list[str]:
                 OmegaConf.to_yaml(OmegaConf.create(to_dict(pipe.cfg))).rstrip(), "```", ""]
 
 
-def _reference_table(metrics: dict, feature: str, ks: list[int]) -> list[str]:
+def _reference_table(metrics: dict, feature: str, ks: list[int], kind: str = "toy"
+                     ) -> list[str]:
     k = ks[-1]
-    L = ["## Beside the paper (docs/method.md §5; MSCOCO on GPUs there, the toy world on this CPU here)",
+    world = "the toy world" if kind == "toy" else \
+        f"a {kind} world of {metrics.get('n_items', '?')} items"
+    L = [f"## Beside the paper (docs/method.md §5; MSCOCO on GPUs there, {world} here)",
          "", "| what | paper | ours |", "|---|---|---|"]
     paper_space = TOY_COUNTERPART.get(feature, feature)
     if paper_space in PAPER_FEATURE_TUNING:
@@ -245,6 +248,8 @@ def _json_section(path: Path, title: str, fmt, intro: str = "") -> list[str]:
 
 
 def _known_answers(pipe) -> list[str]:
+    if not pipe.cfg.world.planted:  # nothing planted: no known answers to show
+        return []
     return _json_section(pipe.dir("teacher") / "known_answers.json",
                          "Teacher known answers (planted concepts)", format_known_answers)
 

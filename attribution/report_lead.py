@@ -86,6 +86,8 @@ def methods_table(metrics: dict, k: int) -> list[str]:
               f"{metrics.get('teacher.curation_queries', '?')} training queries scored over every "
               f"item, {recall:.2f} (s.e. {metrics.get('teacher.curation_recall@10_stderr', 0):.2f})"
               f" lies inside their stage-1 K-sets (`teacher.curation_recall@10`)."]
+    if not (planted or types):  # a world without planted concepts (folder, COCO)
+        return L + [""]
     return L + ["", "Known-answer recall@10 (s.e. over the concept's queries): the share of the "
                 "planted items found in the top 10 "
                 "by the test queries that prompt the planted concept (chance = 10/N). "

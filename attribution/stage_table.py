@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from attribution.config import second_teacher_config, to_dict
+from attribution.config import ConfigError, second_teacher_config, to_dict
 from attribution.teacher.formats import NOISE_VERSION
 
 DEPENDS = {
     "world": [],
+    "encode": ["world"],  # a COCO world only; its text stage then reads the encoding
     "text": ["world"],
     "generator": ["text"],
     "queries": ["generator"],
@@ -29,12 +30,15 @@ DEPENDS = {
 OPTIONAL = {"customize", "abc_teacher", "abc"}  # run by default only with abc.enabled
 # Teacher settings that change only speed or placement, never results: not part of cache keys.
 EXECUTION_ONLY = {"devices", "num_nodes", "strategy", "batch_size", "query_batch_size",
-                  "fisher_batch_size", "timeout_hours"}
+                  "fisher_batch_size", "timeout_hours",
+                  # the Fisher's alone: its stage's key carries it, and every teacher's key
+                  # carries the Fisher's
+                  "fisher_precision"}
 # Student settings that change only placement, logging or the deployed search, never training.
 STUDENT_EXECUTION_ONLY = {"num_workers", "logger", "devices", "num_nodes", "strategy", "rerank"}
 ORDER = list(DEPENDS)
 # The command that (re)builds each stage: named in every error about a stage's files.
-COMMAND = {"world": "world", "text": "text", "generator": "train-generator",
+COMMAND = {"world": "world", "encode": "run", "text": "text", "generator": "train-generator",
            "queries": "queries", "fidelity": "fidelity", "fisher": "teacher fisher",
            "teacher": "teacher score", "ceiling": "run", "second_teacher": "run", "toyclip": "toyclip",
            "features": "features", "student": "student", "baselines": "run",
@@ -46,10 +50,38 @@ NEEDS_IMAGES = {"fidelity", "toyclip", "features", "student", "baselines", "cust
                 "abc_teacher", "abc"}
 
 
+
+def default_stages(cfg) -> list[str]:
+    """The stages ``attribution run`` runs for ``cfg``, in order: all but those its world
+    cannot or need not run and those switched off."""
+    kind = cfg.world.kind
+    skip = set(NEEDS_IMAGES) if kind == "encoded" else set()
+    if kind != "coco":  # only a raw COCO world is encoded inside the run
+        skip.add("encode")
+    if kind != "toy":  # fidelity asks the toy world's attributes
+        skip.add("fidelity")
+    if not cfg.ceiling.enabled:
+        skip.add("ceiling")
+    if not cfg.second_teacher.enabled:
+        skip.add("second_teacher")
+    return [s for s in ORDER if (s not in OPTIONAL or cfg.abc.enabled) and s not in skip]
+
+
+def check_images_needed(cfg, wanted: list[str]) -> None:
+    """A pre-encoded world has no images: refuse, naming them, the stages that look at some."""
+    if cfg.world.kind == "encoded" and set(wanted) & NEEDS_IMAGES:
+        raise ConfigError(
+            f"world.kind=encoded has latents and token states but no images, so it cannot "
+            f"run {sorted(set(wanted) & NEEDS_IMAGES)}; it runs world, text, generator, "
+            "queries, fisher and teacher. Train the student on the released features "
+            "(data.source=released), or use world.kind=coco over the raw MSCOCO folder "
+            "(configs/experiment/coco_mini.yaml) or world.kind=folder over the images")
+
 # Where each stage's body lives: "module:function", imported when the stage runs (so commands that
 # run no stage, like `attribution config`, stay fast).
 STAGES = {
     "world": "attribution.data.stage:run_world",
+    "encode": "attribution.generator.stages:run_encode",
     "text": "attribution.generator.stages:run_text",
     "generator": "attribution.generator.stages:run_generator",
     "queries": "attribution.generator.stages:run_queries",
@@ -88,12 +120,13 @@ def key_sections(cfg, stage: str, released_root: Path | None = None) -> list:
     c = cfg
     return {
         "world": [c.world, c.seed],
+        "encode": [{k: to_dict(c.generator)[k] for k in ("codec", "vae_path", "latent_scale")},
+                   c.text_encoder, c.seed],
         "text": [c.text_encoder],
         "generator": [_generator_section(c), c.seed],
         "queries": [c.queries, c.seed],
         "fidelity": [c.fidelity, c.queries.sampling, c.seed],
-        "fisher": [{k: to_dict(c.teacher)[k] for k in ("fisher", "params", "fisher_epochs",
-                                                        "fisher_items")}, c.seed],
+        "fisher": [_fisher_section(c), c.seed],
         "teacher": [{k: v for k, v in to_dict(c.teacher).items()
                      if k not in EXECUTION_ONLY}, c.seed, NOISE_VERSION],
         # a sample of the test queries is stratified by query type (the first rows before)
@@ -115,6 +148,15 @@ def key_sections(cfg, stage: str, released_root: Path | None = None) -> list:
                         NOISE_VERSION],
         "abc": [_abc_sections(c)[1], c.seed],
     }[stage]
+
+
+def _fisher_section(c) -> dict:
+    """What the Fisher's key hashes: its kind, parameters and draws, and its precision only
+    when reduced (fp32 is what every Fisher was fitted in before the setting existed)."""
+    t = to_dict(c.teacher)
+    return {k: t[k] for k in ("fisher", "params", "fisher_epochs", "fisher_items")
+            if k in t} | ({"precision": t["fisher_precision"]}
+                          if t["fisher_precision"] != "fp32" else {})
 
 
 def _generator_section(c) -> dict:

@@ -38,12 +38,12 @@ def test_smoke_pipeline_end_to_end_and_cached(smoke_run, capsys):
     second = capsys.readouterr().out
     stage_lines = [ln for ln in second.splitlines()
                    if ln.startswith("[") and not ln.startswith("[   report]")]
-    from attribution.pipeline import OPTIONAL, ORDER
+    from attribution.stage_table import OPTIONAL, ORDER
 
-    # every stage but the optional customization benchmark (abc.enabled is false) and the
-    # second teacher (second_teacher.enabled is false)
-    assert len(stage_lines) == len(ORDER) - len(OPTIONAL) - 1
-    assert not any("second_teacher" in ln for ln in stage_lines)
+    # every stage but the optional customization benchmark (abc.enabled is false), the second
+    # teacher (second_teacher.enabled is false) and a COCO world's encoding
+    assert len(stage_lines) == len(ORDER) - len(OPTIONAL) - 2
+    assert not any("second_teacher" in ln or ln.startswith("[   encode]") for ln in stage_lines)
     assert all("cached" in ln for ln in stage_lines)
     assert f"[   report] {smoke_run.root / 'report.md'}" in second
 

@@ -49,11 +49,14 @@ class PlantedConcept:
 
 @dataclass
 class WorldConfig:
-    # toy (procedural, generated here) | folder (image + .txt pairs, or shards) | encoded (an
-    # `attribution coco-encode` folder: latents + token states, no images; see data/encoded.py)
-    kind: str = opt("toy", choices=["toy", "folder", "encoded"])
-    # folder worlds: a folder, a .tar shard, or a list of shards; encoded: the encoding's folder
+    # toy (procedural, generated here) | folder (image + .txt pairs, or shards) | coco (a raw
+    # MSCOCO 2017 folder, encoded inside the run: data/coco.py) | encoded (an `attribution
+    # coco-encode` folder: latents + token states, no images; see data/encoded.py)
+    kind: str = opt("toy", choices=["toy", "folder", "coco", "encoded"])
+    # folder worlds: a folder, a .tar shard, or a list of shards; coco: the folder holding
+    # annotations/captions_train2017.json and train2017/; encoded: the encoding's folder
     root: str | None = None
+    # the toy world's size; for folder and coco worlds the most items read (coco: lowest ids)
     n_items: int = opt(1200, ge=2)
     image_size: int = opt(16, ge=8, le=4096)
     captions_per_item: int = opt(3, **POSITIVE)
@@ -96,6 +99,11 @@ class TeacherConfig:
     # 100,000 examples lifted), else this many drawn at random with the run's seed
     fisher_items: int | None = opt(None, **POSITIVE)
     fisher_batch_size: int = opt(32, **POSITIVE)
+    # the EK-FAC fit's forward and backward passes: fp32 | bf16 (autocast; the covariances and
+    # the eigendecomposition stay float32 / float64) | fp16 (autocast + loss scaling, CUDA
+    # only).  The diagonal Fisher and the scoring stay float32 (bf16 destroyed the scoring's
+    # rankings: docs/benchmarks.md)
+    fisher_precision: str = opt("fp32", choices=["fp32", "bf16", "fp16"])
     eta: float = opt(0.01, gt=0)  # step size of the one natural-gradient ascent step
     # the candidates' loss change after the step: "quadratic" (this project's teacher) its
     # second-order model from predictions along d (attribution/teacher/predictions.py): its

@@ -115,10 +115,12 @@ def _validate_world(cfg: DictConfig) -> None:
                   f"world.n_items={w.n_items}")
     if w.kind != "toy":
         if not w.root:
-            _fail(f"world.kind={w.kind} needs world.root ("
-                  + ("a folder of image + .txt pairs, a .tar shard, or a text file listing "
-                     "shards)" if w.kind == "folder" else
-                     "the folder `attribution coco-encode` wrote)"))
+            _fail(f"world.kind={w.kind} needs world.root (" + {
+                "folder": "a folder of image + .txt pairs, a .tar shard, or a text file "
+                          "listing shards)",
+                "coco": "an MSCOCO 2017 folder: annotations/captions_train2017.json and "
+                        "train2017/; coco_mini.yaml takes it as data.root=PATH)",
+                "encoded": "the folder `attribution coco-encode` wrote)"}[w.kind])
         if w.planted:
             _fail("world.planted is for the toy world; set world.planted=[] for a "
                   f"{w.kind} world")
@@ -156,6 +158,13 @@ def _validate_generator(cfg: DictConfig) -> None:
     if g.train.batch_size % ranks:
         _fail(f"generator.train.batch_size={g.train.batch_size} (the global batch) must be "
               f"divisible by generator.train.devices x num_nodes = {ranks}")
+    if cfg.teacher.fisher_precision != "fp32" and cfg.teacher.fisher == "diagonal":
+        _fail(f"teacher.fisher_precision={cfg.teacher.fisher_precision} is for the EK-FAC "
+              "Fisher; the diagonal Fisher's per-sample gradients (torch.func) fail under "
+              "autocast: set teacher.fisher_precision=fp32")
+    if cfg.teacher.fisher_precision == "fp16" and cfg.device != "cuda":
+        _fail(f"teacher.fisher_precision=fp16 needs device=cuda (its loss scaling is CUDA's), "
+              f"got device={cfg.device}: use bf16 on other devices")
     if g.train.precision == "fp16" and cfg.device != "cuda":
         _fail(f"generator.train.precision=fp16 needs device=cuda (its loss scaling is CUDA's), "
               f"got device={cfg.device}: use bf16 on other devices")

@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 
 from attribution.common.files import DataFileError, atomic_write_bytes
 from attribution.common.seeds import seeded_generator
-from attribution.data.images import center_crop_resize
+from attribution.data.dataset import CaptionedImageSet
+from attribution.data.images import center_crop_resize, square_resize
 
 
 def read_coco_captions(captions_json: Path, images_dir: Path, n_captions: int
@@ -143,6 +144,55 @@ class CocoCaptions(Dataset):
                 "index": int(index), "flip": bool(flip), "image_id": self.ids[index]}
 
 
+def read_coco_world(root: str | Path, image_size: int, n_captions: int, n_items: int | None,
+                    progress: bool = True) -> tuple[CocoCaptions, np.ndarray]:
+    """A raw MSCOCO 2017 folder as a world (``world.kind=coco``): its first ``n_items`` images by
+    id (all when None), every one checked to decode before any is kept, and uint8 (N, S, S, 3)
+    crops — the pixels :meth:`CocoCaptions.image_tensor` gives, so an encoding of the crops is an
+    encoding of the JPEGs."""
+    ds = CocoCaptions.from_root(root, image_size, n_captions)
+    n = len(ds) if n_items is None else min(n_items, len(ds))
+    ds.ids, ds.files, ds.captions = ds.ids[:n], ds.files[:n], ds.captions[:n]
+    ds.check_images(progress)
+    images = np.stack([square_resize(open_image(ds.images_dir / f), image_size)
+                       for f in tqdm(ds.files, desc="reading COCO images", disable=not progress,
+                                     unit="img")])
+    return ds, images
+
+
+class CocoWorld:
+    """A ``world.kind=coco`` world folder as :func:`encode_coco` reads a dataset: the crops the
+    world stage made (identical to :class:`CocoCaptions`' reading of the JPEGs), the captions,
+    and the COCO ids in row order (``ids.json``); ``jpeg(i)`` is item i's original file."""
+
+    def __init__(self, world_dir: str | Path):
+        self.world = CaptionedImageSet(world_dir, verify=False)  # the pipeline verified it
+        m = self.world.manifest
+        if m.get("kind") != "coco":
+            raise DataFileError(f"{world_dir} is not a COCO world (its manifest kind is "
+                                f"{m.get('kind')!r})")
+        self.ids: list[int] = json.loads((Path(world_dir) / "ids.json").read_text())
+        self.files: list[str] = json.loads((Path(world_dir) / "files.json").read_text())
+        self.images_dir = Path(m["source"]) / "train2017"
+        self.size, self.n_captions = int(m["image_size"]), int(m["captions_per_item"])
+        self.captions = self.world.captions
+        if not len(self.ids) == len(self.files) == len(self.world):
+            raise DataFileError(f"COCO world {world_dir}: ids.json, files.json and the images "
+                                "disagree on the number of items")
+
+    def __len__(self) -> int:
+        return len(self.world)
+
+    def image_tensor(self, index: int, flip: bool = False) -> torch.Tensor:
+        return self.world.image_tensor(index, flip)
+
+    def jpeg(self, index: int, size: int) -> torch.Tensor:
+        """Item ``index`` decoded again from its original JPEG, cropped and resized to ``size``
+        (float (3, size, size) in [-1, 1]): what a feature extractor with its own input size
+        reads, instead of the world's ``image_size`` crop."""
+        return center_crop_resize(open_image(self.images_dir / self.files[index]), size)
+
+
 @torch.no_grad()
 def sample_latents(vae, images: torch.Tensor, items: list[int], view: int, scale: float,
                    seed: int) -> torch.Tensor:
@@ -154,17 +204,22 @@ def sample_latents(vae, images: torch.Tensor, items: list[int], view: int, scale
     return (dist.mean + dist.std * eps) * scale
 
 
-def encode_coco(dataset: CocoCaptions, vae, text_encoder, out: Path, scale: float,
+def encode_coco(dataset: CocoCaptions, vae, text_encoder, out: Path, scale: float | None,
                 seed: int = 0, chunk: int = 64, progress: bool = True) -> dict:
-    """Write the memory-mapped latents and text embeddings (module docstring); resumable."""
+    """Write the memory-mapped latents and text embeddings (module docstring); resumable.
+    ``vae=None`` stores the pixels themselves as the "latents" (the pixel codec's model space,
+    ``scale`` None): a small world encoded without VAE weights."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n = len(dataset)
     if (out / "manifest.json").is_file():
         _write_side_files(dataset, text_encoder, out)  # encodings made before they existed
         return json.loads((out / "manifest.json").read_text())
-    down = 2 ** (len(vae.config.block_out_channels) - 1)
-    c, h = vae.config.latent_channels, dataset.size // down
+    if vae is None:
+        c, h = 3, dataset.size
+    else:
+        c = vae.config.latent_channels
+        h = dataset.size // 2 ** (len(vae.config.block_out_channels) - 1)
     lat_shape = (n, 2, c, h, h)
     txt_shape = (n, dataset.n_captions, text_encoder.max_length, text_encoder.hidden_size)
     progress_path = out / "progress.json"
@@ -177,14 +232,14 @@ def encode_coco(dataset: CocoCaptions, vae, text_encoder, out: Path, scale: floa
     if lat.shape != lat_shape or txt.shape != txt_shape:
         raise DataFileError(f"partial encoding in {out} has other shapes than this dataset: "
                             "delete the folder to start over")
-    device = next(vae.parameters()).device
+    device = next(vae.parameters()).device if vae is not None else torch.device("cpu")
     bar = tqdm(total=n, initial=done, desc="encoding COCO", disable=not progress, unit="img")
     for start in range(done, n, chunk):
         rows = list(range(start, min(start + chunk, n)))
         for view in (0, 1):
             x = torch.stack([dataset.image_tensor(i, flip=bool(view)) for i in rows]).to(device)
-            lat[start : start + len(rows), view] = sample_latents(vae, x, rows, view, scale,
-                                                                  seed).float().cpu().numpy()
+            z = x if vae is None else sample_latents(vae, x, rows, view, scale, seed)
+            lat[start : start + len(rows), view] = z.float().cpu().numpy()
         texts = [t for i in rows for t in dataset.captions[i]]
         emb = text_encoder.encode(texts).view(len(rows), dataset.n_captions,
                                               *txt_shape[2:])
@@ -198,7 +253,8 @@ def encode_coco(dataset: CocoCaptions, vae, text_encoder, out: Path, scale: floa
     bar.close()
     _write_side_files(dataset, text_encoder, out)
     manifest = {"n_items": n, "latents": list(lat_shape), "text_embeddings": list(txt_shape),
-                "scale": scale, "seed": seed, "image_size": dataset.size,
+                "scale": scale, "codec": "pixel" if vae is None else "vae", "seed": seed,
+                "image_size": dataset.size,
                 "text_encoder": text_encoder.source}
     atomic_write_bytes(out / "manifest.json", json.dumps(manifest, indent=2).encode())
     return manifest

@@ -1,12 +1,12 @@
-"""Stage ``world``: the training set, generated (toy), read from an image–caption folder, or
-pointed at (a pre-encoded MSCOCO folder: validated, not copied)."""
+"""Stage ``world``: the training set, generated (toy), read from an image–caption folder or a
+raw MSCOCO folder, or pointed at (a pre-encoded MSCOCO folder: validated, not copied)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from attribution.common.files import Dirs, atomic_write_bytes
+from attribution.common.files import Dirs, atomic_write_bytes, sha256_file
 from attribution.common.plain import to_dict
 from attribution.data import toy_world
 from attribution.data.dataset import write_world
@@ -28,6 +28,21 @@ def run_world(cfg, inputs: Dirs, out: Path, progress: bool = True) -> dict:
         atomic_write_bytes(out / "manifest.json", json.dumps(manifest, indent=2).encode())
         return {"items": len(enc), "captions": len(enc) * manifest["captions_per_item"],
                 "latents": list(enc.latents.shape[1:])}
+    if w.kind == "coco":
+        from attribution.data.coco import read_coco_world
+
+        ds, images = read_coco_world(w.root, w.image_size, w.captions_per_item, w.n_items,
+                                     progress)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / "ids.json", json.dumps(ds.ids).encode())
+        atomic_write_bytes(out / "files.json", json.dumps(ds.files).encode())
+        write_world(out, images, ds.captions, [{} for _ in ds.captions],
+                    {"kind": "coco", "config": to_dict(w), "seed": cfg.seed,
+                     "source": str(Path(w.root).expanduser().resolve()),
+                     "captions_per_item": w.captions_per_item,
+                     "ids_sha256": sha256_file(out / "ids.json")})
+        return {"items": len(ds), "captions": len(ds) * w.captions_per_item,
+                "first_id": ds.ids[0], "last_id": ds.ids[-1]}
     if w.kind == "folder":
         images, caps = read_image_caption_data(w.root, w.image_size, w.captions_per_item,
                                                w.n_items)

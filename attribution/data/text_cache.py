@@ -101,3 +101,12 @@ def encoded_table(world: EncodedWorld) -> TextTable:
     rows = 1 + torch.arange(n * c, dtype=torch.long).view(n, c)
     return TextTable(ItemCaptionStates(world.states, world.uncond), rows, [""],
                      world.manifest.get("text_encoder", ""))
+
+
+def text_encoded_root(text_dir: Path | None) -> Path | None:
+    """The pre-encoded folder a text stage points at (its token states), or None."""
+    if text_dir is None or not (Path(text_dir) / "manifest.json").is_file():
+        return None
+    meta = read_json(Path(text_dir) / "manifest.json", "Text-embedding cache manifest", _HINT)
+    return Path(meta["encoded_root"]) if isinstance(meta, dict) and "encoded_root" in meta \
+        else None

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
 from attribution.common.files import (
     DataFileError,
@@ -29,10 +31,24 @@ class StaleFeatureCache(DataFileError):
 
 
 def extract_all(extractor, world: CaptionedImageSet, queries: dict[str, QuerySet], out: Path,
-                batch_size: int = 256) -> dict:
-    """Extract and write item and query features; returns the manifest."""
+                batch_size: int = 256, jpegs=None, progress: bool = False) -> dict:
+    """Extract and write item and query features; returns the manifest.
+
+    Items are read in batches: the world's crops, or — for a COCO world (``jpegs``: a
+    ``data.coco.CocoWorld``) and an extractor with its own ``input_size`` — their original
+    JPEGs decoded at that size, in the world's row order."""
     out.mkdir(parents=True, exist_ok=True)
-    items = extractor.extract(world.all_images(), [c[0] for c in world.captions], batch_size)
+    size = extractor.input_size if jpegs is not None else None
+    from_jpegs = size is not None and size != world.manifest["image_size"]
+    captions = [c[0] for c in world.captions]
+    chunks = []
+    for s in tqdm(range(0, len(world), batch_size), desc=f"{extractor.name} items",
+                  disable=not progress, unit="batch"):
+        idx = np.arange(s, min(s + batch_size, len(world)))
+        images = (torch.stack([jpegs.jpeg(int(i), size) for i in idx]) if from_jpegs
+                  else world.image_tensor(idx))
+        chunks.append(extractor.extract(images, captions[s : s + len(idx)], batch_size))
+    items = torch.cat(chunks) if chunks else torch.zeros(0, extractor.dim)
     _finite(items.numpy(), extractor, "items")
     atomic_save_npy(out / "items.npy", items.numpy().astype(np.float32))
     counts = {"items": len(world)}
@@ -43,7 +59,11 @@ def extract_all(extractor, world: CaptionedImageSet, queries: dict[str, QuerySet
         atomic_save_npy(out / f"query_{split}.npy", feats.numpy().astype(np.float32))
         counts[f"query_{split}"] = len(qs)
     manifest = {"extractor": extractor.describe(), "dim": extractor.dim, "counts": counts,
-                "world_sha256": world.manifest["sha256"]["images.npy"]}
+                "world_sha256": world.manifest["sha256"]["images.npy"],
+                "item_images": (f"original JPEGs at {size} px" if from_jpegs else
+                                f"the world's {world.manifest['image_size']} px crops")}
+    if "ids_sha256" in world.manifest:  # a COCO world: the rows are these COCO ids
+        manifest["ids_sha256"] = world.manifest["ids_sha256"]
     atomic_write_bytes(out / "manifest.json", json.dumps(manifest, indent=2).encode())
     return manifest
 

@@ -48,6 +48,9 @@ class FeatureExtractor(nn.Module):
     name: str = ""
     dim: int = 0
     modality: str = "image"  # image | text | both
+    # The image side it resizes to itself (a pretrained backbone's): a COCO world's items are
+    # decoded again from their JPEGs at this size.  None: it reads the world's own crops.
+    input_size: int | None = None
 
     def describe(self) -> dict:
         """What the cache manifest records: name, weights, preprocessing."""
@@ -144,7 +147,7 @@ class TimmImage(FeatureExtractor):
                 f"here: {err.__class__.__name__}: {err}") from err
         cfg = self.model.pretrained_cfg
         self.arch, self.weights = arch, weights
-        self.size = image_size or cfg.get("input_size", (3, 224, 224))[-1]
+        self.size = self.input_size = image_size or cfg.get("input_size", (3, 224, 224))[-1]
         self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1))
         self.dim = self.model.num_features
@@ -179,6 +182,7 @@ class OpenClip(FeatureExtractor):
         self.name, self.modality = f"clip_{tower}", tower
         size = self.model.visual.image_size
         self.size = size[0] if isinstance(size, (tuple, list)) else size
+        self.input_size = self.size if tower == "image" else None
         self.register_buffer("mean", torch.tensor((0.4815, 0.4578, 0.4082)).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor((0.2686, 0.2613, 0.2758)).view(1, 3, 1, 1))
         self.dim = self.model.text_projection.shape[1] if tower == "text" else \
@@ -206,6 +210,9 @@ class Concat(FeatureExtractor):
         self.l2 = l2_per_block
         self.name = "+".join(p.name for p in parts)
         self.dim = sum(p.dim for p in parts)
+        sizes = [p.input_size for p in parts if p.modality != "text"]
+        # one image for every part: the largest input size, unless a part takes only crops
+        self.input_size = max(sizes) if sizes and None not in sizes else None
 
     def describe(self):
         return {"name": self.name, "dim": self.dim, "l2_per_block": self.l2,

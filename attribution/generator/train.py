@@ -38,23 +38,36 @@ def encode_world(codec, world: CaptionedImageSet, batch_size: int = 256) -> torc
     return torch.cat(chunks)
 
 
-def world_latents(codec, world_dir: Path) -> tuple[torch.Tensor, dict]:
+def world_latents(codec, world_dir: Path, text_dir: Path | None = None
+                  ) -> tuple[torch.Tensor, dict]:
     """(model-space training items, the world stage's manifest).
 
-    An image world is encoded here: (N, C, h, w).  A pre-encoded world (``world.kind=encoded``)
-    gives its stored views: (N, 2, C, h, w), checked against the codec's latent shape."""
+    An image world is encoded here: (N, C, h, w).  A pre-encoded world (``world.kind=encoded``,
+    or a COCO world whose text stage ``text_dir`` points at its ``encode`` stage) gives its
+    stored views: (N, 2, C, h, w), checked against the codec's latent shape."""
     from attribution.data.encoded import EncodedWorld, encoded_root
+    from attribution.data.text_cache import text_encoded_root
 
-    root = encoded_root(world_dir)
+    manifest = read_manifest(world_dir)
+    root = encoded_root(world_dir) or (
+        text_encoded_root(text_dir) if manifest.get("kind") == "coco" else None)
+    if root is None and manifest.get("kind") == "coco":
+        raise ValueError(f"a COCO world's latents are its encode stage's, and the text stage "
+                         f"{text_dir} does not point at one: rerun its text stage")
     if root is None:
         world = CaptionedImageSet(world_dir)
         return encode_world(codec, world), world.manifest
-    manifest = read_manifest(world_dir)
-    if not abs(manifest["scale"] - getattr(codec, "scale", float("nan"))) <= 1e-9:  # nan: pixels
-        raise ValueError(f"the latents were encoded with scale {manifest['scale']} but "
+    encoding = EncodedWorld(root)
+    scale = encoding.manifest["scale"]
+    if encoding.manifest.get("codec", "vae") == "pixel":
+        if hasattr(codec, "scale"):
+            raise ValueError(f"the world in {root} was encoded as pixels but the generator's "
+                             "codec is the VAE: set generator.codec=pixel")
+    elif not abs(scale - getattr(codec, "scale", float("nan"))) <= 1e-9:  # nan: pixels
+        raise ValueError(f"the latents were encoded with scale {scale} but "
                          f"the generator's codec has {getattr(codec, 'scale', 'none (pixels)')}: set "
                          "generator.codec=vae and generator.latent_scale to match")
-    latents = EncodedWorld(root).latents_tensor()
+    latents = encoding.latents_tensor()
     want = (codec.channels, codec.size, codec.size)
     if tuple(latents.shape[-3:]) != want:
         raise ValueError(f"pre-encoded latents are {tuple(latents.shape[-3:])} per item but the "
@@ -169,7 +182,7 @@ def train_generator(cfg, world_dir: Path, text_dir: Path, out_dir: Path,
         raise ValueError("leave-K-out retraining runs on one device (generator.train.devices=1"
                          " num_nodes=1): a rank whose slice held only left-out items would "
                          "skip a step the others take")
-    latents, _ = world_latents(codec, world_dir)
+    latents, _ = world_latents(codec, world_dir, text_dir)
     module = GeneratorModule(unet, table, latents, scheduler.alphas_cumprod,
                              batch_size=tcfg.batch_size, lr=tcfg.lr,
                              weight_decay=tcfg.weight_decay, warmup_steps=tcfg.warmup_steps,

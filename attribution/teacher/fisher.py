@@ -85,10 +85,14 @@ def per_sample_grads(unet: nn.Module, names: list[str], alphas_cumprod: torch.Te
     return fn
 
 
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def diagonal_fisher(unet: nn.Module, names: list[str], alphas_cumprod: torch.Tensor,
                     draws: FisherDraws, batch_size: int = 32, progress: bool = True,
                     device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Mean of g⊙g over every draw; {name: tensor shaped like the parameter}."""
+    """Mean of g⊙g over every draw; {name: tensor shaped like the parameter}.  Float32 only:
+    torch.func's per-sample gradients fail under autocast (config/validate.py refuses it)."""
     fn = per_sample_grads(unet, names, alphas_cumprod.to(device))
     params = dict(unet.named_parameters())
     total = {n: torch.zeros_like(params[n], dtype=torch.float64) for n in names}
@@ -109,8 +113,11 @@ def diagonal_fisher(unet: nn.Module, names: list[str], alphas_cumprod: torch.Ten
 
 def ekfac_factors(unet: nn.Module, module_names: list[str], alphas_cumprod: torch.Tensor,
                   draws: FisherDraws, batch_size: int = 32, progress: bool = True,
-                  workdir: Path | None = None) -> dict[str, torch.Tensor]:
-    """EK-FAC factors via kronfluence; keys ``<module>.<factor>`` with factor in
+                  workdir: Path | None = None, precision: str = "fp32"
+                  ) -> dict[str, torch.Tensor]:
+    """EK-FAC factors via kronfluence (``precision`` bf16 / fp16: its forward and backward
+    passes under autocast, ``amp_dtype``; covariances float32, eigendecomposition float64);
+    keys ``<module>.<factor>`` with factor in
     activation_eigenvectors (Din', Din'), gradient_eigenvectors (Dout, Dout),
     lambda_matrix (Dout, Din') summed over samples, num_lambda_processed (scalar);
     Din' = Din + 1 for a Linear with a bias (the constant-1 input column)."""
@@ -144,7 +151,8 @@ def ekfac_factors(unet: nn.Module, module_names: list[str], alphas_cumprod: torc
         # 118,287 items); teacher.fisher_items chooses fewer items instead
         args = FactorArguments(strategy="ekfac", use_empirical_fisher=True,
                                covariance_max_examples=len(draws),
-                               lambda_max_examples=len(draws))
+                               lambda_max_examples=len(draws),
+                               amp_dtype=AMP_DTYPES[precision])
         analyzer.fit_all_factors("ekfac", draws, per_device_batch_size=batch_size,
                                  factor_args=args, overwrite_output_dir=True)
         eig = analyzer.load_eigendecomposition("ekfac")

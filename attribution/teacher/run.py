@@ -54,7 +54,7 @@ def load_world_model(cfg, world_dir: Path, text_dir: Path, gen_dir: Path):
     unet, manifest = load_unet(gen_dir)
     table = TextTable.load(text_dir)
     codec = build_codec(cfg.generator, read_manifest(world_dir)["image_size"])
-    cands = CandidateSet(world_latents(codec, world_dir)[0], table.rows, table)
+    cands = CandidateSet(world_latents(codec, world_dir, text_dir)[0], table.rows, table)
     alphas = build_scheduler(cfg.generator).alphas_cumprod
     return unet, manifest, alphas, cands
 
@@ -77,9 +77,11 @@ def fit_fisher(cfg, world_dir: Path, text_dir: Path, gen_dir: Path, out: Path,
                                   progress, device=device)
     else:
         tensors = ekfac_factors(unet, list(select_modules(unet, tc.params)), alphas, draws,
-                                tc.fisher_batch_size, progress, workdir=out)
+                                tc.fisher_batch_size, progress, workdir=out,
+                                precision=tc.fisher_precision)
     save_fisher(out, tensors, {"generator_sha256": manifest["weights_sha256"],
                                "kind": tc.fisher, "params": tc.params, "n_items": len(cands),
+                               "precision": tc.fisher_precision,
                                "draws": len(draws)})
     return {"kind": tc.fisher, "tensors": len(tensors), "draws": len(draws),
             "seconds": time.time() - start}

@@ -72,7 +72,10 @@ def test_resolved_config_roundtrip_and_readonly(tmp_path):
 def test_every_experiment_config_loads(path: Path):
     # configs over per-machine data name those paths on the command line (their header says so)
     paths = {"coco_generator.yaml": ["world.root=/data/enc", "generator.vae_path=/m/vae",
-                                     "text_encoder.name=/m"]}
+                                     "text_encoder.name=/m"],
+             "coco_own.yaml": ["data.root=/data/coco", "generator.vae_path=/m/vae",
+                               "text_encoder.name=/m"],
+             "coco_mini.yaml": ["data.root=/data/coco"]}
     assert load_config(path, paths.get(path.name, [])).name
     if path.name in paths:
         with pytest.raises(ConfigError, match="needs"):
@@ -191,3 +194,20 @@ def test_second_teacher_settings_are_checked_at_load():
     with pytest.raises(ConfigError, match="second_teacher.*teacher.estimater"):
         load_config(SMOKE, ["second_teacher.enabled=true",
                             "second_teacher.teacher={estimater: quadratic}"])
+
+
+def test_fisher_precision_keys_only_the_fisher_and_what_reads_it():
+    """fp32 keeps every key a Fisher had before the setting; bf16 is another Fisher (and so
+    another teacher), refused for the diagonal Fisher and fp16 off CUDA."""
+    from attribution.pipeline import Pipeline
+
+    base = Pipeline(load_config(SMOKE, []))
+    same = Pipeline(load_config(SMOKE, ["teacher.fisher_precision=fp32"]))
+    bf16 = Pipeline(load_config(SMOKE, ["teacher.fisher_precision=bf16"]))
+    assert base.key("fisher") == same.key("fisher") and base.key("teacher") == same.key("teacher")
+    assert bf16.key("fisher") != base.key("fisher") and bf16.key("teacher") != base.key("teacher")
+    assert bf16.key("generator") == base.key("generator")
+    with pytest.raises(ConfigError, match="EK-FAC"):
+        load_config(SMOKE, ["teacher.fisher=diagonal", "teacher.fisher_precision=bf16"])
+    with pytest.raises(ConfigError, match="device=cuda"):
+        load_config(SMOKE, ["teacher.fisher_precision=fp16", "device=cpu"])
