@@ -179,7 +179,16 @@ def config_hash(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+# Settings added after this format's first sweep rows, left out of a run's hash at the value
+# that behaves as before they existed: a row run before them is not stale for their arrival.
+ADDED_NEUTRAL = {("teacher", "fisher_precision"): "fp32"}
+
+
 def run_hash(cfg: Any) -> str:
     """The hash a sweep row records of the whole configuration it ran under, with the format
     version (the report recomputes it to find stale rows)."""
-    return config_hash(FORMAT_VERSION, to_dict(cfg))
+    d = to_dict(cfg)
+    for (section, key), neutral in ADDED_NEUTRAL.items():
+        if d.get(section, {}).get(key, neutral) == neutral:
+            d.get(section, {}).pop(key, None)
+    return config_hash(FORMAT_VERSION, d)

@@ -211,3 +211,15 @@ def test_fisher_precision_keys_only_the_fisher_and_what_reads_it():
         load_config(SMOKE, ["teacher.fisher=diagonal", "teacher.fisher_precision=bf16"])
     with pytest.raises(ConfigError, match="device=cuda"):
         load_config(SMOKE, ["teacher.fisher_precision=fp16", "device=cpu"])
+
+
+def test_a_setting_added_at_its_neutral_value_leaves_sweep_rows_current():
+    """A sweep row hashed before teacher.fisher_precision existed (the config without it) is
+    still this config's; a reduced precision is another configuration."""
+    from attribution.config import FORMAT_VERSION, derive, run_hash, to_dict
+
+    cfg = load_config(SMOKE, [])
+    before = to_dict(cfg)
+    before["teacher"].pop("fisher_precision")
+    assert run_hash(cfg) == config_hash(FORMAT_VERSION, before)
+    assert run_hash(derive(cfg, {"teacher": {"fisher_precision": "bf16"}})) != run_hash(cfg)
