@@ -45,13 +45,14 @@ def world_latents(codec, world_dir: Path, text_dir: Path | None = None
     An image world is encoded here: (N, C, h, w).  A pre-encoded world (``world.kind=encoded``,
     or a COCO world whose text stage ``text_dir`` points at its ``encode`` stage) gives its
     stored views: (N, 2, C, h, w), checked against the codec's latent shape."""
-    from attribution.data.encoded import EncodedWorld, encoded_root
+    from attribution.data.encoded import EncodedWorld
     from attribution.data.text_cache import text_encoded_root
 
-    manifest = read_manifest(world_dir)
-    root = encoded_root(world_dir) or (
-        text_encoded_root(text_dir) if manifest.get("kind") == "coco" else None)
-    if root is None and manifest.get("kind") == "coco":
+    manifest = read_manifest(world_dir)  # read once: the kind says where the latents are
+    kind = manifest.get("kind")
+    root = (Path(manifest["encoded_root"]) if kind == "encoded"
+            else text_encoded_root(text_dir) if kind == "coco" else None)
+    if root is None and kind == "coco":
         raise ValueError(f"a COCO world's latents are its encode stage's, and the text stage "
                          f"{text_dir} does not point at one: rerun its text stage")
     if root is None:
