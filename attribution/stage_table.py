@@ -120,7 +120,7 @@ def key_sections(cfg, stage: str, released_root: Path | None = None) -> list:
     c = cfg
     return {
         "world": [c.world, c.seed],
-        "encode": [{k: to_dict(c.generator)[k] for k in ("codec", "vae_path", "latent_scale")},
+        "encode": [{k: c.generator[k] for k in ("codec", "vae_path", "latent_scale")},
                    c.text_encoder, c.seed],
         "text": [c.text_encoder],
         "generator": [_generator_section(c), c.seed],
@@ -154,9 +154,8 @@ def _fisher_section(c) -> dict:
     """What the Fisher's key hashes: its kind, parameters and draws, and its precision only
     when reduced (fp32 is what every Fisher was fitted in before the setting existed)."""
     t = to_dict(c.teacher)
-    return {k: t[k] for k in ("fisher", "params", "fisher_epochs", "fisher_items")
-            if k in t} | ({"precision": t["fisher_precision"]}
-                          if t["fisher_precision"] != "fp32" else {})
+    return {k: t[k] for k in ("fisher", "params", "fisher_epochs", "fisher_items")} | (
+        {"precision": t["fisher_precision"]} if t["fisher_precision"] != "fp32" else {})
 
 
 def _generator_section(c) -> dict:
