@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from attribution.config import ConfigError, second_teacher_config, to_dict
-from attribution.teacher.formats import NOISE_VERSION
+from attribution.teacher.formats import FISHER_KEYS, NOISE_VERSION
 
 DEPENDS = {
     "world": [],
@@ -154,7 +154,7 @@ def _fisher_section(c) -> dict:
     """What the Fisher's key hashes: its kind, parameters and draws, and its precision only
     when reduced (fp32 is what every Fisher was fitted in before the setting existed)."""
     t = to_dict(c.teacher)
-    return {k: t[k] for k in ("fisher", "params", "fisher_epochs", "fisher_items")} | (
+    return {k: t[k] for k in FISHER_KEYS if k != "fisher_precision"} | (
         {"precision": t["fisher_precision"]} if t["fisher_precision"] != "fp32" else {})
 
 

@@ -4,3 +4,8 @@ cache made under another format is not reused.  Plain constants: importing them 
 
 # how candidate noise ε is generated (attribution/teacher/noise.py): counter-based hashing
 NOISE_VERSION = "counter-v1"
+
+# the teacher settings that make its Fisher: a second teacher differing in any of them fits
+# its own (teacher/second.py); the Fisher's cache key hashes them (stage_table.py), the
+# precision only when reduced
+FISHER_KEYS = ("fisher", "params", "fisher_epochs", "fisher_items", "fisher_precision")

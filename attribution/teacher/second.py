@@ -21,9 +21,8 @@ import numpy as np
 from attribution.common.files import DataFileError, atomic_save_npz
 from attribution.config import second_teacher_config
 from attribution.teacher.ceiling import query_scores, rescoring_scorer
+from attribution.teacher.formats import FISHER_KEYS
 from attribution.teacher.run import fit_fisher, teacher_gain, test_queries
-
-FISHER_KEYS = ("fisher", "params", "fisher_epochs", "fisher_items", "fisher_precision")
 
 
 def run_second_teacher(cfg, world_dir: Path, text_dir: Path, gen_dir: Path, queries_dir: Path,
