@@ -69,13 +69,16 @@ def _figures(args) -> int:
 
 
 def _plan(args, cfg) -> int:
-    from attribution.plan import DEFAULT_FPS, format_plan, plan
+    from attribution.plan import DEFAULT_FPS, format_plan, measure_forwards_per_second, plan
 
     try:
         stages = plan(cfg, args.items)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    print(format_plan(stages, args.forwards_per_second or DEFAULT_FPS))
+    fps, source = args.forwards_per_second or DEFAULT_FPS, None
+    if args.measure is not None:
+        fps, source = measure_forwards_per_second(cfg, args.measure)
+    print(format_plan(stages, fps, source))
     return 0
 
 

@@ -186,9 +186,15 @@ def _add_plan(sub) -> None:
                                     "forwards, disk, peak memory and hours (runs nothing)")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--forwards-per-second", type=POSITIVE, default=None,
-                   help="generator forward rows per second on your device (default: the toy "
-                        "UNet's on 2 CPU cores)")
+    rate = p.add_mutually_exclusive_group()
+    rate.add_argument("--forwards-per-second", type=POSITIVE, default=None,
+                      help="generator forward rows per second on your device (default: the "
+                           "toy UNet's on 2 CPU cores)")
+    rate.add_argument("--measure", type=POSITIVE, nargs="?", const=10.0, default=None,
+                      metavar="SECONDS",
+                      help="time this config's UNet on this machine's device (random weights, "
+                           "the run's shapes, the teacher's batch size) for SECONDS (10) and "
+                           "price the hours at that rate")
     p.add_argument("--items", type=POSITIVE_INT, default=None,
                    help="training items, where the config cannot tell before its world runs")
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,12 +56,28 @@ def n_items(cfg) -> int | None:
     return None
 
 
+def image_size(cfg) -> int:
+    """The side of the world's images: an encoded world's manifest records it (where it can
+    be read); every other world makes its images at ``world.image_size``."""
+    manifest = Path(cfg.world.root or "") / "manifest.json"
+    if cfg.world.kind == "encoded" and manifest.is_file():
+        try:
+            return int(json.loads(manifest.read_text())["image_size"])
+        except (ValueError, KeyError, TypeError):
+            pass  # the world stage says what is wrong with it
+    return cfg.world.image_size
+
+
+def model_shape(cfg) -> tuple[int, int]:
+    """(channels, side) of one sample in the generator's space: VAE latents or pixels."""
+    vae = cfg.generator.codec == "vae"
+    return (4, image_size(cfg) // 8) if vae else (3, image_size(cfg))
+
+
 def sample_shape(cfg) -> tuple[int, int]:
     """(elements of one model-space sample, token states per caption L x D)."""
-    g = cfg.generator
-    size = cfg.world.image_size // (8 if g.codec == "vae" else 1)
-    channels = 4 if g.codec == "vae" else 3
-    return channels * size * size, cfg.text_encoder.max_length * g.unet.cross_attention_dim
+    channels, size = model_shape(cfg)
+    return channels * size * size, cfg.text_encoder.max_length * cfg.generator.unet.cross_attention_dim
 
 
 def samples_per_item(tc) -> int:
@@ -166,7 +184,63 @@ def _human(b: float) -> str:
     return f"{b:.1f} TB"
 
 
-def format_plan(stages: list[StagePlan], fps: float = DEFAULT_FPS) -> str:
+def rows_per_second(step: Callable[[], None], rows: int, seconds: float,
+                    clock: Callable[[], float] = time.perf_counter, min_calls: int = 2
+                    ) -> tuple[float, float]:
+    """Rows a second of ``step`` (each call passes ``rows``): one untimed warm-up call, then
+    calls until ``seconds`` have passed and at least ``min_calls`` were timed.
+    -> (rows/s, seconds timed)."""
+    step()
+    calls, start = 0, clock()
+    while True:
+        step()
+        calls += 1
+        elapsed = clock() - start
+        if calls >= min_calls and elapsed >= seconds:
+            return calls * rows / elapsed, elapsed
+
+
+def measure_forwards_per_second(cfg, seconds: float = 10.0) -> tuple[float, str]:
+    """This config's UNet on this machine's device for ``cfg.device``, timed now: forward
+    rows a second at the teacher's batch size under ``no_grad`` (the teacher's own loop runs at
+    99 % of this, docs/benchmarks.md), on random inputs of the run's shapes (latents, timesteps,
+    token states).  Its weights are random (a ``generator.pretrained`` folder's are loaded): the
+    rate does not depend on their values.  -> (rows/s, what was timed)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from attribution.common.devices import check_device, torch_device
+    from attribution.generator.model import build_unet, load_pretrained_unet
+
+    check_device(cfg.device)
+    device = torch_device(cfg.device)
+    g, tc = cfg.generator, cfg.teacher
+    channels, size = model_shape(cfg)
+    shape = SimpleNamespace(channels=channels, size=size)
+    torch.manual_seed(0)
+    unet = (load_pretrained_unet(g, shape, g.pretrained) if g.pretrained
+            else build_unet(g, shape)).eval().to(device)
+    b = tc.batch_size
+    x = torch.randn(b, channels, size, size, device=device)
+    t = torch.randint(0, g.num_train_timesteps, (b,), device=device)
+    cond = torch.randn(b, cfg.text_encoder.max_length, unet.config.cross_attention_dim,
+                       device=device)
+
+    @torch.no_grad()
+    def step() -> None:
+        unet(x, t, cond)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    rate, timed = rows_per_second(step, b, seconds)
+    params = sum(p.numel() for p in unet.parameters()) / 1e6
+    return rate, (f"measured now: this config's UNet ({params:.1f} M parameters, "
+                  f"{channels}x{size}x{size}) on {device}, batches of {b}, timed {timed:.1f} s")
+
+
+def format_plan(stages: list[StagePlan], fps: float = DEFAULT_FPS,
+                source: str | None = None) -> str:
     """A table: rows, disk, peak memory, hours on one device and on the configured devices."""
     lines = [f"{'stage':<15}{'fwd rows':>16}{'bwd rows':>14}{'disk':>11}{'peak memory':>13}"
              f"{'hours, 1 device':>17}{'devices':>9}{'hours':>10}"]
@@ -179,10 +253,10 @@ def format_plan(stages: list[StagePlan], fps: float = DEFAULT_FPS) -> str:
                  f"{sum(s.bwd for s in stages):>14,}{_human(sum(s.written for s in stages)):>11}"
                  f"{_human(max(s.peak for s in stages)):>13}"
                  f"{sum(s.hours(fps) for s in stages):>17.3g}{'':>9}{total:>10.3g}")
-    lines.append(f"hours at {fps:g} forward rows/s (a backward row counts as 2); "
-                 + ("the toy UNet on 2 CPU cores (docs/benchmarks.md): pass "
-                    "--forwards-per-second for your hardware and generator"
-                    if math.isclose(fps, DEFAULT_FPS) else "as given"))
+    lines.append(f"hours at {fps:.4g} forward rows/s (a backward row counts as 2); "
+                 + (source or ("the toy UNet on 2 CPU cores (docs/benchmarks.md): pass "
+                               "--measure or --forwards-per-second for your hardware and "
+                               "generator" if math.isclose(fps, DEFAULT_FPS) else "as given")))
     lines += [f"  {s.stage}: {note}" for s in stages for note in s.notes]
     return "\n".join(lines)
 

@@ -5,7 +5,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from attribution.pipeline import Pipeline
-from attribution.plan import format_plan, plan
+from attribution.plan import format_plan, model_shape, plan, rows_per_second, sample_shape
 from tests.conftest import run_cli, smoke_config
 
 
@@ -74,3 +74,58 @@ def test_plan_table_has_every_column():
     text = format_plan(plan(cfg), fps=100.0)
     assert text.splitlines()[0].split()[:3] == ["stage", "fwd", "rows"]
     assert "total" in text
+
+
+def test_rows_per_second_times_only_after_the_warm_up():
+    """Known answer on a fake clock: every call takes 0.5 s and passes 10 rows; the warm-up is
+    not timed, and timing stops at the first call past 1.2 s: 3 calls, 1.5 s, 20 rows/s."""
+    now = [0.0]
+
+    def step():
+        now[0] += 0.5
+
+    rate, timed = rows_per_second(step, 10, 1.2, clock=lambda: now[0])
+    assert (rate, timed) == (20.0, 1.5)
+    # at least two timed calls, however short the requested time
+    now[0] = 0.0
+    assert rows_per_second(step, 10, 0.0, clock=lambda: now[0]) == (20.0, 1.0)
+
+
+def test_plan_measure_times_this_configs_unet(capsys, tmp_path):
+    """``--measure`` prices the hours at the rate of the config's own UNet, timed here."""
+    from types import SimpleNamespace
+
+    from attribution.generator.model import build_unet
+
+    code, out, err = run_cli(capsys, "plan", "configs/experiment/toy_smoke.yaml",
+                             f"output_root={tmp_path}", "teacher.batch_size=8",
+                             "--measure", "0.05")
+    assert code == 0, err
+    cfg = smoke_config(tmp_path)
+    params = sum(p.numel() for p in build_unet(
+        cfg.generator, SimpleNamespace(channels=3, size=cfg.world.image_size)).parameters())
+    line = next(x for x in out.splitlines() if x.startswith("hours at"))
+    assert f"measured now: this config's UNet ({params / 1e6:.1f} M parameters" in line
+    assert "batches of 8" in line
+    rate = float(line.split()[2])
+    teacher = next(x for x in out.splitlines() if x.startswith("teacher")).split()
+    fwd, bwd = (int(v.replace(",", "")) for v in teacher[1:3])
+    assert float(teacher[-3]) == pytest.approx((fwd + 2 * bwd) / rate / 3600, rel=1e-2)
+    code, _, err = run_cli(capsys, "plan", "configs/experiment/toy_smoke.yaml", "--measure",
+                           "--forwards-per-second", "5")
+    assert code == 2 and "not allowed with" in err
+
+
+def test_an_encoded_worlds_plan_takes_its_image_size_from_its_manifest(tmp_path):
+    """An encoded world made at 128 px plans 4 x 16 x 16 latents whatever world.image_size says."""
+    import json
+
+    from attribution.config import load_config
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"n_items": 10, "image_size": 128}))
+    cfg = load_config("configs/experiment/coco_generator.yaml",
+                      [f"world.root={tmp_path}", "generator.vae_path=/v"])
+    assert cfg.world.image_size != 128
+    assert model_shape(cfg) == (4, 16)
+    elems, _ = sample_shape(cfg)
+    assert elems == 4 * 16 * 16
