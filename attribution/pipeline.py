@@ -202,15 +202,17 @@ class Pipeline:
         return FolderLock(self.root)
 
     def _check_fits(self, todo: list[str]) -> None:
-        """Sizes against this machine before a stage allocates them (``plan.check_fits``)."""
+        """Sizes against this machine (``plan.check_fits``), then the bill (``plan.bill``)."""
         if not todo:
             return
-        from attribution.plan import check_fits
+        from attribution.plan import bill, check_fits
 
         try:
-            check_fits(self.cfg, self.root, todo)
+            line = bill(check_fits(self.cfg, self.root, todo), self.config_path)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        if line:
+            self.echo(f"[     plan] {line}")
 
     def released_root(self) -> Path:
         from attribution.data.released import data_root

@@ -20,9 +20,10 @@ from pathlib import Path
 
 from attribution.config import second_teacher_config
 
-# generator forward rows per second measured here: the toy UNet (1.97 M parameters, 16x16
-# pixels) on 2 CPU cores at batch 500 (docs/benchmarks.md "Teacher"); a GPU runs far more
-DEFAULT_FPS = 385.0
+# generator forward rows per second measured here: the teacher's loop over the toy UNet
+# (1.97 M parameters, 16x16 pixels) on 2 CPU cores at batch 500 (604-610 rows/s,
+# docs/benchmarks.md "Against the physical limit"); another CPU or a GPU: ``--measure``
+DEFAULT_FPS = 600.0
 
 
 @dataclass
@@ -261,20 +262,43 @@ def format_plan(stages: list[StagePlan], fps: float = DEFAULT_FPS,
     return "\n".join(lines)
 
 
-def check_fits(cfg, root: Path, todo: list[str] | None = None) -> None:
+def _rows(n: int) -> str:
+    return f"{n / 1e6:.2g} M" if n >= 1e6 else f"{n:,}"
+
+
+def _duration(hours: float) -> str:
+    return f"{hours:.2g} h" if hours >= 1 else f"{max(hours * 60, 1):.0f} min"
+
+
+def bill(stages: list[StagePlan], config_path: str = "CONFIG") -> str | None:
+    """One line for a run about to start ``stages`` (:func:`check_fits` gives them): their
+    generator rows (a stage that resumes counts whole) and hours on the configured devices at
+    the default rate; None where none of them runs the generator."""
+    work = [s for s in stages if s.fwd or s.bwd]
+    if not work:
+        return None
+    hours = sum(s.hours(DEFAULT_FPS, s.devices) for s in work)
+    return (f"{', '.join(s.stage for s in work)}: {_rows(sum(s.fwd for s in work))} forward "
+            f"+ {_rows(sum(s.bwd for s in work))} backward generator rows, ~{_duration(hours)} "
+            f"at {DEFAULT_FPS:g} rows/s (the toy UNet on 2 CPU cores; a resumed stage counted "
+            f"whole; `attribution plan {config_path} --measure` for this machine's rate)")
+
+
+def check_fits(cfg, root: Path, todo: list[str] | None = None) -> list[StagePlan]:
     """Refuse, before any work, stages (``todo``: the ones about to run; default all) whose
     planned largest array exceeds this machine's available memory or whose planned files
     exceed the free disk under ``root`` (the figures of :func:`plan`); a world whose size is
-    not known yet is not checked here."""
+    not known yet is not checked here.  -> the plans of the stages checked."""
     import shutil
 
     import psutil
 
-    if cfg.data.source == "released" or n_items(cfg) is None:
-        return
-    stages = [s for s in plan(cfg) if todo is None or s.stage in todo]
+    n = None if cfg.data.source == "released" else n_items(cfg)
+    if n is None:
+        return []
+    stages = [s for s in plan(cfg, n) if todo is None or s.stage in todo]
     if not stages:
-        return
+        return []
     biggest = max(stages, key=lambda s: s.peak)
     memory = psutil.virtual_memory().available
     if biggest.peak > memory:
@@ -287,3 +311,4 @@ def check_fits(cfg, root: Path, todo: list[str] | None = None) -> None:
     if need > free:
         raise ValueError(f"this run would write {_human(need)} under {root} and its disk has "
                          f"{_human(free)} free (`attribution plan` shows every stage's figures)")
+    return stages

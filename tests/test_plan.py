@@ -5,7 +5,15 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from attribution.pipeline import Pipeline
-from attribution.plan import format_plan, model_shape, plan, rows_per_second, sample_shape
+from attribution.plan import (
+    DEFAULT_FPS,
+    bill,
+    format_plan,
+    model_shape,
+    plan,
+    rows_per_second,
+    sample_shape,
+)
 from tests.conftest import run_cli, smoke_config
 
 
@@ -129,3 +137,29 @@ def test_an_encoded_worlds_plan_takes_its_image_size_from_its_manifest(tmp_path)
     assert model_shape(cfg) == (4, 16)
     elems, _ = sample_shape(cfg)
     assert elems == 4 * 16 * 16
+
+
+def test_a_run_prints_the_bill_of_the_generator_work_ahead(smoke_run, tmp_path):
+    """Before any work a run prints one line: the planned rows of the stages it will run that
+    use the generator, and nothing when those are finished."""
+    lines: list[str] = []
+    cached = Pipeline(smoke_run.cfg, progress=False, echo=lines.append)
+    cached.run(["generator"])  # finished in the session's root: nothing ahead, no bill
+    assert lines and not any(x.startswith("[     plan]") for x in lines)
+
+    cfg = smoke_config(tmp_path)  # a root of its own; the world and generator are the session's
+    pipe = Pipeline(cfg, progress=False, echo=lines.append, config_path="smoke.yaml")
+    pipe.check_format()
+    for stage in ("world", "text", "generator"):
+        pipe.dir(stage).symlink_to(smoke_run.dir(stage), target_is_directory=True)
+    lines.clear()
+    pipe.run(["queries"])
+    bills = [x for x in lines if x.startswith("[     plan]")]
+    rows = next(p for p in plan(cfg) if p.stage == "queries").fwd
+    assert bills == [f"[     plan] queries: {rows:,} forward + 0 backward generator rows, "
+                     f"~{max(rows / DEFAULT_FPS / 60, 1):.0f} min at {DEFAULT_FPS:g} rows/s (the "
+                     "toy UNet on 2 CPU cores; a resumed stage counted whole; `attribution "
+                     "plan smoke.yaml --measure` for this machine's rate)"]
+    assert lines.index(bills[0]) == 0  # before the stage's own line
+    # no generator work ahead, no line
+    assert bill([p for p in plan(cfg) if p.stage in ("world", "text", "student")]) is None
