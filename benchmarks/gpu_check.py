@@ -5,8 +5,8 @@ Usage (on a machine with a CUDA GPU, after the README's install):
 
 1. Counter-based candidate noise drawn on the GPU equals the CPU's (attribution/teacher/noise.py).
 2. Bare generator forward rows/s on the GPU at the teacher's batch, for the toy UNet and the
-   MSCOCO config's UNet (random weights): the rate ``attribution plan --forwards-per-second``
-   wants for this device.
+   MSCOCO config's UNet at 128 px (random weights): what ``attribution plan --measure``
+   prices a run at on this device.
 3. Generator training steps/s for the MSCOCO UNet in fp32 and under bf16 autocast
    (``generator.train.precision``), with the loss of each on one batch.
 4. faiss on the GPU (when the ``gpu`` extra is installed): the flat index's top 10 equals the
@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# the MSCOCO generator's config with placeholder paths, at the paper's 128 px (16x16 latents)
+COCO = ["world.root=/unused", "generator.vae_path=/unused", "world.image_size=128"]
 
 
 def noise_check() -> bool:
@@ -49,12 +51,12 @@ def random_unet(config: str, overrides: list[str], batch: int, device: str):
 
     from attribution.config import load_config
     from attribution.generator.model import build_unet
+    from attribution.plan import model_shape
 
     torch.manual_seed(0)  # the same weights and batch at every call
     cfg = load_config(ROOT / config, overrides)
     g = cfg.generator
-    size = cfg.world.image_size // (8 if g.codec == "vae" else 1)
-    channels = 4 if g.codec == "vae" else 3
+    channels, size = model_shape(cfg)
     # only the model-space shape is read from the codec to build the UNet
     unet = build_unet(g, SimpleNamespace(size=size, channels=channels)).to(device)
     x = torch.randn(batch, channels, size, size, device=device)
@@ -86,22 +88,14 @@ def train_rate(config: str, overrides: list[str], batch: int, dtype: torch.dtype
     return steps / (time.perf_counter() - start), losses[0]
 
 
-def forward_rate(config: str, overrides: list[str], batch: int, device: str = "cuda",
-                 seconds: float = 10.0) -> float:
-    """Bare forward rows/s of the config's UNet (random weights) at ``batch``."""
-    unet, (x, t, c) = random_unet(config, overrides, batch, device)
-    unet.eval()
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    with torch.no_grad():
-        for _ in range(3):
-            unet(x, t, c)
-        sync()
-        start, n = time.perf_counter(), 0
-        while time.perf_counter() - start < seconds:
-            unet(x, t, c)
-            n += batch
-        sync()
-    return n / (time.perf_counter() - start)
+def forward_rate(config: str, overrides: list[str], batch: int) -> tuple[float, str]:
+    """Bare forward rows/s of the config's UNet (random weights) at ``batch`` on the GPU, as
+    ``attribution plan --measure`` times it."""
+    from attribution.config import load_config
+    from attribution.plan import measure_forwards_per_second
+
+    cfg = load_config(ROOT / config, [*overrides, "device=cuda", f"teacher.batch_size={batch}"])
+    return measure_forwards_per_second(cfg)
 
 
 def faiss_check() -> bool:
@@ -148,13 +142,10 @@ def main() -> None:
         sys.exit("no CUDA GPU here: this check needs one")
     print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     ok = noise_check()
-    toy = forward_rate("configs/experiment/toy.yaml", [], 500)
-    coco = forward_rate("configs/experiment/coco_generator.yaml",
-                        ["world.root=/unused", "generator.vae_path=/unused"], 256)
-    print(f"bare forward rows/s: toy UNet {toy:,.0f}; MSCOCO UNet {coco:,.0f} "
-          f"(attribution plan ... --forwards-per-second {coco:.0f})")
-    coco_args = ("configs/experiment/coco_generator.yaml",
-                 ["world.root=/unused", "generator.vae_path=/unused"], 64)
+    for name, overrides, batch in (("toy", [], 500), ("coco_generator", COCO, 256)):
+        rate, what = forward_rate(f"configs/experiment/{name}.yaml", overrides, batch)
+        print(f"bare forward rows/s, {name}: {rate:,.0f} ({what})")
+    coco_args = ("configs/experiment/coco_generator.yaml", COCO, 64)
     (f32, l32), (b16, lb16) = (train_rate(*coco_args, dtype) for dtype in (None, torch.bfloat16))
     print(f"MSCOCO UNet training steps/s at batch 64: fp32 {f32:.2f}, bf16 {b16:.2f} "
           f"({b16 / f32:.2f}x); first-step loss fp32 {l32:.4f}, bf16 {lb16:.4f} (same weights "
