@@ -154,8 +154,15 @@ def plan(cfg, n: int | None = None) -> list[StagePlan]:
     pixels = n * cfg.world.image_size ** 2 * 3  # the images, uint8, held while they are made
     out = [StagePlan("world", written=pixels if cfg.world.kind != "encoded" else 0,
                      peak=pixels if cfg.world.kind != "encoded" else n * elems * 8),
-           StagePlan("text", written=0 if cfg.world.kind == "coco" else
+           # a COCO or encoded world's token states are its encoding's: the text stage
+           # points at them
+           StagePlan("text", written=0 if cfg.world.kind in ("coco", "encoded") else
                      n * cfg.world.captions_per_item * tokens * 2)]
+    manifest = Path(cfg.world.root or "") / "manifest.json"
+    if cfg.world.kind == "encoded" and not manifest.is_file():
+        out[0].notes.append(f"no encoding at world.root ({manifest} is missing): sizes assume "
+                            f"world.image_size={cfg.world.image_size} (the paper's generator: "
+                            f"128)")
     if cfg.world.kind == "coco":  # two views of every item + every caption's token states
         out.insert(1, StagePlan("encode", written=n * (2 * elems * 4 + cfg.world.captions_per_item
                                                       * tokens * 2)))

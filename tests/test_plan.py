@@ -137,6 +137,13 @@ def test_an_encoded_worlds_plan_takes_its_image_size_from_its_manifest(tmp_path)
     assert model_shape(cfg) == (4, 16)
     elems, _ = sample_shape(cfg)
     assert elems == 4 * 16 * 16
+    stages = {p.stage: p for p in plan(cfg)}
+    assert stages["text"].written == 0  # the encoding's token states: nothing to write
+    assert not stages["world"].notes
+    missing = load_config("configs/experiment/coco_generator.yaml",
+                          [f"world.root={tmp_path / 'nowhere'}", "generator.vae_path=/v"])
+    world = plan(missing, 10)[0]
+    assert world.stage == "world" and "world.image_size=16" in world.notes[0]
 
 
 def test_a_run_prints_the_bill_of_the_generator_work_ahead(smoke_run, tmp_path):
