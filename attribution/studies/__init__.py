@@ -6,8 +6,8 @@ main job, and the core never imports this package (an import-linter contract).
   for the even part of the loss change);
 - ``curvature``: the step-free Gauss–Newton limit of the quadratic teacher;
 - ``scoring``: the ways of scoring one query these need (several steps from one gradient, a path);
-- ``scripts/``: one-off analyses over a finished run or study (``python -m
-  attribution.studies.scripts.<name> CONFIG``).
+- one-off analyses over a finished run or study are entry scripts outside the library
+  (``python experiments/studies/<name>.py CONFIG``), as they drive the pipeline.
 
 Command group: ``attribution study teacher-steps|teacher-curvature CONFIG [key=value ...]``.
 What they write, the counterfactual reads as methods (``teacher@<factor>``, ``teacher-gn``)

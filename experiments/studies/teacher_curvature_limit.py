@@ -23,9 +23,9 @@ rankings and the one-step teacher's, and the planted concepts' recall@10.
 ΔL_j(η) ≈ 2η·mean(r0·a) + η²·mean(a²), ranked at each step factor — a teacher with a step
 again, whose stability to a 10× change can be asked — against the study's exact ascent.
 
-Usage:  python -m attribution.studies.scripts.teacher_curvature_limit [CONFIG] [key=value ...] [--split val]
+Usage:  python experiments/studies/teacher_curvature_limit.py [CONFIG] [key=value ...] [--split val]
                 [--queries N] [--steps 0.001 0.01] [--quadratic [FACTOR ...]]
-e.g.    python -m attribution.studies.scripts.teacher_curvature_limit configs/experiment/toy_evidence.yaml \
+e.g.    python experiments/studies/teacher_curvature_limit.py configs/experiment/toy_evidence.yaml \
             teacher.estimator=ascent --split val
 
 Needs the generator, Fisher, queries and teacher stages and a finished ``--even`` step study

@@ -4,8 +4,8 @@ step's top 10 that lies inside the larger step's top m (m = 10, 20, 50, 100), on
 prompt a planted concept and on the ordinary ones (mean ± s.e. over queries).  mAP@10 agreement
 says *whether* the top 10 moved; this says how far.
 
-Usage:  python -m attribution.studies.scripts.teacher_step_spread [CONFIG] [key=value ...] [--split test|val]
-e.g.    python -m attribution.studies.scripts.teacher_step_spread configs/experiment/toy.yaml
+Usage:  python experiments/studies/teacher_step_spread.py [CONFIG] [key=value ...] [--split test|val]
+e.g.    python experiments/studies/teacher_step_spread.py configs/experiment/toy.yaml
 
 Reads the study's files only (run the study first); writes nothing.
 """

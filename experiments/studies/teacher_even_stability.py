@@ -4,9 +4,9 @@ per query, the mAP@10 agreement of the even ranking at factor E with the even ra
 minus the agreement of the ascent (the one-step teacher) at factor A with the ascent at 10·A;
 mean ± s.e. overall, on the queries that prompt a planted concept and on the ordinary ones.
 
-Usage:  python -m attribution.studies.scripts.teacher_even_stability [CONFIG] [key=value ...] [--split test|val]
+Usage:  python experiments/studies/teacher_even_stability.py [CONFIG] [key=value ...] [--split test|val]
                 [--even E] [--ascent A]
-e.g.    python -m attribution.studies.scripts.teacher_even_stability configs/experiment/toy_evidence.yaml
+e.g.    python experiments/studies/teacher_even_stability.py configs/experiment/toy_evidence.yaml
             --split val --even 0.01 --ascent 1
 
 Reads the study's files only (score E, 10·E, A and 10·A with --even first); writes nothing.

@@ -1,7 +1,7 @@
 """The published AbU+ step (gain N²) on a finished toy run: exact ascent against its quadratic
 model, and both against the run's own teacher.
 
-Usage:  python -m attribution.studies.scripts.teacher_published_step [CONFIG] [key=value ...] [--queries 10]
+Usage:  python experiments/studies/teacher_published_step.py [CONFIG] [key=value ...] [--queries 10]
         [--split train|test]
 
 The published recipe (``preset:abu_plus_step``) scales the Fisher by N², a step N times

@@ -9,9 +9,9 @@ queries, each over every item; no test query is read), the forward ranking at ea
 compared with the central ranking at s = ``DIFFERENCE_FACTOR``: mAP@10 agreement, relative L2
 of the loss changes, top-10 items shared.  And seconds per query of each.
 
-Usage:  python -m attribution.studies.scripts.teacher_forward_difference [CONFIG] [key=value ...] [--queries N]
+Usage:  python experiments/studies/teacher_forward_difference.py [CONFIG] [key=value ...] [--queries N]
                 [--kind ordinary|concept|all] [--steps 1e-3 3e-4 1e-4]
-e.g.    python -m attribution.studies.scripts.teacher_forward_difference configs/experiment/toy_evidence.yaml \\
+e.g.    python experiments/studies/teacher_forward_difference.py configs/experiment/toy_evidence.yaml \\
             --queries 12 --kind ordinary
 
 Needs the generator, Fisher and queries stages (builds them if needed); reads the teacher
