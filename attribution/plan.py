@@ -40,13 +40,19 @@ class StagePlan:
         return (self.fwd + 2 * self.bwd) / fps / (devices or 1) / 3600
 
 
+def encoded_manifest(cfg) -> Path | None:
+    """An encoded world's manifest at ``world.root``, where it is there (None for other kinds)."""
+    manifest = Path(cfg.world.root or "") / "manifest.json"
+    return manifest if cfg.world.kind == "encoded" and manifest.is_file() else None
+
+
 def n_items(cfg) -> int | None:
     """The training set's size: the toy world's setting, an encoded world's manifest, or None
     (a folder world is counted when its world stage runs)."""
     if cfg.world.kind == "toy":
         return cfg.world.n_items
-    manifest = Path(cfg.world.root or "") / "manifest.json"
-    if cfg.world.kind == "encoded" and manifest.is_file():
+    manifest = encoded_manifest(cfg)
+    if manifest:
         return int(json.loads(manifest.read_text())["n_items"])
     captions = Path(cfg.world.root or "") / "annotations" / "captions_train2017.json"
     if cfg.world.kind == "coco" and captions.is_file():
@@ -60,8 +66,8 @@ def n_items(cfg) -> int | None:
 def image_size(cfg) -> int:
     """The side of the world's images: an encoded world's manifest records it (where it can
     be read); every other world makes its images at ``world.image_size``."""
-    manifest = Path(cfg.world.root or "") / "manifest.json"
-    if cfg.world.kind == "encoded" and manifest.is_file():
+    manifest = encoded_manifest(cfg)
+    if manifest:
         try:
             return int(json.loads(manifest.read_text())["image_size"])
         except (ValueError, KeyError, TypeError):
@@ -158,8 +164,8 @@ def plan(cfg, n: int | None = None) -> list[StagePlan]:
            # points at them
            StagePlan("text", written=0 if cfg.world.kind in ("coco", "encoded") else
                      n * cfg.world.captions_per_item * tokens * 2)]
-    manifest = Path(cfg.world.root or "") / "manifest.json"
-    if cfg.world.kind == "encoded" and not manifest.is_file():
+    if cfg.world.kind == "encoded" and not encoded_manifest(cfg):
+        manifest = Path(cfg.world.root or "") / "manifest.json"
         out[0].notes.append(f"no encoding at world.root ({manifest} is missing): sizes assume "
                             f"world.image_size={cfg.world.image_size} (the paper's generator: "
                             f"128)")
@@ -208,32 +214,45 @@ def rows_per_second(step: Callable[[], None], rows: int, seconds: float,
             return calls * rows / elapsed, elapsed
 
 
+def config_unet(cfg, batch: int, device: str = "cpu") -> tuple:
+    """This config's UNet (random weights seeded 0, or a ``generator.pretrained`` folder's) and
+    one random batch of the run's shapes for it: -> (unet, (x_t, t, token states)) on
+    ``device``.  Throughput does not depend on the values."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from attribution.generator.model import build_unet, load_pretrained_unet
+
+    g = cfg.generator
+    channels, size = model_shape(cfg)
+    shape = SimpleNamespace(channels=channels, size=size)
+    torch.manual_seed(0)  # the same weights and batch at every call
+    unet = (load_pretrained_unet(g, shape, g.pretrained) if g.pretrained
+            else build_unet(g, shape)).to(device)
+    x = torch.randn(batch, channels, size, size, device=device)
+    t = torch.randint(0, g.num_train_timesteps, (batch,), device=device)
+    cond = torch.randn(batch, cfg.text_encoder.max_length, unet.config.cross_attention_dim,
+                       device=device)
+    return unet, (x, t, cond)
+
+
 def measure_forwards_per_second(cfg, seconds: float = 10.0) -> tuple[float, str]:
     """This config's UNet on this machine's device for ``cfg.device``, timed now: forward
     rows a second at the teacher's batch size under ``no_grad`` (the teacher's own loop runs at
     99 % of this, docs/benchmarks.md), on random inputs of the run's shapes (latents, timesteps,
     token states).  Its weights are random (a ``generator.pretrained`` folder's are loaded): the
     rate does not depend on their values.  -> (rows/s, what was timed)."""
-    from types import SimpleNamespace
-
     import torch
 
     from attribution.common.devices import check_device, torch_device
-    from attribution.generator.model import build_unet, load_pretrained_unet
 
     check_device(cfg.device)
     device = torch_device(cfg.device)
-    g, tc = cfg.generator, cfg.teacher
-    channels, size = model_shape(cfg)
-    shape = SimpleNamespace(channels=channels, size=size)
-    torch.manual_seed(0)
-    unet = (load_pretrained_unet(g, shape, g.pretrained) if g.pretrained
-            else build_unet(g, shape)).eval().to(device)
-    b = tc.batch_size
-    x = torch.randn(b, channels, size, size, device=device)
-    t = torch.randint(0, g.num_train_timesteps, (b,), device=device)
-    cond = torch.randn(b, cfg.text_encoder.max_length, unet.config.cross_attention_dim,
-                       device=device)
+    b = cfg.teacher.batch_size
+    unet, (x, t, cond) = config_unet(cfg, b, device)
+    unet.eval()
+    channels, size = x.shape[1], x.shape[-1]
 
     @torch.no_grad()
     def step() -> None:

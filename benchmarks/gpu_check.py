@@ -47,23 +47,10 @@ def noise_check() -> bool:
 
 def random_unet(config: str, overrides: list[str], batch: int, device: str):
     """The config's UNet with random weights, and one random batch (x, t, c) for it."""
-    from types import SimpleNamespace
-
     from attribution.config import load_config
-    from attribution.generator.model import build_unet
-    from attribution.plan import model_shape
+    from attribution.plan import config_unet
 
-    torch.manual_seed(0)  # the same weights and batch at every call
-    cfg = load_config(ROOT / config, overrides)
-    g = cfg.generator
-    channels, size = model_shape(cfg)
-    # only the model-space shape is read from the codec to build the UNet
-    unet = build_unet(g, SimpleNamespace(size=size, channels=channels)).to(device)
-    x = torch.randn(batch, channels, size, size, device=device)
-    t = torch.randint(1000, (batch,), device=device)
-    c = torch.randn(batch, cfg.text_encoder.max_length, g.unet.cross_attention_dim,
-                    device=device)
-    return unet, (x, t, c)
+    return config_unet(load_config(ROOT / config, overrides), batch, device)
 
 
 def train_rate(config: str, overrides: list[str], batch: int, dtype: torch.dtype | None,
