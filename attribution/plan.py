@@ -40,9 +40,14 @@ class StagePlan:
         return (self.fwd + 2 * self.bwd) / fps / (devices or 1) / 3600
 
 
+def manifest_path(cfg) -> Path:
+    """Where an encoded world's manifest lies: ``world.root``/manifest.json."""
+    return Path(cfg.world.root or "") / "manifest.json"
+
+
 def encoded_manifest(cfg) -> Path | None:
     """An encoded world's manifest at ``world.root``, where it is there (None for other kinds)."""
-    manifest = Path(cfg.world.root or "") / "manifest.json"
+    manifest = manifest_path(cfg)
     return manifest if cfg.world.kind == "encoded" and manifest.is_file() else None
 
 
@@ -165,10 +170,9 @@ def plan(cfg, n: int | None = None) -> list[StagePlan]:
            StagePlan("text", written=0 if cfg.world.kind in ("coco", "encoded") else
                      n * cfg.world.captions_per_item * tokens * 2)]
     if cfg.world.kind == "encoded" and not encoded_manifest(cfg):
-        manifest = Path(cfg.world.root or "") / "manifest.json"
-        out[0].notes.append(f"no encoding at world.root ({manifest} is missing): sizes assume "
-                            f"world.image_size={cfg.world.image_size} (the paper's generator: "
-                            f"128)")
+        out[0].notes.append(f"no encoding at world.root ({manifest_path(cfg)} is missing): "
+                            f"sizes assume world.image_size={cfg.world.image_size} (the "
+                            f"paper's generator: 128)")
     if cfg.world.kind == "coco":  # two views of every item + every caption's token states
         out.insert(1, StagePlan("encode", written=n * (2 * elems * 4 + cfg.world.captions_per_item
                                                       * tokens * 2)))
